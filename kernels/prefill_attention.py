@@ -8,8 +8,15 @@ prefix is already cached: each sequence attends causally to every KV position
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels import use_triton
+
+# Query rows and KV positions per tile. A later tuning pass picks these per GPU.
+_BLOCK_M = 64
+_BLOCK_N = 64
+_LOG2E = 1.4426950408889634  # the kernel uses exp2: exp(x) = exp2(x * log2(e))
 
 
 def prefill_attention_reference(
@@ -49,6 +56,196 @@ def prefill_attention_reference(
         mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (n, L)
         ob = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=sm_scale)
         out[start:end] = ob.transpose(0, 1)
+    return out
+
+
+@triton.jit
+def _attend_kv_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    k_base,
+    v_base,
+    slot_row_ptr,
+    cache_slot_stride,
+    lo,
+    hi,
+    kv_len,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold KV positions [lo, hi) into the online softmax of one query tile.
+
+    Without CAUSAL every position is visible to every row and lies below kv_len,
+    so the tile skips masking and loads whole blocks.
+    """
+    dims = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        kv_pos = start_n + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            in_seq = kv_pos < kv_len
+            slots = tl.load(slot_row_ptr + kv_pos, mask=in_seq, other=0).to(tl.int64)
+            # (D, BLOCK_N); masked so that stale slots past kv_len are never read
+            k = tl.load(
+                k_base + slots[None, :] * cache_slot_stride + dims[:, None],
+                mask=in_seq[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + slots[:, None] * cache_slot_stride + dims[None, :],
+                mask=in_seq[:, None],
+                other=0.0,
+            )  # (BLOCK_N, D)
+        else:
+            slots = tl.load(slot_row_ptr + kv_pos).to(tl.int64)
+            k = tl.load(k_base + slots[None, :] * cache_slot_stride + dims[:, None])
+            v = tl.load(v_base + slots[:, None] * cache_slot_stride + dims[None, :])
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            visible = (kv_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    req_to_token_ptr,
+    req_indices_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    q_token_stride,
+    q_head_stride,
+    out_token_stride,
+    out_head_stride,
+    cache_slot_stride,
+    cache_head_stride,
+    req_to_token_stride,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    num_q = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if block_m * BLOCK_M >= num_q:
+        return
+    kv_len = tl.load(seq_lens_ptr + seq)
+    prefix = kv_len - num_q
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_seq = rows < num_q
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = (q_start + rows).to(tl.int64)
+    q = tl.load(
+        q_ptr + tokens[:, None] * q_token_stride + head * q_head_stride + dims[None, :],
+        mask=in_seq[:, None],
+        other=0.0,
+    )  # (BLOCK_M, D)
+    q_pos = prefix + rows
+
+    slot_row_ptr = req_to_token_ptr + tl.load(req_indices_ptr + seq).to(tl.int64) * req_to_token_stride
+    kv_head_offset = (head // GROUP) * cache_head_stride
+    k_base = k_cache_ptr + kv_head_offset
+    v_base = v_cache_ptr + kv_head_offset
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # Every row of the tile sees all positions before its first row's position;
+    # whole KV blocks below that need no mask. The rest (the diagonal) does.
+    unmasked_end = (prefix + block_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    causal_end = tl.minimum(kv_len, prefix + (block_m + 1) * BLOCK_M)
+    acc, l_i, m_i = _attend_kv_range(
+        acc, l_i, m_i, q, q_pos, k_base, v_base, slot_row_ptr, cache_slot_stride,
+        0, unmasked_end, kv_len, qk_scale,
+        False, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attend_kv_range(
+        acc, l_i, m_i, q, q_pos, k_base, v_base, slot_row_ptr, cache_slot_stride,
+        unmasked_end, causal_end, kv_len, qk_scale,
+        True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )
+
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + tokens[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=in_seq[:, None],
+    )
+
+
+def prefill_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_indices: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    max_seqlen_q: int,
+) -> torch.Tensor:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    num_seqs = req_indices.shape[0]
+    assert num_q_heads % num_kv_heads == 0
+    assert k_cache.shape[2] == head_dim and v_cache.shape == k_cache.shape
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert triton.next_power_of_2(head_dim) == head_dim and head_dim >= 16
+    assert cu_seqlens_q.shape == (num_seqs + 1,) and seq_lens.shape == (num_seqs,)
+    assert q.stride(2) == 1 and req_to_token.stride(1) == 1
+    # One set of offsets addresses both caches.
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_seqs == 0 or max_seqlen_q == 0:
+        return out
+    grid = (triton.cdiv(max_seqlen_q, _BLOCK_M), num_seqs, num_q_heads)
+    _prefill_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        req_to_token,
+        req_indices,
+        cu_seqlens_q,
+        seq_lens,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        req_to_token.stride(0),
+        sm_scale * _LOG2E,
+        GROUP=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        # fp32 inputs get exact products (no TF32) so that they match the reference.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
     return out
 
 

@@ -1,0 +1,84 @@
+"""A request's life inside an engine, and what the engine reports about it."""
+
+import enum
+from dataclasses import dataclass, field
+
+from common.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take; the message says why. The engine carries on."""
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # params.max_new_tokens capped by the context length
+    stop_token_ids: frozenset[int]
+    rng_key: int
+    arrival: int
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    row: int = -1  # row in the request table while running
+    num_computed_tokens: int = 0  # tokens whose KV is in the pool
+    num_slots: int = 0  # slots held, mapped at positions [0, num_slots)
+    is_prefilling: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def suppressed_ids(self) -> frozenset[int]:
+        """Tokens that may not be sampled yet: stops, until min_new_tokens are out."""
+        if self.num_output_tokens < self.params.min_new_tokens:
+            return self.stop_token_ids
+        return frozenset()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """What happened to one request in one engine step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

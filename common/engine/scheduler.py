@@ -1,0 +1,215 @@
+"""Continuous batching: which requests run this step, and what their results do.
+
+Prefill comes first: waiting requests are admitted in arrival order while the
+peak-memory rule says the pool holds them, and their prompts run in chunks of at
+most ``max_prefill_tokens`` per step. Otherwise every admitted request decodes one
+token. When the pool runs dry mid-decode (an output outgrew its estimate), the
+newest requests are paused: their slots go back and they wait at the head of the
+queue, to be recomputed from prompt + output when room returns.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from common.engine.admission import OutputLengthEstimator, peak_tokens
+from common.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    TokenLogprob,
+)
+from common.kv_pool import TokenKVPool
+from common.req_table import RequestTable
+
+
+@dataclass
+class ScheduledBatch:
+    """Positions ``[starts[i], ends[i])`` of ``requests[i]`` run this step."""
+
+    is_prefill: bool
+    requests: list[Request]
+    starts: list[int]
+    ends: list[int]
+
+    @property
+    def samples(self) -> list[bool]:
+        """Which requests sample a token: all in decode; in prefill, those whose
+        prompt is complete after this chunk."""
+        return [end == r.num_tokens for r, end in zip(self.requests, self.ends, strict=True)]
+
+
+class Scheduler:
+    def __init__(self, pool: TokenKVPool, table: RequestTable, max_prefill_tokens: int) -> None:
+        self.pool = pool
+        self.table = table
+        self.max_prefill_tokens = max_prefill_tokens
+        self.estimator = OutputLengthEstimator()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                request.status = RequestStatus.FINISHED
+                return request
+        for request in self.running:
+            if request.request_id == request_id:
+                self._release(request)
+                return request
+        return None
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    # ---- admission and prefill ----
+
+    def can_admit(self, request: Request) -> bool:
+        if self.table.num_free_rows == 0 or not self.pool.can_allocate(request.num_tokens):
+            return False
+        if not self.running:
+            return True  # alone it always fits: max_model_len <= pool size
+        entries = [(self.estimator.remaining(r), r.num_slots) for r in self.running]
+        entries.append((self.estimator.remaining(request), request.num_tokens))
+        return peak_tokens(entries) <= self.pool.num_slots
+
+    def _admit(self, request: Request) -> None:
+        """Give ``request`` a row and a slot for each token it has (prompt + any output)."""
+        row = self.table.allocate_row()
+        num_tokens = request.num_tokens
+        tokens = request.prompt_token_ids + request.output_token_ids
+        self.table.token_ids[row, :num_tokens] = torch.tensor(tokens, dtype=torch.int32)
+        self.table.req_to_token[row, :num_tokens] = self.pool.allocate(num_tokens)
+        request.row = row
+        request.num_slots = num_tokens
+        request.num_computed_tokens = 0
+        request.is_prefilling = True
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.max_prefill_tokens
+        chosen: list[Request] = []
+        starts: list[int] = []
+        ends: list[int] = []
+
+        def take(request: Request) -> None:
+            nonlocal budget
+            start = request.num_computed_tokens
+            end = min(request.num_tokens, start + budget)
+            chosen.append(request)
+            starts.append(start)
+            ends.append(end)
+            budget -= end - start
+
+        for request in self.running:
+            if request.is_prefilling and budget > 0:
+                take(request)
+        while self.waiting and budget > 0 and self.can_admit(self.waiting[0]):
+            request = self.waiting.popleft()
+            self._admit(request)
+            take(request)
+        return ScheduledBatch(True, chosen, starts, ends) if chosen else None
+
+    # ---- decode ----
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        decoding = [r for r in self.running if not r.is_prefilling]
+        while decoding and not self.pool.can_allocate(len(decoding)):
+            victim = max(self.running, key=lambda r: r.arrival)
+            self._preempt(victim)
+            decoding = [r for r in self.running if not r.is_prefilling]
+        if not decoding:
+            return None
+        rows = torch.tensor([r.row for r in decoding], device=self.pool.device)
+        positions = [r.num_computed_tokens for r in decoding]
+        slots = self.pool.allocate(len(decoding))
+        self.table.req_to_token[rows, torch.tensor(positions, device=self.pool.device)] = slots
+        for request in decoding:
+            request.num_slots += 1
+        return ScheduledBatch(False, decoding, positions, [p + 1 for p in positions])
+
+    def _preempt(self, request: Request) -> None:
+        """Pause ``request``: free its KV and queue it first, to be recomputed later."""
+        self._free_kv(request)
+        self.running.remove(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- results ----
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[list[float]]) -> list[RequestOutput]:
+        """Apply one step's results; ``sampled`` has one row per sampling request:
+        token id, then (if asked for) its logprob, top ids and top logprobs."""
+        outputs = []
+        rows = iter(sampled)
+        for request, end, samples in zip(batch.requests, batch.ends, batch.samples, strict=True):
+            request.num_computed_tokens = end
+            if not samples:
+                continue
+            request.is_prefilling = False
+            row = next(rows)
+            token = int(row[0])
+            request.output_token_ids.append(token)
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self._finish(request)
+            outputs.append(
+                RequestOutput(
+                    request.request_id,
+                    [token],
+                    _logprobs(row, request.params.logprobs),
+                    reason,
+                    request.num_prompt_tokens,
+                    request.num_output_tokens,
+                )
+            )
+        return outputs
+
+    def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        # Stops cannot be sampled before min_new_tokens: the sampler masks them.
+        if token in request.stop_token_ids:
+            return FinishReason.STOP
+        if request.num_output_tokens >= request.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request) -> None:
+        self.estimator.observe(request.num_output_tokens)
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        self._free_kv(request)
+        self.running.remove(request)
+        request.status = RequestStatus.FINISHED
+
+    def _free_kv(self, request: Request) -> None:
+        self.pool.free(self.table.req_to_token[request.row, : request.num_slots])
+        self.table.free_row(request.row)
+        request.row = -1
+        request.num_slots = 0
+        request.num_computed_tokens = 0
+        request.is_prefilling = False
+
+
+def _logprobs(row: list[float], wanted: int | None) -> list[TokenLogprob] | None:
+    if wanted is None:
+        return None
+    # The batch packs as many top entries as its most demanding request asked for.
+    num_top = (len(row) - 2) // 2
+    top_ids, top_values = row[2 : 2 + num_top], row[2 + num_top :]
+    top = tuple((int(t), v) for t, v in zip(top_ids[:wanted], top_values[:wanted], strict=True))
+    return [TokenLogprob(int(row[0]), row[1], top)]

@@ -1,0 +1,30 @@
+"""Model registry: Hugging Face architecture name -> our module."""
+
+from torch import nn
+
+# Llama, Mistral and Qwen2 share one layout; they differ only in config values
+# (biases, rope scaling), which the Llama modules read from ModelConfig.
+_ARCHITECTURES = {
+    "LlamaForCausalLM": ("common.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("common.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("common.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("common.models.qwen3", "Qwen3ForCausalLM"),
+}
+
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    import importlib
+
+    module_name, class_name = _ARCHITECTURES[architecture]
+    return getattr(importlib.import_module(module_name), class_name)
