@@ -88,7 +88,7 @@ def _attend_kv_range(
     for start_n in range(lo, hi, BLOCK_N):
         kv_pos = start_n + tl.arange(0, BLOCK_N)
         if CAUSAL:
-            in_seq = kv_pos < kv_len
+            in_seq = kv_pos < kv_len + 1
             slots = tl.load(slot_row_ptr + kv_pos, mask=in_seq, other=0).to(tl.int64)
             # (D, BLOCK_N); masked so that stale slots past kv_len are never read
             k = tl.load(

@@ -7,3 +7,24 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Build (once per session) a tiny random checkpoint: tiny_model("qwen3", dtype=...)."""
+    from common.tiny import write_tiny_checkpoint
+
+    cache: dict[tuple, str] = {}
+
+    def build(arch: str = "llama", **options) -> str:
+        key = (arch, *sorted(options.items()))
+        if key not in cache:
+            name = "-".join(str(part) for part in (arch, *options.values())) or arch
+            out = tmp_path_factory.mktemp(f"tiny-{name}")
+            cache[key] = str(write_tiny_checkpoint(out, arch, **options))
+        return cache[key]
+
+    return build

@@ -136,6 +136,26 @@ class ModelRunner:
         keep = torch.tensor(want_logits, device=device)
         return self.model.compute_logits(hidden[last[keep]])
 
+    @torch.inference_mode()
+    def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Logits [B, V] at the last position of each prompt, in one packed prefill.
+        Borrows rows and slots for the pass and gives them back."""
+        rows = [self.table.allocate_row() for _ in prompts]
+        slots = self.pool.allocate(sum(map(len, prompts)))
+        try:
+            offset = 0
+            for row, prompt in zip(rows, prompts, strict=True):
+                n = len(prompt)
+                self.table.token_ids[row, :n] = torch.tensor(prompt, dtype=torch.int32)
+                self.table.req_to_token[row, :n] = slots[offset : offset + n]
+                offset += n
+            ends = [len(p) for p in prompts]
+            return self.forward(True, rows, [0] * len(prompts), ends, [True] * len(prompts))
+        finally:
+            self.pool.free(slots)
+            for row in rows:
+                self.table.free_row(row)
+
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         device = self.device
         params = [r.params for r in requests]

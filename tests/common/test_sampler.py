@@ -1,0 +1,134 @@
+"""The batched sampler, on logits we choose."""
+
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from common.sampler import Sampler, SamplingBatch, seed_to_key
+
+VOCAB = 50
+
+
+def make_batch(n: int, **overrides) -> SamplingBatch:
+    fields = dict(
+        temperatures=torch.ones(n),
+        top_ks=torch.full((n,), VOCAB),
+        top_ps=torch.ones(n),
+        min_ps=torch.zeros(n),
+        keys=torch.tensor([seed_to_key(i) for i in range(n)]),
+        steps=torch.zeros(n, dtype=torch.int64),
+        all_greedy=False,
+        uses_top_k_or_p=False,
+        uses_min_p=False,
+        num_top_logprobs=-1,
+    )
+    fields.update(overrides)
+    return SamplingBatch(**fields)
+
+
+def random_logits(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn((n, VOCAB), generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_greedy_is_argmax_and_logprobs_are_the_models():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    logits = random_logits(6)
+    batch = make_batch(6, temperatures=torch.zeros(6), all_greedy=True, num_top_logprobs=3)
+    out = sampler(logits, batch)
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+    expected = logits.log_softmax(-1)
+    assert torch.allclose(out.logprobs, expected.gather(1, out.token_ids[:, None]).squeeze(1))
+    top_values, top_ids = expected.topk(3)
+    assert torch.equal(out.top_ids, top_ids) and torch.allclose(out.top_logprobs, top_values)
+
+
+def test_a_seeded_row_samples_the_same_whatever_shares_the_batch():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    logits = random_logits(8)
+    key = seed_to_key(1234)
+    alone = []
+    for step in range(20):
+        batch = make_batch(1, keys=torch.tensor([key]), steps=torch.tensor([step]))
+        alone.append(sampler(logits[3:4], batch).token_ids.item())
+    together = []
+    for step in range(20):
+        keys = torch.tensor([seed_to_key(i + 100 * step) for i in range(8)])
+        keys[3] = key
+        steps = torch.randint(0, 100, (8,))
+        steps[3] = step
+        temps = torch.rand(8) + 0.5
+        temps[3] = 1.0
+        batch = make_batch(8, keys=keys, steps=steps, temperatures=temps)
+        together.append(sampler(logits, batch).token_ids[3].item())
+    assert alone == together
+    assert len(set(alone)) > 1, "the draws should vary from step to step"
+
+
+def test_samples_follow_the_softmax_distribution():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    n = 4000
+    logits = random_logits(1, seed=5).expand(n, VOCAB) / 2
+    batch = make_batch(n, keys=torch.tensor([seed_to_key(i) for i in range(n)]))
+    tokens = sampler(logits, batch).token_ids
+    empirical = torch.bincount(tokens, minlength=VOCAB).float() / n
+    assert (empirical - logits[0].softmax(-1)).abs().max() < 0.03
+
+
+def test_top_k_top_p_and_min_p_restrict_the_choices():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    n = 500
+    logits = random_logits(1, seed=7).expand(n, VOCAB).contiguous()
+    probs = logits[0].softmax(-1)
+    keys = torch.tensor([seed_to_key(i) for i in range(n)])
+
+    out = sampler(logits, make_batch(n, keys=keys, top_ks=torch.full((n,), 3),
+                                     uses_top_k_or_p=True)).token_ids
+    assert set(out.tolist()) == set(probs.topk(3).indices.tolist())
+
+    sorted_probs, order = probs.sort(descending=True)
+    nucleus = int((sorted_probs.cumsum(0) < 0.6).sum()) + 1
+    out = sampler(logits, make_batch(n, keys=keys, top_ps=torch.full((n,), 0.6),
+                                     uses_top_k_or_p=True)).token_ids
+    assert set(out.tolist()) <= set(order[:nucleus].tolist())
+
+    out = sampler(logits, make_batch(n, keys=keys, min_ps=torch.full((n,), 0.3),
+                                     uses_min_p=True)).token_ids
+    allowed = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+    assert set(out.tolist()) <= allowed
+
+    greedy = sampler(logits[:1], make_batch(1, top_ks=torch.tensor([1]),
+                                            uses_top_k_or_p=True)).token_ids
+    assert greedy.item() == probs.argmax().item()
+
+
+def test_penalties_match_transformers_and_openai_definitions():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    logits = random_logits(2, seed=11)
+    history = torch.tensor([[4, 9, 9, 17, 4, 4], [1, 2, 3, 0, 0, 0]])
+    prompt_lens = torch.tensor([2, 1])
+    history_lens = torch.tensor([6, 3])
+    batch = make_batch(
+        2, temperatures=torch.zeros(2), all_greedy=True, num_top_logprobs=-1,
+        repetition_penalties=torch.tensor([1.3, 1.0]),
+        presence_penalties=torch.tensor([0.0, 0.5]),
+        frequency_penalties=torch.tensor([0.0, 0.25]),
+        token_history=history, prompt_lens=prompt_lens, history_lens=history_lens,
+    )
+    penalized = sampler._apply_penalties(logits.clone(), batch)
+    # Row 0: repetition penalty exactly as transformers applies it, over prompt + output.
+    hf = RepetitionPenaltyLogitsProcessor(1.3)(history[:1], logits[:1].clone())
+    assert torch.allclose(penalized[0], hf[0])
+    # Row 1: output tokens are [2, 3] once each (token 1 is the prompt, untouched).
+    expected = logits[1].clone()
+    expected[[2, 3]] -= 0.5 + 0.25
+    assert torch.allclose(penalized[1], expected)
+
+
+def test_suppressed_ids_are_never_chosen():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    logits = random_logits(2)
+    best = logits.argmax(-1)
+    batch = make_batch(2, temperatures=torch.zeros(2), all_greedy=True,
+                       suppressed_ids=torch.tensor([[best[0].item(), -1], [-1, -1]]))
+    out = sampler(logits, batch).token_ids
+    assert out[0] != best[0] and out[1] == best[1]
+    assert out[0] == logits[0].topk(2).indices[1]

@@ -1,0 +1,45 @@
+import pytest
+import torch
+import triton
+
+from kernels.decode_attention import (
+    decode_attention_reference,
+    decode_attention_triton,
+    decode_split_size,
+)
+from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv, make_pool
+
+# Context lengths: a single token, short ones, exactly one KV tile, and one long
+# enough to be cut into several splits while the others use fewer.
+SEQ_LENS = [1, 5, 64, 333, 70]
+
+
+def test_long_context_uses_several_splits() -> None:
+    max_seq_len = max(SEQ_LENS)
+    assert triton.cdiv(max_seq_len, decode_split_size(max_seq_len)) > 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(2, 2), (8, 2), (8, 1)])
+def test_matches_reference(
+    dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int
+) -> None:
+    torch.manual_seed(0)
+    pool = make_pool(SEQ_LENS, num_kv_heads, head_dim, dtype)
+    q, _, _ = fused_qkv(len(SEQ_LENS), num_q_heads, num_kv_heads, head_dim, dtype)
+    args = (
+        q,
+        pool.k_cache,
+        pool.v_cache,
+        pool.req_to_token,
+        pool.req_indices,
+        torch.tensor(SEQ_LENS, dtype=torch.int32, device=DEVICE),
+        head_dim**-0.5,
+        max(SEQ_LENS),
+    )
+
+    actual = decode_attention_triton(*args)
+
+    assert actual.shape == q.shape and actual.dtype == dtype
+    assert_close(actual, decode_attention_reference(*args))

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from kernels.prefill_attention import prefill_attention_reference, prefill_attention_triton
+from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv, make_pool
+
+# (new tokens, cached prefix) per sequence: a one-token chunk after a prefix, a short
+# prompt, a prompt longer than one query tile, a chunk after a prefix longer than a
+# KV tile, and a single-token prompt.
+BATCHES = {
+    "mixed": [(1, 17), (5, 0), (70, 0), (33, 100), (1, 0)],
+    "fresh_prompts": [(3, 0), (64, 0), (9, 0)],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(2, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("batch", ["mixed"])
+def test_matches_reference(
+    dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int, batch: str
+) -> None:
+    _check(BATCHES[batch], dtype, head_dim, num_q_heads, num_kv_heads)
+
+
+def test_fresh_prompts() -> None:
+    _check(BATCHES["fresh_prompts"], torch.float32, 64, 4, 2)
+
+
+def _check(
+    seqs: list[tuple[int, int]],
+    dtype: torch.dtype,
+    head_dim: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+) -> None:
+    torch.manual_seed(0)
+    num_new = [n for n, _ in seqs]
+    seq_lens = [n + prefix for n, prefix in seqs]
+    pool = make_pool(seq_lens, num_kv_heads, head_dim, dtype)
+    q, _, _ = fused_qkv(sum(num_new), num_q_heads, num_kv_heads, head_dim, dtype)
+    cu_seqlens_q = torch.tensor([0, *num_new], device=DEVICE).cumsum(0).to(torch.int32)
+    args = (
+        q,
+        pool.k_cache,
+        pool.v_cache,
+        pool.req_to_token,
+        pool.req_indices,
+        cu_seqlens_q,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        head_dim**-0.5,
+        max(num_new),
+    )
+
+    actual = prefill_attention_triton(*args)
+
+    assert actual.shape == q.shape and actual.dtype == dtype
+    assert_close(actual, prefill_attention_reference(*args))
