@@ -103,7 +103,9 @@ def _decode_split_kernel(
         other=0.0,
     )  # (BLOCK_G, D); the padding rows are zero and never stored
 
-    slot_row_ptr = req_to_token_ptr + tl.load(req_indices_ptr + req).to(tl.int64) * req_to_token_stride
+    slot_row_ptr = (
+        req_to_token_ptr + tl.load(req_indices_ptr + req).to(tl.int64) * req_to_token_stride
+    )
     k_base = k_cache_ptr + kv_head * cache_head_stride
     v_base = v_cache_ptr + kv_head * cache_head_stride
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -202,7 +204,9 @@ def decode_attention_triton(
     partial_out = torch.empty(
         (num_reqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
-    partial_lse = torch.empty((num_reqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(
+        (num_reqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
+    )
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         q,
         k_cache,

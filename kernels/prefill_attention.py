@@ -70,10 +70,10 @@ def _attend_kv_range(
     v_base,
     slot_row_ptr,
     cache_slot_stride,
-    lo,
-    hi,
     kv_len,
     qk_scale,
+    lo,
+    hi,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -88,7 +88,7 @@ def _attend_kv_range(
     for start_n in range(lo, hi, BLOCK_N):
         kv_pos = start_n + tl.arange(0, BLOCK_N)
         if CAUSAL:
-            in_seq = kv_pos < kv_len + 1
+            in_seq = kv_pos < kv_len
             slots = tl.load(slot_row_ptr + kv_pos, mask=in_seq, other=0).to(tl.int64)
             # (D, BLOCK_N); masked so that stale slots past kv_len are never read
             k = tl.load(
@@ -163,7 +163,9 @@ def _prefill_attention_kernel(
     )  # (BLOCK_M, D)
     q_pos = prefix + rows
 
-    slot_row_ptr = req_to_token_ptr + tl.load(req_indices_ptr + seq).to(tl.int64) * req_to_token_stride
+    slot_row_ptr = (
+        req_to_token_ptr + tl.load(req_indices_ptr + seq).to(tl.int64) * req_to_token_stride
+    )
     kv_head_offset = (head // GROUP) * cache_head_stride
     k_base = k_cache_ptr + kv_head_offset
     v_base = v_cache_ptr + kv_head_offset
@@ -176,14 +178,42 @@ def _prefill_attention_kernel(
     unmasked_end = (prefix + block_m * BLOCK_M) // BLOCK_N * BLOCK_N
     causal_end = tl.minimum(kv_len, prefix + (block_m + 1) * BLOCK_M)
     acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, q_pos, k_base, v_base, slot_row_ptr, cache_slot_stride,
-        0, unmasked_end, kv_len, qk_scale,
-        False, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        k_base,
+        v_base,
+        slot_row_ptr,
+        cache_slot_stride,
+        kv_len,
+        qk_scale,
+        lo=0,
+        hi=unmasked_end,
+        CAUSAL=False,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION,
     )
     acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, q_pos, k_base, v_base, slot_row_ptr, cache_slot_stride,
-        unmasked_end, causal_end, kv_len, qk_scale,
-        True, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        k_base,
+        v_base,
+        slot_row_ptr,
+        cache_slot_stride,
+        kv_len,
+        qk_scale,
+        lo=unmasked_end,
+        hi=causal_end,
+        CAUSAL=True,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION,
     )
 
     out = acc / l_i[:, None]
@@ -205,7 +235,7 @@ def prefill_attention_triton(
     sm_scale: float,
     max_seqlen_q: int,
 ) -> torch.Tensor:
-    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     num_seqs = req_indices.shape[0]
     assert num_q_heads % num_kv_heads == 0
@@ -262,6 +292,13 @@ def prefill_attention(
 ) -> torch.Tensor:
     impl = prefill_attention_triton if use_triton(q) else prefill_attention_reference
     return impl(
-        q, k_cache, v_cache, req_to_token, req_indices, cu_seqlens_q, seq_lens, sm_scale,
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_indices,
+        cu_seqlens_q,
+        seq_lens,
+        sm_scale,
         max_seqlen_q,
     )

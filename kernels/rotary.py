@@ -71,10 +71,12 @@ def _apply_rotary_kernel(
     # Rounded to q's dtype before the products, as the reference does.
     cos = tl.load(row + tl.arange(0, HALF)).to(q_ptr.dtype.element_ty)[None, :]  # (1, HALF)
     sin = tl.load(row + HALF + tl.arange(0, HALF)).to(q_ptr.dtype.element_ty)[None, :]
-    _rotate_heads(q_ptr, q_token_stride, q_head_stride, num_q_heads, cos, sin, token, HALF,
-                  BLOCK_HQ)
-    _rotate_heads(k_ptr, k_token_stride, k_head_stride, num_kv_heads, cos, sin, token, HALF,
-                  BLOCK_HK)
+    _rotate_heads(
+        q_ptr, q_token_stride, q_head_stride, num_q_heads, cos, sin, token, HALF, BLOCK_HQ
+    )
+    _rotate_heads(
+        k_ptr, k_token_stride, k_head_stride, num_kv_heads, cos, sin, token, HALF, BLOCK_HK
+    )
 
 
 def apply_rotary_triton(

@@ -55,7 +55,7 @@ def make_pool(
     """
     num_used = sum(seq_lens)
     num_slots = 2 * num_used + 16
-    max_context = max(seq_lens) + 32
+    max_context = max(seq_lens) + 128
     num_rows = 2 * len(seq_lens) + 1
     shape = (num_slots, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, dtype=dtype, device=DEVICE)

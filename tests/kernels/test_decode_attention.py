@@ -25,6 +25,17 @@ def test_long_context_uses_several_splits() -> None:
 def test_matches_reference(
     dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int
 ) -> None:
+    _check(dtype, head_dim, num_q_heads, num_kv_heads, max(SEQ_LENS))
+
+
+def test_max_seq_len_above_the_longest_context() -> None:
+    # More splits are launched than any request fills; the empty ones must not count.
+    _check(torch.float32, 64, 4, 1, max(SEQ_LENS) + 100)
+
+
+def _check(
+    dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int, max_seq_len: int
+) -> None:
     torch.manual_seed(0)
     pool = make_pool(SEQ_LENS, num_kv_heads, head_dim, dtype)
     q, _, _ = fused_qkv(len(SEQ_LENS), num_q_heads, num_kv_heads, head_dim, dtype)
@@ -36,7 +47,7 @@ def test_matches_reference(
         pool.req_indices,
         torch.tensor(SEQ_LENS, dtype=torch.int32, device=DEVICE),
         head_dim**-0.5,
-        max(SEQ_LENS),
+        max_seq_len,
     )
 
     actual = decode_attention_triton(*args)

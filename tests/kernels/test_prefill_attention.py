@@ -7,24 +7,21 @@ from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv, make_
 # (new tokens, cached prefix) per sequence: a one-token chunk after a prefix, a short
 # prompt, a prompt longer than one query tile, a chunk after a prefix longer than a
 # KV tile, and a single-token prompt.
-BATCHES = {
-    "mixed": [(1, 17), (5, 0), (70, 0), (33, 100), (1, 0)],
-    "fresh_prompts": [(3, 0), (64, 0), (9, 0)],
-}
+MIXED_BATCH = [(1, 17), (5, 0), (70, 0), (33, 100), (1, 0)]
+FRESH_PROMPTS = [(3, 0), (64, 0), (9, 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(2, 2), (8, 2), (8, 1)])
-@pytest.mark.parametrize("batch", ["mixed"])
-def test_matches_reference(
-    dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int, batch: str
+def test_mixed_batch_matches_reference(
+    dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int
 ) -> None:
-    _check(BATCHES[batch], dtype, head_dim, num_q_heads, num_kv_heads)
+    _check(MIXED_BATCH, dtype, head_dim, num_q_heads, num_kv_heads)
 
 
-def test_fresh_prompts() -> None:
-    _check(BATCHES["fresh_prompts"], torch.float32, 64, 4, 2)
+def test_fresh_prompts_match_reference() -> None:
+    _check(FRESH_PROMPTS, torch.float32, 64, 4, 2)
 
 
 def _check(

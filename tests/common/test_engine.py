@@ -1,0 +1,217 @@
+"""The in-process engine: continuous batching against transformers, and its bookkeeping."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common.engine import EngineConfig, FinishReason, LLMEngine, RequestError
+from common.sampling_params import SamplingParams
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+
+
+def make_engine(model_dir: str, **options) -> LLMEngine:
+    options.setdefault("num_kv_slots", 2048)
+    return LLMEngine(EngineConfig(model=model_dir, device="cpu", **options))
+
+
+def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    outs = []
+    for prompt in prompts:
+        ids = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                          min_new_tokens=NEW_TOKENS)
+        outs.append(ids[0, len(prompt):].tolist())
+    return outs
+
+
+def run_staggered(engine: LLMEngine, prompts, params, arrivals) -> dict[str, list[int]]:
+    """Add request i at step arrivals[i]; step until all finish. Returns tokens by id."""
+    tokens = {f"r{i}": [] for i in range(len(prompts))}
+    pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            p = params[i] if isinstance(params, list) else params
+            engine.add_request(f"r{i}", prompts[i], p)
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        step += 1
+        assert step < 10_000, "the engine stopped making progress"
+    return tokens
+
+
+ARCHES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}),
+          ("qwen2", {}), ("qwen3", {})]
+LENGTHS = (3, 41, 12, 1, 27, 8, 60, 19, 33, 5)
+ARRIVALS = (0, 0, 1, 3, 4, 9, 15, 16, 22, 30)  # joins while others are mid-decode
+
+
+@pytest.mark.parametrize(("arch", "options"), ARCHES, ids=lambda v: str(v) if v else "")
+def test_continuous_batching_matches_transformers_greedy(tiny_model, arch, options):
+    model_dir = tiny_model(arch, **options)
+    engine = make_engine(model_dir)
+    prompts = random_prompts(LENGTHS, engine.model_config.vocab_size)
+    expected = hf_greedy(model_dir, prompts)
+    # A small prefill budget also makes the long prompts run in chunks.
+    engine = make_engine(model_dir, max_prefill_tokens=24)
+    tokens = run_staggered(engine, prompts, GREEDY, ARRIVALS)
+    for i, want in enumerate(expected):
+        assert tokens[f"r{i}"] == want, f"request {i} (prompt of {LENGTHS[i]} tokens)"
+    assert engine.pool.num_free_slots == engine.pool.num_slots
+
+
+def test_paused_requests_resume_with_the_same_tokens(tiny_model):
+    model_dir = tiny_model("llama")
+    engine = make_engine(model_dir, num_kv_slots=200)
+    # Teach the estimator that outputs are short, so it admits more than fits.
+    engine.generate(random_prompts([4] * 8, 400, seed=1), SamplingParams(max_new_tokens=2))
+    prompts = random_prompts(LENGTHS[:8], engine.model_config.vocab_size)
+    sampled = [SamplingParams(temperature=0.8, seed=i, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS) for i in range(4)]
+    params = [GREEDY] * 4 + sampled
+    tokens = run_staggered(engine, prompts, params, [0] * 8)
+    assert engine.scheduler.num_preemptions > 0, "the pool was meant to run out"
+    assert engine.pool.num_free_slots == 200
+    expected = hf_greedy(model_dir, prompts[:4])
+    roomy = run_staggered(make_engine(model_dir), prompts, params, [0] * 8)
+    for i in range(8):
+        assert len(tokens[f"r{i}"]) == NEW_TOKENS
+        assert tokens[f"r{i}"] == roomy[f"r{i}"], f"request {i} changed when paused"
+    for i in range(4):
+        assert tokens[f"r{i}"] == expected[i]
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_batches(tiny_model):
+    model_dir = tiny_model("qwen3")
+    vocab = 400
+    prompt = random_prompts([9], vocab, seed=2)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=77, max_new_tokens=24,
+                            min_new_tokens=24, repetition_penalty=1.1, presence_penalty=0.3)
+    alone = make_engine(model_dir).generate([prompt], params)[0]
+    again = make_engine(model_dir).generate([prompt], params)[0]
+    assert alone == again
+    # Same request among others that sample differently and arrive at other times.
+    others = random_prompts([30, 2, 14, 50], vocab, seed=3)
+    other_params = [SamplingParams(temperature=t, seed=s, max_new_tokens=20)
+                    for t, s in ((0.7, 1), (1.3, None), (0.0, None), (1.0, 5))]
+    tokens = run_staggered(make_engine(model_dir), [*others, prompt], [*other_params, params],
+                           [0, 0, 2, 5, 3])
+    assert tokens["r4"] == alone
+    # Without a seed, two requests differ (the engine seeds them itself).
+    free = SamplingParams(temperature=1.0, max_new_tokens=24, min_new_tokens=24)
+    a, b = make_engine(model_dir).generate([prompt, prompt], free)
+    assert a != b
+
+
+def test_too_long_prompt_is_refused_while_others_run(tiny_model):
+    engine = make_engine(tiny_model("llama"), max_model_len=64)
+    prompts = random_prompts([10, 20], 400)
+    engine.add_request("ok-1", prompts[0], GREEDY)
+    engine.step()
+    with pytest.raises(RequestError, match="the prompt has 64 tokens, but this engine's "
+                                            "context is 64 tokens"):
+        engine.add_request("too-long", list(range(3, 67)), GREEDY)
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        engine.add_request("empty", [], GREEDY)
+    with pytest.raises(RequestError, match="token id 400 is outside the vocabulary"):
+        engine.add_request("bad-token", [5, 400], GREEDY)
+    engine.add_request("ok-2", prompts[1], SamplingParams(temperature=0, max_new_tokens=100))
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["ok-1"].num_output_tokens == NEW_TOKENS
+    # max_new_tokens is capped by the context: 64 - 20 prompt tokens.
+    assert finished["ok-2"].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    assert finished["ok-2"].num_output_tokens <= 44
+    assert engine.pool.num_free_slots == engine.pool.num_slots
+
+
+def test_stops_lengths_logprobs_and_eos(tiny_model):
+    model_dir = tiny_model("qwen2")
+    engine = make_engine(model_dir)
+    prompt = random_prompts([12], 400, seed=4)[0]
+    free_run = engine.generate([prompt], GREEDY)[0]
+    stop_at = free_run[5]
+    first = free_run.index(stop_at)
+    out_ids = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=32,
+                                                        stop_token_ids=(stop_at,)))[0]
+    assert out_ids == free_run[: first + 1]  # the stop token is the last one returned
+
+    engine.add_request("lp", prompt, SamplingParams(temperature=0, max_new_tokens=4, logprobs=3))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.new_token_ids[0] for o in outs] == free_run[:4]
+    assert outs[-1].finish_reason == FinishReason.LENGTH
+    for o in outs:
+        [lp] = o.new_logprobs
+        assert lp.token_id == o.new_token_ids[0] and lp.logprob <= 0
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the best
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+    eos = engine.model_config.eos_token_ids[0]
+    forced = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(eos,),
+                            ignore_eos=True)
+    assert len(engine.generate([prompt], forced)[0]) <= 8
+
+
+def test_abort_frees_slots_at_once(tiny_model):
+    engine = make_engine(tiny_model("llama"), num_kv_slots=512)
+    prompts = random_prompts([30, 40], 400)
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("b", prompts[1], GREEDY)
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.num_used_slots == 30 + 40 + 2 * 2
+    out = engine.abort("a")
+    assert out.finish_reason == FinishReason.ABORT and out.num_output_tokens == 3
+    assert engine.pool.num_used_slots == 40 + 2
+    assert engine.abort("a") is None
+    engine.abort("b")
+    assert engine.pool.num_free_slots == 512 and not engine.has_unfinished()
+
+
+def test_thousand_requests_with_random_aborts_leak_nothing(tiny_model):
+    engine = make_engine(tiny_model("mistral"), num_kv_slots=1500, max_num_reqs=64,
+                         max_prefill_tokens=256)
+    rng = random.Random(0)
+    initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
+    live: set[str] = set()
+    finished = aborted = 0
+    for i in range(1000):
+        prompt = [rng.randrange(3, 400) for _ in range(rng.randint(1, 60))]
+        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=i,
+                                max_new_tokens=rng.randint(1, 24))
+        engine.add_request(f"q{i}", prompt, params)
+        live.add(f"q{i}")
+        if rng.random() < 0.3:
+            victim = rng.choice(sorted(live))
+            engine.abort(victim)
+            live.discard(victim)
+            aborted += 1
+        for _ in range(rng.randint(0, 2)):
+            for out in engine.step():
+                if out.finished:
+                    live.discard(out.request_id)
+                    finished += 1
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                finished += 1
+    assert not live and finished + aborted == 1000
+    assert engine.pool.num_free_slots == initial_free
+    assert sorted(engine.pool.free_slots().tolist()) == list(range(1500))
+    assert engine.runner.table.num_free_rows == initial_rows
