@@ -11,7 +11,7 @@ MODEL ?= .cache/models/tiny-llama
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 triton==3.6.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 

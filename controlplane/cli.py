@@ -34,7 +34,9 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
-    raw: Annotated[bool, typer.Option(help="Complete the text as is, without chat template.")] = False,
+    raw: Annotated[
+        bool, typer.Option(help="Complete the text as is, without chat template.")
+    ] = False,
 ) -> None:
     """Generate a reply offline, in this process, with the in-process engine."""
     from common.engine import EngineConfig, LLMEngine
@@ -53,5 +55,7 @@ def generate(
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
     [output_ids] = engine.generate([prompt_ids], params)
     typer.echo(f"prompt ({len(prompt_ids)} tokens): {prompt}")
-    typer.echo(f"output ({len(output_ids)} tokens): "
-               f"{tokenizer.decode(output_ids, skip_special_tokens=True)}")
+    typer.echo(
+        f"output ({len(output_ids)} tokens): "
+        f"{tokenizer.decode(output_ids, skip_special_tokens=True)}"
+    )

@@ -1,5 +1,7 @@
 """The Llama family: Llama 2/3/3.1/3.2, Mistral and Qwen2 (config-driven differences)."""
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -104,7 +106,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
     # checkpoint projection -> (our fused module, shard)
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

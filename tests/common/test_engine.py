@@ -27,9 +27,13 @@ def hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     outs = []
     for prompt in prompts:
-        ids = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                          min_new_tokens=NEW_TOKENS)
-        outs.append(ids[0, len(prompt):].tolist())
+        ids = hf.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+        )
+        outs.append(ids[0, len(prompt) :].tolist())
     return outs
 
 
@@ -50,8 +54,13 @@ def run_staggered(engine: LLMEngine, prompts, params, arrivals) -> dict[str, lis
     return tokens
 
 
-ARCHES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}),
-          ("qwen2", {}), ("qwen3", {})]
+ARCHES = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    ("mistral", {}),
+    ("qwen2", {}),
+    ("qwen3", {}),
+]
 LENGTHS = (3, 41, 12, 1, 27, 8, 60, 19, 33, 5)
 ARRIVALS = (0, 0, 1, 3, 4, 9, 15, 16, 22, 30)  # joins while others are mid-decode
 
@@ -76,8 +85,12 @@ def test_paused_requests_resume_with_the_same_tokens(tiny_model):
     # Teach the estimator that outputs are short, so it admits more than fits.
     engine.generate(random_prompts([4] * 8, 400, seed=1), SamplingParams(max_new_tokens=2))
     prompts = random_prompts(LENGTHS[:8], engine.model_config.vocab_size)
-    sampled = [SamplingParams(temperature=0.8, seed=i, max_new_tokens=NEW_TOKENS,
-                              min_new_tokens=NEW_TOKENS) for i in range(4)]
+    sampled = [
+        SamplingParams(
+            temperature=0.8, seed=i, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+        )
+        for i in range(4)
+    ]
     params = [GREEDY] * 4 + sampled
     tokens = run_staggered(engine, prompts, params, [0] * 8)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to run out"
@@ -95,17 +108,28 @@ def test_seeded_sampling_is_reproducible_across_runs_and_batches(tiny_model):
     model_dir = tiny_model("qwen3")
     vocab = 400
     prompt = random_prompts([9], vocab, seed=2)[0]
-    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=77, max_new_tokens=24,
-                            min_new_tokens=24, repetition_penalty=1.1, presence_penalty=0.3)
+    params = SamplingParams(
+        temperature=1.0,
+        top_p=0.9,
+        top_k=50,
+        seed=77,
+        max_new_tokens=24,
+        min_new_tokens=24,
+        repetition_penalty=1.1,
+        presence_penalty=0.3,
+    )
     alone = make_engine(model_dir).generate([prompt], params)[0]
     again = make_engine(model_dir).generate([prompt], params)[0]
     assert alone == again
     # Same request among others that sample differently and arrive at other times.
     others = random_prompts([30, 2, 14, 50], vocab, seed=3)
-    other_params = [SamplingParams(temperature=t, seed=s, max_new_tokens=20)
-                    for t, s in ((0.7, 1), (1.3, None), (0.0, None), (1.0, 5))]
-    tokens = run_staggered(make_engine(model_dir), [*others, prompt], [*other_params, params],
-                           [0, 0, 2, 5, 3])
+    other_params = [
+        SamplingParams(temperature=t, seed=s, max_new_tokens=20)
+        for t, s in ((0.7, 1), (1.3, None), (0.0, None), (1.0, 5))
+    ]
+    tokens = run_staggered(
+        make_engine(model_dir), [*others, prompt], [*other_params, params], [0, 0, 2, 5, 3]
+    )
     assert tokens["r4"] == alone
     # Without a seed, two requests differ (the engine seeds them itself).
     free = SamplingParams(temperature=1.0, max_new_tokens=24, min_new_tokens=24)
@@ -118,8 +142,9 @@ def test_too_long_prompt_is_refused_while_others_run(tiny_model):
     prompts = random_prompts([10, 20], 400)
     engine.add_request("ok-1", prompts[0], GREEDY)
     engine.step()
-    with pytest.raises(RequestError, match="the prompt has 64 tokens, but this engine's "
-                                            "context is 64 tokens"):
+    with pytest.raises(
+        RequestError, match="the prompt has 64 tokens, but this engine's context is 64 tokens"
+    ):
         engine.add_request("too-long", list(range(3, 67)), GREEDY)
     with pytest.raises(RequestError, match="the prompt is empty"):
         engine.add_request("empty", [], GREEDY)
@@ -145,8 +170,9 @@ def test_stops_lengths_logprobs_and_eos(tiny_model):
     free_run = engine.generate([prompt], GREEDY)[0]
     stop_at = free_run[5]
     first = free_run.index(stop_at)
-    out_ids = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=32,
-                                                        stop_token_ids=(stop_at,)))[0]
+    out_ids = engine.generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=32, stop_token_ids=(stop_at,))
+    )[0]
     assert out_ids == free_run[: first + 1]  # the stop token is the last one returned
 
     engine.add_request("lp", prompt, SamplingParams(temperature=0, max_new_tokens=4, logprobs=3))
@@ -162,8 +188,7 @@ def test_stops_lengths_logprobs_and_eos(tiny_model):
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
 
     eos = engine.model_config.eos_token_ids[0]
-    forced = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(eos,),
-                            ignore_eos=True)
+    forced = SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(eos,), ignore_eos=True)
     assert len(engine.generate([prompt], forced)[0]) <= 8
 
 
@@ -184,16 +209,18 @@ def test_abort_frees_slots_at_once(tiny_model):
 
 
 def test_thousand_requests_with_random_aborts_leak_nothing(tiny_model):
-    engine = make_engine(tiny_model("mistral"), num_kv_slots=1500, max_num_reqs=64,
-                         max_prefill_tokens=256)
+    engine = make_engine(
+        tiny_model("mistral"), num_kv_slots=1500, max_num_reqs=64, max_prefill_tokens=256
+    )
     rng = random.Random(0)
     initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
     live: set[str] = set()
     finished = aborted = 0
     for i in range(1000):
         prompt = [rng.randrange(3, 400) for _ in range(rng.randint(1, 60))]
-        params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=i,
-                                max_new_tokens=rng.randint(1, 24))
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 1.0]), seed=i, max_new_tokens=rng.randint(1, 24)
+        )
         engine.add_request(f"q{i}", prompt, params)
         live.add(f"q{i}")
         if rng.random() < 0.3:

@@ -5,8 +5,9 @@ from common.kv_pool import OutOfSlotsError, TokenKVPool
 
 
 def make_pool(num_slots: int = 64) -> TokenKVPool:
-    return TokenKVPool(num_slots, num_layers=2, num_kv_heads=2, head_dim=8,
-                       dtype=torch.float32, device="cpu")
+    return TokenKVPool(
+        num_slots, num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu"
+    )
 
 
 def test_allocate_and_free_report_exact_counts():

@@ -80,23 +80,27 @@ def test_top_k_top_p_and_min_p_restrict_the_choices():
     probs = logits[0].softmax(-1)
     keys = torch.tensor([seed_to_key(i) for i in range(n)])
 
-    out = sampler(logits, make_batch(n, keys=keys, top_ks=torch.full((n,), 3),
-                                     uses_top_k_or_p=True)).token_ids
+    out = sampler(
+        logits, make_batch(n, keys=keys, top_ks=torch.full((n,), 3), uses_top_k_or_p=True)
+    ).token_ids
     assert set(out.tolist()) == set(probs.topk(3).indices.tolist())
 
     sorted_probs, order = probs.sort(descending=True)
     nucleus = int((sorted_probs.cumsum(0) < 0.6).sum()) + 1
-    out = sampler(logits, make_batch(n, keys=keys, top_ps=torch.full((n,), 0.6),
-                                     uses_top_k_or_p=True)).token_ids
+    out = sampler(
+        logits, make_batch(n, keys=keys, top_ps=torch.full((n,), 0.6), uses_top_k_or_p=True)
+    ).token_ids
     assert set(out.tolist()) <= set(order[:nucleus].tolist())
 
-    out = sampler(logits, make_batch(n, keys=keys, min_ps=torch.full((n,), 0.3),
-                                     uses_min_p=True)).token_ids
+    out = sampler(
+        logits, make_batch(n, keys=keys, min_ps=torch.full((n,), 0.3), uses_min_p=True)
+    ).token_ids
     allowed = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
     assert set(out.tolist()) <= allowed
 
-    greedy = sampler(logits[:1], make_batch(1, top_ks=torch.tensor([1]),
-                                            uses_top_k_or_p=True)).token_ids
+    greedy = sampler(
+        logits[:1], make_batch(1, top_ks=torch.tensor([1]), uses_top_k_or_p=True)
+    ).token_ids
     assert greedy.item() == probs.argmax().item()
 
 
@@ -107,11 +111,16 @@ def test_penalties_match_transformers_and_openai_definitions():
     prompt_lens = torch.tensor([2, 1])
     history_lens = torch.tensor([6, 3])
     batch = make_batch(
-        2, temperatures=torch.zeros(2), all_greedy=True, num_top_logprobs=-1,
+        2,
+        temperatures=torch.zeros(2),
+        all_greedy=True,
+        num_top_logprobs=-1,
         repetition_penalties=torch.tensor([1.3, 1.0]),
         presence_penalties=torch.tensor([0.0, 0.5]),
         frequency_penalties=torch.tensor([0.0, 0.25]),
-        token_history=history, prompt_lens=prompt_lens, history_lens=history_lens,
+        token_history=history,
+        prompt_lens=prompt_lens,
+        history_lens=history_lens,
     )
     penalized = sampler._apply_penalties(logits.clone(), batch)
     # Row 0: repetition penalty exactly as transformers applies it, over prompt + output.
@@ -127,8 +136,12 @@ def test_suppressed_ids_are_never_chosen():
     sampler = Sampler(VOCAB, torch.device("cpu"))
     logits = random_logits(2)
     best = logits.argmax(-1)
-    batch = make_batch(2, temperatures=torch.zeros(2), all_greedy=True,
-                       suppressed_ids=torch.tensor([[best[0].item(), -1], [-1, -1]]))
+    batch = make_batch(
+        2,
+        temperatures=torch.zeros(2),
+        all_greedy=True,
+        suppressed_ids=torch.tensor([[best[0].item(), -1], [-1, -1]]),
+    )
     out = sampler(logits, batch).token_ids
     assert out[0] != best[0] and out[1] == best[1]
     assert out[0] == logits[0].topk(2).indices[1]
