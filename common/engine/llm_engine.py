@@ -3,9 +3,17 @@
 import random
 from collections.abc import Sequence
 
+import torch
+
 from common.engine.config import EngineConfig
 from common.engine.model_runner import ModelRunner
-from common.engine.request import FinishReason, Request, RequestError, RequestOutput
+from common.engine.request import (
+    FinishReason,
+    Request,
+    RequestError,
+    RequestOutput,
+    TokenLogprob,
+)
 from common.engine.scheduler import Scheduler
 from common.model_config import ModelConfig
 from common.sampler import seed_to_key
@@ -28,6 +36,63 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> None:
         """Queue a request; raises RequestError (and changes nothing) if it cannot run."""
+        self.scheduler.add(self._new_request(request_id, prompt_token_ids, params))
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Queue a request whose prompt KV will be computed elsewhere. Once admitted
+        (``pop_reserved``) its slots wait for ``write_kv`` and ``complete_reservation``."""
+        request = self._new_request(request_id, prompt_token_ids, params)
+        request.awaits_kv = True
+        self.scheduler.add(request)
+
+    def pop_reserved(self) -> list[str]:
+        """Ids of reservations admitted since the last call: their slots are held."""
+        reserved = [r.request_id for r in self.scheduler.newly_reserved if r.awaits_kv]
+        self.scheduler.newly_reserved.clear()
+        return reserved
+
+    def admit_reservations(self) -> list[str]:
+        """Admit queued reservations now if the pool allows, without running a step."""
+        self.scheduler.admit_waiting_reservations()
+        return self.pop_reserved()
+
+    def reserved_slots(self, request_id: str) -> torch.Tensor:
+        """Slots of an admitted reservation's prompt positions, int32 [num_prompt_tokens]."""
+        request = self._requests[request_id]
+        if not request.awaits_kv or request.row < 0:
+            raise RequestError(f"request {request_id!r} holds no reservation awaiting KV")
+        return self.runner.table.req_to_token[request.row, : request.num_prompt_tokens]
+
+    def complete_reservation(
+        self, request_id: str, first_token: int, logprobs: list[TokenLogprob] | None = None
+    ) -> RequestOutput:
+        request = self._requests[request_id]
+        if not request.awaits_kv or request.row < 0:
+            raise RequestError(f"request {request_id!r} holds no reservation awaiting KV")
+        if not 0 <= first_token < self.model_config.vocab_size:
+            raise RequestError(f"first token {first_token} is outside the vocabulary")
+        output = self.scheduler.complete_reservation(request, first_token, logprobs)
+        if output.finished:
+            del self._requests[request_id]
+        return output
+
+    @property
+    def num_reserved_slots(self) -> int:
+        return sum(r.num_slots for r in self.scheduler.running if r.awaits_kv)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> Request:
         prompt = list(prompt_token_ids)
         self._validate(request_id, prompt, params)
         stops = set(params.stop_token_ids)
@@ -45,7 +110,7 @@ class LLMEngine:
         )
         self._arrivals += 1
         self._requests[request_id] = request
-        self.scheduler.add(request)
+        return request
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self._requests:

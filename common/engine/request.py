@@ -38,6 +38,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the pool
     num_slots: int = 0  # slots held, mapped at positions [0, num_slots)
     is_prefilling: bool = False
+    # A reservation: its prompt's KV is computed elsewhere and written into its slots.
+    awaits_kv: bool = False
     num_preemptions: int = 0
 
     @property

@@ -11,9 +11,8 @@ queue, to be recomputed from prompt + output when room returns.
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
 from common.engine.admission import OutputLengthEstimator, peak_tokens
+from common.engine.kv_manager import KVManager
 from common.engine.request import (
     FinishReason,
     Request,
@@ -45,11 +44,13 @@ class Scheduler:
     def __init__(self, pool: TokenKVPool, table: RequestTable, max_prefill_tokens: int) -> None:
         self.pool = pool
         self.table = table
+        self.kv = KVManager(pool, table)
         self.max_prefill_tokens = max_prefill_tokens
         self.estimator = OutputLengthEstimator()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.newly_reserved: list[Request] = []
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -76,7 +77,7 @@ class Scheduler:
     # ---- admission and prefill ----
 
     def can_admit(self, request: Request) -> bool:
-        if self.table.num_free_rows == 0 or not self.pool.can_allocate(request.num_tokens):
+        if not self.kv.can_allocate(request):
             return False
         if not self.running:
             return True  # alone it always fits: max_model_len <= pool size
@@ -85,18 +86,17 @@ class Scheduler:
         return peak_tokens(entries) <= self.pool.num_slots
 
     def _admit(self, request: Request) -> None:
-        """Give ``request`` a row and a slot for each token it has (prompt + any output)."""
-        row = self.table.allocate_row()
-        num_tokens = request.num_tokens
-        tokens = request.prompt_token_ids + request.output_token_ids
-        self.table.token_ids[row, :num_tokens] = torch.tensor(tokens, dtype=torch.int32)
-        self.table.req_to_token[row, :num_tokens] = self.pool.allocate(num_tokens)
-        request.row = row
-        request.num_slots = num_tokens
-        request.num_computed_tokens = 0
-        request.is_prefilling = True
+        self.kv.allocate(request)
+        request.is_prefilling = not request.awaits_kv
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        if request.awaits_kv:
+            self.newly_reserved.append(request)
+
+    def admit_waiting_reservations(self) -> None:
+        """Admit reservations at the head of the queue (they need no compute)."""
+        while self.waiting and self.waiting[0].awaits_kv and self.can_admit(self.waiting[0]):
+            self._admit(self.waiting.popleft())
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_prefill_tokens
@@ -119,25 +119,22 @@ class Scheduler:
         while self.waiting and budget > 0 and self.can_admit(self.waiting[0]):
             request = self.waiting.popleft()
             self._admit(request)
-            take(request)
+            if request.is_prefilling:
+                take(request)
         return ScheduledBatch(True, chosen, starts, ends) if chosen else None
 
     # ---- decode ----
 
     def _schedule_decode(self) -> ScheduledBatch | None:
-        decoding = [r for r in self.running if not r.is_prefilling]
-        while decoding and not self.pool.can_allocate(len(decoding)):
-            victim = max(self.running, key=lambda r: r.arrival)
-            self._preempt(victim)
-            decoding = [r for r in self.running if not r.is_prefilling]
+        decoding = [r for r in self.running if not (r.is_prefilling or r.awaits_kv)]
+        while decoding and not self.kv.can_append(len(decoding)):
+            # Reservations keep their slots: their KV is on its way.
+            self._preempt(max(decoding, key=lambda r: r.arrival))
+            decoding = [r for r in self.running if not (r.is_prefilling or r.awaits_kv)]
         if not decoding:
             return None
-        rows = torch.tensor([r.row for r in decoding], device=self.pool.device)
         positions = [r.num_computed_tokens for r in decoding]
-        slots = self.pool.allocate(len(decoding))
-        self.table.req_to_token[rows, torch.tensor(positions, device=self.pool.device)] = slots
-        for request in decoding:
-            request.num_slots += 1
+        self.kv.append_slot(decoding)
         return ScheduledBatch(False, decoding, positions, [p + 1 for p in positions])
 
     def _preempt(self, request: Request) -> None:
@@ -162,22 +159,36 @@ class Scheduler:
                 continue
             request.is_prefilling = False
             row = next(rows)
-            token = int(row[0])
-            request.output_token_ids.append(token)
-            reason = self._finish_reason(request, token)
-            if reason is not None:
-                self._finish(request)
             outputs.append(
-                RequestOutput(
-                    request.request_id,
-                    [token],
-                    _logprobs(row, request.params.logprobs),
-                    reason,
-                    request.num_prompt_tokens,
-                    request.num_output_tokens,
-                )
+                self._accept(request, int(row[0]), _logprobs(row, request.params.logprobs))
             )
         return outputs
+
+    def complete_reservation(
+        self, request: Request, first_token: int, logprobs: list[TokenLogprob] | None
+    ) -> RequestOutput:
+        """The prompt's KV is in the reserved slots and ``first_token`` was sampled
+        after it: the request joins the decode batch."""
+        request.awaits_kv = False
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.table.token_ids[request.row, request.num_prompt_tokens] = first_token
+        return self._accept(request, first_token, logprobs)
+
+    def _accept(
+        self, request: Request, token: int, logprobs: list[TokenLogprob] | None
+    ) -> RequestOutput:
+        request.output_token_ids.append(token)
+        reason = self._finish_reason(request, token)
+        if reason is not None:
+            self._finish(request)
+        return RequestOutput(
+            request.request_id,
+            [token],
+            logprobs,
+            reason,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+        )
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
         # Stops cannot be sampled before min_new_tokens: the sampler masks them.
@@ -197,11 +208,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
 
     def _free_kv(self, request: Request) -> None:
-        self.pool.free(self.table.req_to_token[request.row, : request.num_slots])
-        self.table.free_row(request.row)
-        request.row = -1
-        request.num_slots = 0
-        request.num_computed_tokens = 0
+        self.kv.deallocate(request)
         request.is_prefilling = False
 
 
