@@ -39,6 +39,15 @@ class ScheduledBatch:
         prompt is complete after this chunk."""
         return [end == r.num_tokens for r, end in zip(self.requests, self.ends, strict=True)]
 
+    def add_chunk(self, request: Request, budget: int) -> int:
+        """Add the next at most ``budget`` uncomputed tokens of ``request``; returns how many."""
+        start = request.num_computed_tokens
+        end = min(request.num_tokens, start + budget)
+        self.requests.append(request)
+        self.starts.append(start)
+        self.ends.append(end)
+        return end - start
+
 
 class Scheduler:
     def __init__(self, pool: TokenKVPool, table: RequestTable, max_prefill_tokens: int) -> None:
@@ -58,6 +67,13 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def has_runnable(self) -> bool:
+        """Whether a step would compute something (reservations only wait for KV)."""
+        return any(not r.awaits_kv for r in self.running) or any(
+            not r.awaits_kv for r in self.waiting
+        )
 
     def abort(self, request_id: str) -> Request | None:
         for request in self.waiting:
@@ -100,28 +116,16 @@ class Scheduler:
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_prefill_tokens
-        chosen: list[Request] = []
-        starts: list[int] = []
-        ends: list[int] = []
-
-        def take(request: Request) -> None:
-            nonlocal budget
-            start = request.num_computed_tokens
-            end = min(request.num_tokens, start + budget)
-            chosen.append(request)
-            starts.append(start)
-            ends.append(end)
-            budget -= end - start
-
+        batch = ScheduledBatch(True, [], [], [])
         for request in self.running:
             if request.is_prefilling and budget > 0:
-                take(request)
+                budget -= batch.add_chunk(request, budget)
         while self.waiting and budget > 0 and self.can_admit(self.waiting[0]):
             request = self.waiting.popleft()
             self._admit(request)
             if request.is_prefilling:
-                take(request)
-        return ScheduledBatch(True, chosen, starts, ends) if chosen else None
+                budget -= batch.add_chunk(request, budget)
+        return batch if batch.requests else None
 
     # ---- decode ----
 
@@ -160,7 +164,7 @@ class Scheduler:
             request.is_prefilling = False
             row = next(rows)
             outputs.append(
-                self._accept(request, int(row[0]), _logprobs(row, request.params.logprobs))
+                self._accept(request, int(row[0]), unpack_logprobs(row, request.params.logprobs))
             )
         return outputs
 
@@ -212,7 +216,7 @@ class Scheduler:
         request.is_prefilling = False
 
 
-def _logprobs(row: list[float], wanted: int | None) -> list[TokenLogprob] | None:
+def unpack_logprobs(row: list[float], wanted: int | None) -> list[TokenLogprob] | None:
     if wanted is None:
         return None
     # The batch packs as many top entries as its most demanding request asked for.

@@ -1,0 +1,55 @@
+"""Checks a request against the model and turns it into an engine Request."""
+
+import random
+from collections.abc import Sequence
+
+from common.engine.request import Request, RequestError
+from common.model_config import ModelConfig
+from common.sampler import seed_to_key
+from common.sampling_params import SamplingParams
+
+
+class RequestBuilder:
+    def __init__(self, model_config: ModelConfig, max_model_len: int, seed: int) -> None:
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self._seeds = random.Random(seed)
+        self.num_built = 0
+
+    def build(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> Request:
+        """A Request ready to queue; RequestError says why one cannot run."""
+        prompt = list(prompt_token_ids)
+        self.validate(prompt, params)
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.update(self.model_config.eos_token_ids)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            max_new_tokens=min(params.max_new_tokens, self.max_model_len - len(prompt)),
+            stop_token_ids=frozenset(stops),
+            rng_key=seed_to_key(seed),
+            arrival=self.num_built,
+        )
+        self.num_built += 1
+        return request
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens, but this engine's context is "
+                f"{self.max_model_len} tokens and at least one must be left to generate"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")

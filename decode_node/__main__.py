@@ -1,0 +1,67 @@
+from typing import Annotated
+
+import typer
+
+from common.node_base import default_node_id
+from common.node_main import (
+    Device,
+    Dtype,
+    Host,
+    MaxReqs,
+    Model,
+    ModelLen,
+    NodeId,
+    Port,
+    PrefillTokens,
+    Slots,
+    engine_config,
+    run_node,
+    serve,
+)
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    model: Model,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    host: Host = "127.0.0.1",
+    port: Port = 0,
+    kv_port: Annotated[int, typer.Option(help="KV receive port; 0 picks a free one.")] = 0,
+    num_kv_slots: Slots = None,
+    max_num_reqs: MaxReqs = 256,
+    max_prefill_tokens: PrefillTokens = 8192,
+    max_model_len: ModelLen = None,
+    node_id: NodeId = None,
+) -> None:
+    """Run a decode node."""
+    from decode_node.server import DecodeNodeConfig, DecodeServer
+
+    def start() -> None:
+        config = DecodeNodeConfig(
+            engine=engine_config(
+                model, device, dtype, num_kv_slots, max_num_reqs, max_prefill_tokens, max_model_len
+            ),
+            node_id=node_id or default_node_id("decode"),
+            host=host,
+            control_port=port,
+            kv_port=kv_port,
+        )
+        server = DecodeServer(config)
+        serve(
+            server,
+            {
+                "role": "decode",
+                "node_id": config.node_id,
+                "control": server.control_endpoint,
+                "kv": server.kv_endpoint,
+            },
+        )
+
+    run_node(start)
+
+
+if __name__ == "__main__":
+    app()

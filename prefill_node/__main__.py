@@ -1,0 +1,58 @@
+import typer
+
+from common.node_base import default_node_id
+from common.node_main import (
+    Device,
+    Dtype,
+    Host,
+    MaxReqs,
+    Model,
+    ModelLen,
+    NodeId,
+    Port,
+    PrefillTokens,
+    Slots,
+    engine_config,
+    run_node,
+    serve,
+)
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    model: Model,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    host: Host = "127.0.0.1",
+    port: Port = 0,
+    num_kv_slots: Slots = None,
+    max_num_reqs: MaxReqs = 256,
+    max_prefill_tokens: PrefillTokens = 8192,
+    max_model_len: ModelLen = None,
+    node_id: NodeId = None,
+) -> None:
+    """Run a prefill node."""
+    from prefill_node.server import PrefillNodeConfig, PrefillServer
+
+    def start() -> None:
+        config = PrefillNodeConfig(
+            engine=engine_config(
+                model, device, dtype, num_kv_slots, max_num_reqs, max_prefill_tokens, max_model_len
+            ),
+            node_id=node_id or default_node_id("prefill"),
+            host=host,
+            control_port=port,
+        )
+        server = PrefillServer(config)
+        serve(
+            server,
+            {"role": "prefill", "node_id": config.node_id, "control": server.control_endpoint},
+        )
+
+    run_node(start)
+
+
+if __name__ == "__main__":
+    app()

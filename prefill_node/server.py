@@ -1,0 +1,278 @@
+"""The prefill node: computes prompts' KV, streams it layer by layer to decode nodes.
+
+One thread polls the control socket (Prefill, Abort, HealthCheck) and one DEALER
+socket per decode target (KVAck, Error), then runs one prefill batch. A prompt's
+KV stays in the pool until its decode node acknowledges it, or its deadline
+passes; either way the slots come back, and the client hears of any failure.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from common.engine import EngineConfig, RequestError
+from common.engine.kv_manager import KVManager
+from common.engine.model_runner import ModelRunner
+from common.engine.request import Request
+from common.engine.request_builder import RequestBuilder
+from common.engine.scheduler import unpack_logprobs
+from common.kv_transfer import kv_layout
+from common.model_config import ModelConfig
+from common.node_base import Publisher, RateMeter, bind, error_event, receive, reply
+from common.protocol import (
+    Abort,
+    Accepted,
+    Error,
+    Health,
+    HealthCheck,
+    KVAck,
+    KVLayer,
+    KVTarget,
+    Prefill,
+    PrefillDone,
+    ProtocolError,
+    TokenLogprobs,
+    decode,
+    encode,
+)
+from prefill_node.kv_stream import LayerStreamer
+from prefill_node.scheduler import PrefillScheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillNodeConfig:
+    engine: EngineConfig
+    node_id: str
+    host: str = "127.0.0.1"
+    control_port: int = 0
+
+
+@dataclass
+class Handoff:
+    """Where a request's KV goes and who to tell if that fails."""
+
+    reply_to: str
+    target: KVTarget
+    ack_timeout_s: float
+    deadline: float = float("inf")  # set once the prompt is done
+
+
+class PrefillServer:
+    def __init__(self, config: PrefillNodeConfig) -> None:
+        self.config = config
+        model_config = ModelConfig.from_dir(config.engine.model)
+        self.runner = ModelRunner(config.engine, model_config)
+        self.layout = kv_layout(config.engine.model, model_config, self.runner.dtype)
+        self.requests = RequestBuilder(model_config, self.runner.max_model_len, config.engine.seed)
+        self.scheduler = PrefillScheduler(
+            KVManager(self.runner.pool, self.runner.table), config.engine.max_prefill_tokens
+        )
+        self.streamer = LayerStreamer(
+            self.runner.model, self.runner.pool, self.runner.table, self._send_layer
+        )
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control_endpoint = bind(self.control, config.host, config.control_port)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.targets: dict[str, zmq.Socket] = {}
+        self.handoffs: dict[str, Handoff] = {}
+        self.publisher = Publisher(self.ctx, config.node_id)
+        self.tokens_per_s = RateMeter()
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopped:
+                busy = self.scheduler.has_runnable
+                ready = dict(self.poller.poll(0 if busy else 20))
+                for sock in ready:
+                    if sock is self.control:
+                        self._drain_control()
+                    else:
+                        self._drain_target(sock)
+                if self.scheduler.has_runnable:
+                    self._run_batch()
+                self._expire_handoffs()
+                self.publisher.flush()
+        finally:
+            self.publisher.close()
+            self.ctx.destroy(linger=0)
+
+    # ---- control socket ----
+
+    def _drain_control(self) -> None:
+        for _ in range(256):
+            if not self.control.poll(0, zmq.POLLIN):
+                return
+            received = receive(self.control)
+            if received is None:
+                continue
+            identity, message, _ = received
+            if isinstance(message, Prefill):
+                self._on_prefill(identity, message)
+            elif isinstance(message, Abort):
+                self._release(message.request_id)
+            elif isinstance(message, HealthCheck):
+                reply(self.control, identity, self._health(message.call_id))
+            else:
+                reply(
+                    self.control,
+                    identity,
+                    Error(
+                        message=f"unexpected {type(message).__name__} on the prefill control socket"
+                    ),
+                )
+
+    def _on_prefill(self, identity: bytes, message: Prefill) -> None:
+        def refuse(reason: str) -> None:
+            reply(
+                self.control,
+                identity,
+                Error(call_id=message.call_id, request_id=message.request_id, message=reason),
+            )
+
+        mismatch = self.layout.describe_mismatch(message.target.layout)
+        if mismatch:
+            return refuse(f"KV layout mismatch with the decode target ({mismatch})")
+        if message.params.seed is None:
+            return refuse("params.seed must be set, so decode continues the same random stream")
+        if message.request_id in self.handoffs:
+            return refuse(f"request id {message.request_id!r} is already in use")
+        try:
+            request = self.requests.build(
+                message.request_id, message.prompt_token_ids, message.params
+            )
+            self._target_socket(message.target.endpoint)
+        except (RequestError, zmq.ZMQError) as exc:
+            return refuse(str(exc))
+        self.handoffs[message.request_id] = Handoff(
+            message.reply_to, message.target, message.ack_timeout_s
+        )
+        self.scheduler.add(request)
+        reply(
+            self.control, identity, Accepted(call_id=message.call_id, request_id=message.request_id)
+        )
+        return None
+
+    def _target_socket(self, endpoint: str) -> zmq.Socket:
+        sock = self.targets.get(endpoint)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            self.poller.register(sock, zmq.POLLIN)
+            self.targets[endpoint] = sock
+        return sock
+
+    # ---- acks from decode nodes ----
+
+    def _drain_target(self, sock: zmq.Socket) -> None:
+        while sock.poll(0, zmq.POLLIN):
+            frames = sock.recv_multipart()
+            try:
+                message = decode(frames[0])
+            except ProtocolError as exc:
+                logger.warning("bad message from a decode node: %s", exc)
+                continue
+            if isinstance(message, KVAck):
+                handoff = self.handoffs.get(message.request_id)
+                if handoff is not None and message.error:
+                    self.publisher.add(
+                        handoff.reply_to,
+                        error_event(
+                            message.request_id, f"decode node refused the KV: {message.error}"
+                        ),
+                    )
+                self._release(message.request_id)
+            elif isinstance(message, Error):
+                logger.warning("decode node reported: %s", message.message)
+
+    def _release(self, request_id: str) -> None:
+        self.handoffs.pop(request_id, None)
+        self.scheduler.release(request_id)
+
+    def _expire_handoffs(self) -> None:
+        now = time.monotonic()
+        for request_id, handoff in list(self.handoffs.items()):
+            if now >= handoff.deadline:
+                self.publisher.add(
+                    handoff.reply_to,
+                    error_event(
+                        request_id,
+                        f"decode node at {handoff.target.endpoint} did not acknowledge "
+                        f"the KV within {handoff.ack_timeout_s:g} s",
+                    ),
+                )
+                self._release(request_id)
+
+    # ---- prefill ----
+
+    def _run_batch(self) -> None:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        chunks = list(zip(batch.requests, batch.starts, batch.ends, strict=True))
+        with self.streamer.streaming(chunks):
+            sampled = iter(self.runner.run(batch))
+        for request, end, samples in zip(batch.requests, batch.ends, batch.samples, strict=True):
+            self.scheduler.finish_chunk(request, end)
+            if samples:
+                self._send_done(request, next(sampled))
+        self.tokens_per_s.add(sum(batch.ends) - sum(batch.starts))
+
+    def _send_layer(self, request: Request, layer: int, start: int, num_tokens: int, k, v) -> None:
+        handoff = self.handoffs[request.request_id]
+        header = KVLayer(
+            request_id=request.request_id,
+            layout=self.layout,
+            layer=layer,
+            start=start,
+            num_tokens=num_tokens,
+        )
+        sock = self._target_socket(handoff.target.endpoint)
+        # copy=False: ZeroMQ sends straight from these buffers and keeps them alive.
+        sock.send_multipart([encode(header), k.numpy(), v.numpy()], copy=False)
+
+    def _send_done(self, request: Request, row: list[float]) -> None:
+        handoff = self.handoffs[request.request_id]
+        [first] = unpack_logprobs(row, request.params.logprobs) or [None]
+        logprobs = (
+            None
+            if first is None
+            else TokenLogprobs(first.token_id, first.logprob, [tuple(t) for t in first.top])
+        )
+        done = PrefillDone(
+            request_id=request.request_id,
+            layout=self.layout,
+            num_prompt_tokens=request.num_prompt_tokens,
+            first_token=int(row[0]),
+            logprobs=logprobs,
+        )
+        self._target_socket(handoff.target.endpoint).send(encode(done))
+        handoff.deadline = time.monotonic() + handoff.ack_timeout_s
+
+    def _health(self, call_id: int) -> Health:
+        pool = self.runner.pool
+        return Health(
+            call_id=call_id,
+            node_id=self.config.node_id,
+            role="prefill",
+            model=self.config.engine.model,
+            layout=self.layout,
+            device=str(self.runner.device),
+            num_slots=pool.num_slots,
+            num_free_slots=pool.num_free_slots,
+            num_reserved_slots=sum(r.num_slots for r in self.scheduler.held.values()),
+            num_running=len(self.scheduler.prefilling),
+            num_queued=len(self.scheduler.waiting),
+            tokens_per_s=self.tokens_per_s.rate(),
+        )
