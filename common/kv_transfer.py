@@ -71,4 +71,8 @@ def scatter_layer(
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(frame, dtype=torch.uint8)
         values = raw.view(cache.dtype).view(slots.numel(), *token_shape)
-        cache[index] = values.to(cache.device, non_blocking=False)
+        if cache.is_cuda:
+            staged = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            staged.copy_(values)
+            values = staged.to(cache.device, non_blocking=True)
+        cache[index] = values

@@ -89,14 +89,16 @@ def write_tiny_checkpoint(
     tie_word_embeddings: bool | None = None,
     max_shard_bytes: int | None = None,
     seed: int = 0,
+    overrides: dict | None = None,
 ) -> Path:
-    """Write config.json, safetensors and tokenizer files of a random ``arch`` model."""
+    """Write config.json, safetensors and tokenizer files of a random ``arch`` model.
+    ``overrides`` changes config values (sizes, context length) for benchmarks."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHITECTURES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    settings = {**_BASE, **_FAMILIES[arch]}
+    settings = {**_BASE, **_FAMILIES[arch], **(overrides or {})}
     if tie_word_embeddings is not None:
         settings["tie_word_embeddings"] = tie_word_embeddings
     model_type = settings.pop("model_type")

@@ -9,6 +9,7 @@ import zmq
 
 from common.engine import EngineConfig, LLMEngine
 from common.node_client import NodeClient, NodeError
+from common.node_process import start_node
 from common.protocol import (
     PROTOCOL_VERSION,
     Error,
@@ -21,7 +22,6 @@ from common.protocol import (
     encode,
 )
 from common.sampling_params import SamplingParams
-from tests.e2e.conftest import start_node
 
 SLOTS = 4096
 NODE_ARGS = ("--num-kv-slots", str(SLOTS), "--max-prefill-tokens", "256")

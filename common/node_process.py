@@ -1,0 +1,54 @@
+"""Start a node as a child process and wait until it listens (tests, bench, lightctl)."""
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class NodeProcess:
+    role: str
+    process: subprocess.Popen
+    control: str
+    kv: str | None
+    node_id: str
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_node(
+    role: str, model: str, *args: str, device: str = "cpu", timeout: float = 120.0
+) -> NodeProcess:
+    """Run ``python -m {role}_node`` and return once it prints its ready line."""
+    command = [sys.executable, "-m", f"{role}_node", "--model", model, "--device", device, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{role} node exited with code {process.returncode} before ready")
+        if selector.select(timeout=0.5):
+            line = process.stdout.readline()
+            if line.startswith("{"):
+                ready = json.loads(line)
+                return NodeProcess(
+                    role, process, ready["control"], ready.get("kv"), ready["node_id"]
+                )
+    process.kill()
+    raise RuntimeError(f"{role} node not ready within {timeout:g} s")
