@@ -37,7 +37,15 @@ from common.sampling_params import SamplingParams
 
 
 class NodeError(RuntimeError):
-    """A node refused a call; the message is the node's."""
+    """A call to a node did not succeed."""
+
+
+class NodeRefused(NodeError):
+    """The node answered with an Error; the message is the node's."""
+
+
+class NodeTimeout(NodeError):
+    """The node did not answer in time (it may be down)."""
 
 
 @dataclass
@@ -133,11 +141,11 @@ class NodeClient:
             await self._dealer(endpoint).send(encode(message))
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError as exc:
-            raise NodeError(f"no answer from {endpoint} within {timeout:g} s") from exc
+            raise NodeTimeout(f"no answer from {endpoint} within {timeout:g} s") from exc
         finally:
             self._calls.pop(message.call_id, None)
         if isinstance(reply, Error):
-            raise NodeError(reply.message)
+            raise NodeRefused(reply.message)
         return reply
 
     def _dealer(self, endpoint: str) -> zmq.asyncio.Socket:
@@ -180,6 +188,16 @@ class NodeClient:
         """Start collecting a request's events; open it before the request is sent."""
         self._streams[request_id] = asyncio.Queue()
 
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def next_event(self, request_id: str, timeout: float) -> TokenEvent | None:
+        """The request's next event, or None if none came within ``timeout``."""
+        try:
+            return await asyncio.wait_for(self._streams[request_id].get(), timeout)
+        except TimeoutError:
+            return None
+
     async def events(self, request_id: str, timeout: float = 60.0) -> AsyncIterator[TokenEvent]:
         """A request's events up to and including the one that finishes it."""
         queue = self._streams[request_id]
@@ -188,7 +206,7 @@ class NodeClient:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError as exc:
-                    raise NodeError(f"request {request_id}: nothing for {timeout:g} s") from exc
+                    raise NodeTimeout(f"request {request_id}: nothing for {timeout:g} s") from exc
                 yield event
                 if event.finish_reason is not None:
                     return

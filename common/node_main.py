@@ -5,11 +5,13 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from common.engine import EngineConfig
+from common.registrar import Registrar
 
 Model = Annotated[str, typer.Option(help="Local Hugging Face model directory.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda:N.")]
@@ -21,6 +23,14 @@ MaxReqs = Annotated[int, typer.Option(help="Requests held at once.")]
 PrefillTokens = Annotated[int, typer.Option(help="Prefill token budget per step.")]
 ModelLen = Annotated[int | None, typer.Option(help="Context length cap.")]
 NodeId = Annotated[str | None, typer.Option(help="Node id; default role-host-pid.")]
+ControlPlane = Annotated[
+    str | None,
+    typer.Option(envvar="LIGHTPD_CONTROL_PLANE", help="Control plane URL to register with."),
+]
+ClusterToken = Annotated[
+    str | None,
+    typer.Option(envvar="LIGHTPD_CLUSTER_TOKEN", help="Token that admits nodes to the fleet."),
+]
 
 
 def engine_config(
@@ -32,6 +42,8 @@ def engine_config(
     max_prefill_tokens: int,
     max_model_len: int | None,
 ) -> EngineConfig:
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"model directory {model} not found (no config.json there)")
     return EngineConfig(
         model=model,
         device=device,
@@ -43,16 +55,72 @@ def engine_config(
     )
 
 
-def serve(server: Any, announce: dict[str, str]) -> None:
-    """Print one JSON line saying where the node listens, then serve until SIGTERM/SIGINT."""
+def serve(server: Any, role: str, control_plane: str | None, cluster_token: str | None) -> None:
+    """Print one JSON line saying where the node listens, register with the control
+    plane if one is given, then serve until SIGTERM/SIGINT or removal."""
+    exit_code = 0
 
-    def stop(signum: int, frame: object) -> None:
+    def stop(code: int = 0, reason: str = "") -> None:
+        nonlocal exit_code
+        exit_code = code
+        if reason:
+            print(("error: " if code else "") + reason, file=sys.stderr, flush=True)
         server.stop()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(json.dumps({"event": "ready", **announce}), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: stop())
+    signal.signal(signal.SIGINT, lambda *_: stop())
+    registrar = None
+    if control_plane:
+        if not cluster_token:
+            raise ValueError("--cluster-token (or LIGHTPD_CLUSTER_TOKEN) is needed to join a fleet")
+        registrar = Registrar(
+            control_plane, cluster_token, _registration(server, role), lambda: _stats(server), stop
+        )
+    print(
+        json.dumps(
+            {
+                "event": "ready",
+                "role": role,
+                "node_id": server.config.node_id,
+                "control": server.control_endpoint,
+                "kv": getattr(server, "kv_endpoint", None),
+            }
+        ),
+        flush=True,
+    )
+    if registrar is not None:
+        registrar.start()
     server.serve_forever()
+    if registrar is not None:
+        registrar.stop()
+    raise SystemExit(exit_code)
+
+
+def _registration(server: Any, role: str) -> dict:
+    health = server.health
+    return {
+        "node_id": server.config.node_id,
+        "role": role,
+        "control_endpoint": server.control_endpoint,
+        "kv_endpoint": getattr(server, "kv_endpoint", None),
+        "model_fingerprint": health.layout.model_fingerprint,
+        "model_name": Path(server.config.engine.model).name,
+        "device": health.device,
+        "num_slots": health.num_slots,
+        "max_model_len": health.max_model_len,
+    }
+
+
+def _stats(server: Any) -> dict:
+    h = server.health
+    return {
+        "num_free_slots": h.num_free_slots,
+        "num_reserved_slots": h.num_reserved_slots,
+        "num_running": h.num_running,
+        "num_queued": h.num_queued,
+        "num_queued_tokens": h.num_queued_tokens,
+        "tokens_per_s": h.tokens_per_s,
+    }
 
 
 def run_node(start: Callable[[], None]) -> None:

@@ -163,7 +163,9 @@ class Health(Message, tag="health"):
     num_reserved_slots: int
     num_running: int
     num_queued: int
+    num_queued_tokens: int
     tokens_per_s: float
+    max_model_len: int
 
 
 class Error(Message, tag="error", kw_only=True):

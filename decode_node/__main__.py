@@ -4,6 +4,8 @@ import typer
 
 from common.node_base import default_node_id
 from common.node_main import (
+    ClusterToken,
+    ControlPlane,
     Device,
     Dtype,
     Host,
@@ -35,6 +37,8 @@ def main(
     max_prefill_tokens: PrefillTokens = 8192,
     max_model_len: ModelLen = None,
     node_id: NodeId = None,
+    control_plane: ControlPlane = None,
+    cluster_token: ClusterToken = None,
 ) -> None:
     """Run a decode node."""
     from decode_node.server import DecodeNodeConfig, DecodeServer
@@ -50,15 +54,7 @@ def main(
             kv_port=kv_port,
         )
         server = DecodeServer(config)
-        serve(
-            server,
-            {
-                "role": "decode",
-                "node_id": config.node_id,
-                "control": server.control_endpoint,
-                "kv": server.kv_endpoint,
-            },
-        )
+        serve(server, "decode", control_plane, cluster_token)
 
     run_node(start)
 

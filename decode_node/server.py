@@ -80,6 +80,7 @@ class DecodeServer:
         self.reply_to: dict[str, str] = {}
         self.reservations: dict[str, Reservation] = {}
         self.tokens_per_s = RateMeter()
+        self.health = self._health(0)  # refreshed by the loop; read by the heartbeat thread
         self._stopped = False
 
     def stop(self) -> None:
@@ -102,6 +103,7 @@ class DecodeServer:
                 if self.engine.scheduler.has_runnable:
                     self._run_step()
                 self.publisher.flush()
+                self.health = self._health(0)
         finally:
             self.publisher.close()
             self.ctx.destroy(linger=0)
@@ -311,5 +313,7 @@ class DecodeServer:
             num_reserved_slots=self.engine.num_reserved_slots,
             num_running=self.engine.num_running,
             num_queued=self.engine.num_waiting,
+            num_queued_tokens=sum(r.num_tokens for r in self.engine.scheduler.waiting),
             tokens_per_s=self.tokens_per_s.rate(),
+            max_model_len=self.engine.max_model_len,
         )

@@ -2,6 +2,8 @@ import typer
 
 from common.node_base import default_node_id
 from common.node_main import (
+    ClusterToken,
+    ControlPlane,
     Device,
     Dtype,
     Host,
@@ -32,6 +34,8 @@ def main(
     max_prefill_tokens: PrefillTokens = 8192,
     max_model_len: ModelLen = None,
     node_id: NodeId = None,
+    control_plane: ControlPlane = None,
+    cluster_token: ClusterToken = None,
 ) -> None:
     """Run a prefill node."""
     from prefill_node.server import PrefillNodeConfig, PrefillServer
@@ -46,10 +50,7 @@ def main(
             control_port=port,
         )
         server = PrefillServer(config)
-        serve(
-            server,
-            {"role": "prefill", "node_id": config.node_id, "control": server.control_endpoint},
-        )
+        serve(server, "prefill", control_plane, cluster_token)
 
     run_node(start)
 

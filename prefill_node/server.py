@@ -84,6 +84,7 @@ class PrefillServer:
         self.handoffs: dict[str, Handoff] = {}
         self.publisher = Publisher(self.ctx, config.node_id)
         self.tokens_per_s = RateMeter()
+        self.health = self._health(0)  # refreshed by the loop; read by the heartbeat thread
         self._stopped = False
 
     def stop(self) -> None:
@@ -103,6 +104,7 @@ class PrefillServer:
                     self._run_batch()
                 self._expire_handoffs()
                 self.publisher.flush()
+                self.health = self._health(0)
         finally:
             self.publisher.close()
             self.ctx.destroy(linger=0)
@@ -274,5 +276,7 @@ class PrefillServer:
             num_reserved_slots=sum(r.num_slots for r in self.scheduler.held.values()),
             num_running=len(self.scheduler.prefilling),
             num_queued=len(self.scheduler.waiting),
+            num_queued_tokens=self.scheduler.num_queued_tokens,
             tokens_per_s=self.tokens_per_s.rate(),
+            max_model_len=self.runner.max_model_len,
         )

@@ -1,0 +1,94 @@
+"""A node's membership: register with the control plane, then heartbeat its stats.
+
+Runs in a thread beside the node's serving loop. A refusal (wrong cluster token,
+another model) is fatal and its reason is printed; a control plane that is down
+is retried; a node whose registration expired registers again; a node removed
+by an admin stops.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+logger = logging.getLogger(__name__)
+STARTUP_RETRY_S = 30.0
+
+
+class Registrar(threading.Thread):
+    def __init__(
+        self,
+        control_plane: str,
+        cluster_token: str,
+        registration: dict,
+        stats: Callable[[], dict],
+        stop_node: Callable[[int, str], None],
+    ) -> None:
+        super().__init__(name="registrar", daemon=True)
+        self.base = control_plane.rstrip("/")
+        self.registration = registration
+        self.stats = stats
+        self.stop_node = stop_node  # (exit code, reason)
+        self.http = httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {cluster_token}"})
+        self.heartbeat_s = 1.0
+        self.registered = threading.Event()
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        try:
+            if not self._register(retry_for=STARTUP_RETRY_S):
+                return
+            while not self._stopped.wait(self.heartbeat_s):
+                self._heartbeat()
+        finally:
+            self.http.close()
+
+    def _register(self, retry_for: float) -> bool:
+        deadline = time.monotonic() + retry_for
+        while not self._stopped.is_set():
+            try:
+                reply = self.http.post(f"{self.base}/internal/nodes", json=self.registration)
+            except httpx.TransportError as exc:
+                if time.monotonic() > deadline:
+                    self.stop_node(2, f"cannot reach the control plane at {self.base}: {exc}")
+                    return False
+                time.sleep(0.5)
+                continue
+            if reply.status_code == 201:
+                self.heartbeat_s = reply.json()["heartbeat_s"]
+                self.registered.set()
+                logger.info("registered with %s as %s", self.base, self.registration["node_id"])
+                return True
+            self.stop_node(2, f"the control plane refused this node: {_reason(reply)}")
+            return False
+        return False
+
+    def _heartbeat(self) -> None:
+        node_id = self.registration["node_id"]
+        try:
+            reply = self.http.put(
+                f"{self.base}/internal/nodes/{node_id}/heartbeat", json=self.stats()
+            )
+        except httpx.TransportError as exc:
+            logger.warning("heartbeat failed: %s", exc)
+            return
+        if reply.status_code == 410:
+            self.stop_node(0, f"removed from the fleet: {_reason(reply)}")
+            self.stop()
+        elif reply.status_code == 404:
+            logger.warning("registration lapsed; registering again")
+            self._register(retry_for=STARTUP_RETRY_S)
+        elif reply.status_code != 200:
+            logger.warning("heartbeat refused: %s", _reason(reply))
+
+
+def _reason(reply: httpx.Response) -> str:
+    try:
+        return reply.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {reply.status_code}: {reply.text[:200]}"

@@ -1,0 +1,319 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions."""
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from common.sampling_params import SamplingParams
+from common.tokenizer import encode_chat
+from controlplane.api.errors import OpenAIError, error_body
+from controlplane.choices import Choice, merge
+from controlplane.deps import ApiKey, AppState, State
+from controlplane.dispatcher import NoCapacityError, RequestRejected
+from controlplane.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+router = APIRouter(prefix="/v1", dependencies=[ApiKey])
+
+
+@router.get("/models")
+async def list_models(state: State) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.settings.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "lightpd",
+                "max_model_len": await state.fleet.max_model_len(),
+            }
+        ],
+    }
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, state: State):
+    _check_model(body, state)
+    if body.echo:
+        raise OpenAIError(400, "echo is not supported", "echo")
+    prompts = _completion_prompts(body, state)
+    return await _serve(request, state, body, prompts, body.max_tokens, body.logprobs, chat=False)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+    _check_model(body, state)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = encode_chat(state.tokenizer, messages)
+    except Exception as exc:  # a template may reject a conversation (roles out of order)
+        raise OpenAIError(
+            400, f"the chat template rejected the messages: {exc}", "messages"
+        ) from exc
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    return await _serve(request, state, body, [prompt], max_tokens, top, chat=True)
+
+
+def _check_model(body: SamplingFields, state: AppState) -> None:
+    if body.model != state.settings.model_name:
+        raise OpenAIError(
+            404, f"The model `{body.model}` does not exist.", "model", "model_not_found"
+        )
+
+
+def _completion_prompts(body: CompletionRequest, state: AppState) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [state.tokenizer.encode(prompt)]
+    if not prompt:
+        raise OpenAIError(400, "prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [state.tokenizer.encode(p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+async def _serve(
+    request: Request,
+    state: AppState,
+    body: SamplingFields,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    chat: bool,
+) -> JSONResponse | StreamingResponse:
+    max_len = await state.fleet.max_model_len()
+    if max_len is None:
+        raise OpenAIError(503, "no node is ready to serve requests")
+    vocab = len(state.tokenizer)
+    choices = []
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    for p_index, prompt in enumerate(prompts):
+        if not prompt:
+            raise OpenAIError(400, "the prompt is empty", "prompt")
+        if any(not 0 <= t < vocab for t in prompt):
+            raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        room = max_len - len(prompt)
+        if room < 1:
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {len(prompt)} tokens in the prompt, leaving no room to generate.",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise OpenAIError(
+                400,
+                f"max_tokens is too large: {max_tokens}. This model's maximum context length "
+                f"is {max_len} tokens and the prompt has {len(prompt)}, so at most {room} can be "
+                "generated.",
+                "max_tokens",
+            )
+        for n_index in range(body.n):
+            index = p_index * body.n + n_index
+            params = _sampling_params(body, max_tokens or room, logprobs, n_index)
+            choices.append(
+                Choice(index, f"{response_id}-{index}", prompt, params, body.stop_strings)
+            )
+    emitter = _Emitter(state, response_id, chat, body, prompts)
+    if body.stream:
+        return StreamingResponse(emitter.stream(choices), media_type="text/event-stream")
+    task = asyncio.create_task(emitter.collect(choices))
+    while not task.done():  # a client that goes away aborts its request
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+    return JSONResponse(await task)
+
+
+def _sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, n_index: int
+) -> SamplingParams:
+    # The nodes need a seed so decode continues prefill's random stream; choice i of
+    # a seeded request uses seed + i, so n > 1 gives different yet repeatable texts.
+    seed = random.getrandbits(63) if body.seed is None else body.seed + n_index
+    try:
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            min_new_tokens=min(body.min_tokens, max_tokens),
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=seed,
+            logprobs=logprobs,
+            stop_token_ids=tuple(body.stop_token_ids),
+            ignore_eos=body.ignore_eos,
+        )
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc)) from exc
+
+
+class _Emitter:
+    """Turns deltas into OpenAI response bodies and SSE chunks."""
+
+    def __init__(
+        self,
+        state: AppState,
+        response_id: str,
+        chat: bool,
+        body: SamplingFields,
+        prompts: list[list[int]],
+    ) -> None:
+        self.state = state
+        self.id = response_id
+        self.chat = chat
+        self.body = body
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.completion_tokens = 0
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def _envelope(self, chunk: bool) -> dict:
+        kind = (
+            ("chat.completion.chunk" if chunk else "chat.completion")
+            if self.chat
+            else ("text_completion")
+        )
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.state.settings.model_name,
+        }
+
+    async def collect(self, choices: list[Choice]) -> dict:
+        texts = {c.index: "" for c in choices}
+        logprobs = {c.index: [] for c in choices}
+        reasons: dict[int, str] = {}
+        deltas = merge(self.state.dispatcher, self.state.tokenizer, choices)
+        try:
+            async for delta in deltas:
+                if delta.error is not None:
+                    raise OpenAIError(502, f"generation failed: {delta.error}")
+                texts[delta.index] += delta.text
+                logprobs[delta.index] += delta.logprobs
+                self.completion_tokens += len(delta.token_ids)
+                if delta.finish_reason:
+                    reasons[delta.index] = delta.finish_reason
+        except NoCapacityError as exc:
+            raise OpenAIError(503, str(exc)) from exc
+        except RequestRejected as exc:
+            raise OpenAIError(400, str(exc)) from exc
+        finally:
+            await deltas.aclose()
+        wants_logprobs = choices[0].params.logprobs is not None
+        out = []
+        for c in choices:
+            entry = {
+                "index": c.index,
+                "finish_reason": reasons.get(c.index, "abort"),
+                "logprobs": self._logprobs(logprobs[c.index]) if wants_logprobs else None,
+            }
+            if self.chat:
+                entry["message"] = {"role": "assistant", "content": texts[c.index]}
+            else:
+                entry["text"] = texts[c.index]
+            out.append(entry)
+        return {**self._envelope(False), "choices": out, "usage": self.usage()}
+
+    async def stream(self, choices: list[Choice]) -> AsyncIterator[str]:
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        wants_logprobs = choices[0].params.logprobs is not None
+        if self.chat:  # the first chunk of each choice names the role
+            for c in choices:
+                yield self._sse(
+                    self._chunk(
+                        {
+                            "index": c.index,
+                            "logprobs": None,
+                            "finish_reason": None,
+                            "delta": {"role": "assistant", "content": ""},
+                        },
+                        include_usage,
+                    )
+                )
+        deltas = merge(self.state.dispatcher, self.state.tokenizer, choices)
+        try:
+            async for delta in deltas:
+                self.completion_tokens += len(delta.token_ids)
+                if delta.error is not None:
+                    yield self._sse(error_body(502, f"generation failed: {delta.error}"))
+                    continue
+                if not delta.text and not delta.finish_reason:
+                    continue  # a partial character or a held-back stop prefix
+                lp = self._logprobs(delta.logprobs) if wants_logprobs else None
+                entry = {"index": delta.index, "logprobs": lp, "finish_reason": delta.finish_reason}
+                if self.chat:
+                    entry["delta"] = {"content": delta.text} if delta.text else {}
+                else:
+                    entry["text"] = delta.text
+                yield self._sse(self._chunk(entry, include_usage))
+        except (NoCapacityError, RequestRejected) as exc:
+            status = 503 if isinstance(exc, NoCapacityError) else 400
+            yield self._sse(error_body(status, str(exc)))
+        finally:
+            await deltas.aclose()
+        if include_usage:
+            yield self._sse({**self._envelope(True), "choices": [], "usage": self.usage()})
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, entry: dict, include_usage: bool) -> dict:
+        chunk = {**self._envelope(True), "choices": [entry]}
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    @staticmethod
+    def _sse(payload: dict) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def _logprobs(self, entries) -> dict:
+        decode = self.state.tokenizer.decode
+
+        def token(token_id: int) -> str:
+            return decode([token_id])
+
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": token(e.token_id),
+                        "logprob": e.logprob,
+                        "bytes": list(token(e.token_id).encode()),
+                        "top_logprobs": [
+                            {"token": token(t), "logprob": v, "bytes": list(token(t).encode())}
+                            for t, v in e.top
+                        ],
+                    }
+                    for e in entries
+                ]
+            }
+        offsets, position = [], 0
+        for e in entries:
+            offsets.append(position)
+            position += len(token(e.token_id))
+        return {
+            "tokens": [token(e.token_id) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token(t): v for t, v in e.top} for e in entries],
+            "text_offset": offsets,
+        }

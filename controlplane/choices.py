@@ -1,0 +1,88 @@
+"""Runs the choices of one OpenAI request through the dispatcher, as text deltas."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from common.protocol import TokenLogprobs
+from common.sampling_params import SamplingParams
+from controlplane.dispatcher import Dispatcher
+from controlplane.text_stream import TextStream
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Choice:
+    """One generation: a prompt, its sampling, and where its deltas go."""
+
+    index: int
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    stops: list[str]
+
+
+async def run_choice(
+    dispatcher: Dispatcher, tokenizer: PreTrainedTokenizerBase, choice: Choice
+) -> AsyncIterator[Delta]:
+    """Deltas of one choice, the last with a finish_reason (stop, length, abort or error).
+    Leaving early (a stop string, a disconnect) aborts the request on its nodes."""
+    text = TextStream(tokenizer, choice.stops)
+    events = dispatcher.generate(choice.request_id, choice.prompt, choice.params)
+    async with aclosing(events):
+        async for event in events:
+            if event.finish_reason == "error":
+                yield Delta(choice.index, text.flush(), finish_reason="error", error=event.error)
+                return
+            delta = Delta(
+                choice.index, text.add(event.token_ids), event.token_ids, event.logprobs or []
+            )
+            if text.stopped:
+                delta.finish_reason = "stop"
+                yield delta
+                return
+            if event.finish_reason is not None:
+                delta.text += text.flush()
+                delta.finish_reason = event.finish_reason
+            yield delta
+
+
+async def merge(
+    dispatcher: Dispatcher, tokenizer: PreTrainedTokenizerBase, choices: list[Choice]
+) -> AsyncIterator[Delta]:
+    """Deltas of all choices as they come; cancelling the consumer cancels every choice."""
+    queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for delta in run_choice(dispatcher, tokenizer, choice):
+                await queue.put(delta)
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    remaining = len(choices)
+    try:
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,62 @@
+"""Routing over the registry: which decode and which prefill node take a request.
+
+The registry is read from Redis at most every ``refresh_s`` and shared by all
+requests of this process. Decode nodes are ranked by free KV slots, prefill
+nodes by queued prompt tokens, both net of the work this process has sent them
+since their last heartbeat counted it. Draining and dead nodes get nothing new.
+"""
+
+import asyncio
+import time
+from collections import Counter
+
+from controlplane.schemas import NodePublic, NodeRole
+from controlplane.store import Store
+
+
+class Fleet:
+    def __init__(self, store: Store, model_fingerprint: str, refresh_s: float = 0.25) -> None:
+        self.store = store
+        self.model_fingerprint = model_fingerprint
+        self.refresh_s = refresh_s
+        self._nodes: dict[str, NodePublic] = {}
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+        self.inflight_tokens: Counter[str] = Counter()
+
+    async def nodes(self) -> list[NodePublic]:
+        async with self._lock:
+            if time.monotonic() - self._fetched_at > self.refresh_s:
+                self._nodes = {n.node_id: n for n in await self.store.nodes()}
+                self._fetched_at = time.monotonic()
+        return list(self._nodes.values())
+
+    def cached_nodes(self) -> list[NodePublic]:
+        return list(self._nodes.values())
+
+    async def is_alive(self, node_id: str) -> bool:
+        await self.nodes()
+        return node_id in self._nodes
+
+    async def max_model_len(self) -> int | None:
+        """The context every ready node can serve, or None when no node is ready."""
+        ready = [n for n in await self.nodes() if n.status == "ready"]
+        return min((n.max_model_len for n in ready), default=None)
+
+    async def pick(self, role: NodeRole, exclude: set[str]) -> NodePublic | None:
+        candidates = [
+            n
+            for n in await self.nodes()
+            if n.role == role and n.status == "ready" and n.node_id not in exclude
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=self._score_decode if role == "decode" else self._score_prefill)
+
+    def _score_decode(self, node: NodePublic) -> float:
+        free = node.stats.num_free_slots if node.stats else node.num_slots
+        return free - self.inflight_tokens[node.node_id]
+
+    def _score_prefill(self, node: NodePublic) -> float:
+        queued = node.stats.num_queued_tokens if node.stats else 0
+        return -(queued + self.inflight_tokens[node.node_id])

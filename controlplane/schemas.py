@@ -1,0 +1,41 @@
+"""Bodies of the node and admin APIs."""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+NodeRole = Literal["prefill", "decode"]
+NodeStatus = Literal["ready", "draining", "dead"]
+
+
+class NodeRegistration(BaseModel):
+    node_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    role: NodeRole
+    control_endpoint: str = Field(pattern=r"^tcp://[^\s]+:\d+$")
+    kv_endpoint: str | None = Field(default=None, pattern=r"^tcp://[^\s]+:\d+$")
+    model_fingerprint: str = Field(max_length=64)
+    model_name: str = Field(max_length=256)
+    device: str = Field(max_length=64)
+    num_slots: int = Field(ge=1)
+    max_model_len: int = Field(ge=2)
+
+
+class NodeStats(BaseModel):
+    num_free_slots: int = Field(ge=0)
+    num_reserved_slots: int = Field(ge=0)
+    num_running: int = Field(ge=0)
+    num_queued: int = Field(ge=0)
+    num_queued_tokens: int = Field(ge=0)
+    tokens_per_s: float = Field(ge=0)
+
+
+class NodePublic(NodeRegistration):
+    status: NodeStatus
+    stats: NodeStats | None = None
+    registered_at: float
+    last_heartbeat: float
+
+
+class HeartbeatReply(BaseModel):
+    status: NodeStatus
+    heartbeat_s: float

@@ -1,0 +1,42 @@
+"""Control plane settings, read once from LIGHTPD_* environment variables."""
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIGHTPD_", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The fleet's model: its tokenizer and chat template are used here, and nodes
+    # serving any other model are refused.
+    model: Path
+    served_model_name: str | None = None
+    # Comma-separated API keys; empty means the OpenAI API is open.
+    api_keys: str = ""
+    admin_token: str = Field(min_length=1)
+    cluster_token: str = Field(min_length=1)
+    node_ttl_s: float = 6.0  # a node without a heartbeat for this long is gone
+    reserve_timeout_s: float = 60.0
+    token_timeout_s: float = 120.0  # longest silence of a running request
+    max_attempts: int = 3  # tries of a request whose node fails before its first token
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, value: Path) -> Path:
+        if not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a model directory (no config.json)")
+        return value
+
+    @cached_property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.name
+
+    @cached_property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
