@@ -19,7 +19,7 @@ $(MODEL)/config.json: | $(STAMP)
 	$(BIN)/lightctl model tiny --arch llama --out $(MODEL)
 
 run: $(STAMP) $(MODEL)/config.json
-	$(BIN)/lightctl generate --model $(MODEL) "Tell me about disaggregated serving."
+	$(BIN)/lightctl up --model $(MODEL)
 
 # Triton kernels run in the interpreter on CPU-only machines.
 test: $(STAMP)

@@ -129,6 +129,7 @@ def run_node(start: Callable[[], None]) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     try:
         start()
     except (ValueError, FileNotFoundError) as exc:

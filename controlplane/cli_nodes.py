@@ -1,0 +1,132 @@
+"""lightctl node add|list|drain|remove and lightctl status."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+
+from controlplane.cli_common import (
+    admin_request,
+    control_plane_url,
+    ensure_default_model,
+    fail,
+    token,
+)
+
+node_app = typer.Typer(help="Manage the fleet's nodes.", no_args_is_help=True)
+Url = Annotated[str | None, typer.Option("--control-plane", help="Control plane URL.")]
+AdminTokenOpt = Annotated[str | None, typer.Option("--admin-token", help="Admin token.")]
+
+
+@node_app.command("add")
+def node_add(
+    role: Annotated[str, typer.Option(help="prefill or decode.")],
+    model: Annotated[Path | None, typer.Option(help="Model directory (the fleet's).")] = None,
+    device: Annotated[str, typer.Option(help="cuda:N, cpu or auto.")] = "auto",
+    control_plane: Url = None,
+    cluster_token: Annotated[str | None, typer.Option(help="Cluster token.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind and advertise.")] = "127.0.0.1",
+    num_kv_slots: Annotated[int | None, typer.Option(help="KV pool size in tokens.")] = None,
+) -> None:
+    """Start a node here that joins the fleet and takes work (runs until Ctrl-C)."""
+    if role not in ("prefill", "decode"):
+        raise fail(f"--role must be prefill or decode, not {role!r}")
+    if model is None:
+        model = ensure_default_model()
+    if not (model / "config.json").is_file():
+        raise fail(f"model directory {model} not found (no config.json there)")
+    _check_device(device)
+    url = control_plane_url(control_plane)
+    cluster = token(cluster_token, "cluster_token")
+    if not cluster:
+        raise fail("no cluster token: pass --cluster-token or set LIGHTPD_CLUSTER_TOKEN")
+    try:
+        httpx.get(f"{url}/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach the control plane at {url}: {exc}") from exc
+    args = [
+        sys.executable,
+        "-m",
+        f"{role}_node",
+        "--model",
+        str(model),
+        "--device",
+        device,
+        "--host",
+        host,
+        "--control-plane",
+        url,
+    ]
+    if num_kv_slots:
+        args += ["--num-kv-slots", str(num_kv_slots)]
+    os.environ["LIGHTPD_CLUSTER_TOKEN"] = cluster
+    os.execv(sys.executable, args)  # the node takes this process over
+
+
+def _check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise fail(f"device {device} absent: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+@node_app.command("list")
+def node_list(control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None:
+    """The fleet's nodes with their load."""
+    url = control_plane_url(control_plane)
+    nodes = admin_request("GET", url, "/admin/nodes", token(admin_token, "admin_token"))
+    _print_nodes(nodes)
+
+
+@node_app.command("drain")
+def node_drain(node_id: str, control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None:
+    """Send a node no new requests; its running ones finish."""
+    url = control_plane_url(control_plane)
+    admin_request("POST", url, f"/admin/nodes/{node_id}/drain", token(admin_token, "admin_token"))
+    typer.echo(f"{node_id}: draining")
+
+
+@node_app.command("remove")
+def node_remove(node_id: str, control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None:
+    """Take a node out of the fleet; it stops at its next heartbeat."""
+    url = control_plane_url(control_plane)
+    admin_request("DELETE", url, f"/admin/nodes/{node_id}", token(admin_token, "admin_token"))
+    typer.echo(f"{node_id}: removed")
+
+
+def status(control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None:
+    """Nodes and cluster figures."""
+    url = control_plane_url(control_plane)
+    admin = token(admin_token, "admin_token")
+    stats = admin_request("GET", url, "/admin/stats", admin)
+    _print_nodes(admin_request("GET", url, "/admin/nodes", admin))
+    typer.echo(f"\nmodel {stats['model']}, running requests: {stats['running_requests']}")
+    for role, figures in sorted(stats["roles"].items()):
+        typer.echo(
+            f"{role}: {figures['ready']}/{figures['nodes']} ready, "
+            f"{figures['free_slots']}/{figures['slots']} slots free, "
+            f"{figures['running']} running, {figures['queued']} queued, "
+            f"{figures['tokens_per_s']:.1f} tok/s"
+        )
+
+
+def _print_nodes(nodes: list[dict]) -> None:
+    header = (
+        f"{'NODE':<28} {'ROLE':<8} {'STATUS':<9} {'DEVICE':<8} {'FREE/SLOTS':>13} "
+        f"{'RUN':>4} {'QUEUE':>5} {'TOK/S':>8}"
+    )
+    typer.echo(header)
+    for n in nodes:
+        s = n.get("stats") or {}
+        typer.echo(
+            f"{n['node_id']:<28} {n['role']:<8} {n['status']:<9} {n['device']:<8} "
+            f"{str(s.get('num_free_slots', '-')) + '/' + str(n['num_slots']):>13} "
+            f"{s.get('num_running', '-'):>4} {s.get('num_queued', '-'):>5} "
+            f"{s.get('tokens_per_s', 0.0):>8.1f}"
+        )
