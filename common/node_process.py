@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -31,12 +32,18 @@ class NodeProcess:
 
 
 def start_node(
-    role: str, model: str, *args: str, device: str = "cpu", timeout: float = 120.0
+    role: str,
+    model: str,
+    *args: str,
+    device: str = "cpu",
+    timeout: float = 120.0,
+    log: Path | None = None,
 ) -> NodeProcess:
     """Run ``python -m {role}_node`` and return once it prints its ready line."""
     command = [sys.executable, "-m", f"{role}_node", "--model", model, "--device", device, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    stderr = open(log, "ab") if log is not None else None  # noqa: SIM115 (the child keeps it)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout

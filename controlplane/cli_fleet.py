@@ -14,7 +14,7 @@ import httpx
 import typer
 
 from common.node_process import NodeProcess, start_node
-from controlplane.cli_common import ensure_default_model, fail, fleet_file
+from controlplane.cli_common import ensure_default_model, fail, fleet_file, home
 from controlplane.embedded_redis import EmbeddedRedis
 
 
@@ -88,11 +88,11 @@ def up(
             "LIGHTPD_PORT": str(port),
         }
         started = _step(f"starting the control plane on {url}")
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "controlplane"], env=env, stderr=subprocess.DEVNULL
-            )
-        )
+        logs = home() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "controlplane.log", "ab") as log:
+            command = [sys.executable, "-m", "controlplane"]
+            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
         _wait_healthy(url, processes[-1])
         _done(started)
         os.environ.update(LIGHTPD_CLUSTER_TOKEN=cluster_token)
@@ -102,7 +102,15 @@ def up(
             started = _step(f"starting a {role} node on {device}")
             nodes.append(
                 start_node(
-                    role, str(model), "--host", host, "--control-plane", url, *extra, device=device
+                    role,
+                    str(model),
+                    "--host",
+                    host,
+                    "--control-plane",
+                    url,
+                    *extra,
+                    device=device,
+                    log=logs / f"{role}.log",
                 )
             )
             _done(started)
@@ -170,5 +178,5 @@ def _announce(url: str, model_name: str, admin_token: str, example: bool) -> Non
             typer.echo(f"Example answer ({answer['usage']['completion_tokens']} tokens): {text!r}")
         else:
             typer.echo(f"Example request failed: {answer}")
-    typer.echo("Press Ctrl-C to stop.", nl=True)
+    typer.echo(f"Logs in {home() / 'logs'}. Press Ctrl-C to stop.")
     sys.stdout.flush()
