@@ -36,7 +36,10 @@ class TextStream:
         return self._emit(len(self.text))
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back."""
+        """At the end of generation: whatever was held back, an incomplete last
+        character included (decoded as the tokenizer would, with U+FFFD)."""
+        if not self.stopped:
+            self.text += self._decode_new(final=True)
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
@@ -44,11 +47,11 @@ class TextStream:
         self._emitted = max(self._emitted, upto)
         return delta
 
-    def _decode_new(self) -> str:
+    def _decode_new(self, final: bool = False) -> str:
         decode = self.tokenizer.decode
         before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         after = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""  # an incomplete character: wait for the rest of its bytes
         self._prefix_offset = self._read_offset
         self._read_offset = len(self.ids)

@@ -252,15 +252,19 @@ class _Emitter:
                     )
                 )
         deltas = merge(self.state.dispatcher, self.state.tokenizer, choices)
+        held_logprobs: dict[int, list] = {}  # of tokens whose text is not out yet
         try:
             async for delta in deltas:
                 self.completion_tokens += len(delta.token_ids)
                 if delta.error is not None:
                     yield self._sse(error_body(502, f"generation failed: {delta.error}"))
                     continue
+                held = held_logprobs.setdefault(delta.index, [])
+                held += delta.logprobs
                 if not delta.text and not delta.finish_reason:
-                    continue  # a partial character or a held-back stop prefix
-                lp = self._logprobs(delta.logprobs) if wants_logprobs else None
+                    continue  # a partial character or a held-back stop prefix: wait
+                lp = self._logprobs(held) if wants_logprobs else None
+                held_logprobs[delta.index] = []
                 entry = {"index": delta.index, "logprobs": lp, "finish_reason": delta.finish_reason}
                 if self.chat:
                     entry["delta"] = {"content": delta.text} if delta.text else {}

@@ -1,0 +1,96 @@
+"""A real fleet on 127.0.0.1: embedded Redis, the control plane process, node processes."""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from common.node_process import NodeProcess, start_node
+from controlplane.embedded_redis import EmbeddedRedis, free_port
+
+ADMIN_TOKEN = "test-admin"
+CLUSTER_TOKEN = "test-cluster"
+API_KEY = "sk-test"
+
+
+@dataclass
+class LocalFleet:
+    model: str
+    node_ttl_s: float = 3.0
+    node_args: tuple[str, ...] = ("--num-kv-slots", "8192")
+    redis: EmbeddedRedis | None = None
+    control_plane: subprocess.Popen | None = None
+    nodes: list[NodeProcess] = field(default_factory=list)
+    url: str = ""
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "LIGHTPD_REDIS_URL": self.redis.url,
+            "LIGHTPD_MODEL": self.model,
+            "LIGHTPD_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LIGHTPD_CLUSTER_TOKEN": CLUSTER_TOKEN,
+            "LIGHTPD_API_KEYS": API_KEY,
+            "LIGHTPD_NODE_TTL_S": str(self.node_ttl_s),
+            "LIGHTPD_CONTROL_PLANE": self.url,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start(self, prefill: int = 1, decode: int = 1) -> "LocalFleet":
+        self.redis = EmbeddedRedis().start()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.control_plane = subprocess.Popen(
+            [sys.executable, "-m", "controlplane"], env={**self.env, "LIGHTPD_PORT": str(port)}
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "control plane did not start"
+            time.sleep(0.2)
+        for role, count in (("prefill", prefill), ("decode", decode)):
+            for _ in range(count):
+                self.add_node(role)
+        return self
+
+    def add_node(self, role: str) -> NodeProcess:
+        os.environ["LIGHTPD_CLUSTER_TOKEN"] = CLUSTER_TOKEN
+        node = start_node(role, self.model, "--control-plane", self.url, *self.node_args)
+        self.nodes.append(node)
+        self.wait_for(lambda nodes: node.node_id in {n["node_id"] for n in nodes})
+        return node
+
+    def admin(self, method: str, path: str) -> httpx.Response:
+        return httpx.request(
+            method,
+            f"{self.url}{path}",
+            timeout=10,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+
+    def wait_for(self, condition, timeout: float = 30.0) -> list[dict]:
+        """Poll /admin/nodes until ``condition(nodes)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.admin("GET", "/admin/nodes").json()
+            if condition(nodes):
+                return nodes
+            assert time.monotonic() < deadline, f"condition not met; nodes: {nodes}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.control_plane is not None:
+            self.control_plane.terminate()
+            self.control_plane.wait(timeout=15)
+        if self.redis is not None:
+            self.redis.stop()

@@ -1,0 +1,212 @@
+"""The official openai client against a real fleet; outputs equal the in-process engine's."""
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from common.engine import EngineConfig, LLMEngine
+from common.sampling_params import SamplingParams
+from common.tokenizer import encode_chat, load_tokenizer
+from tests.e2e.fleet import API_KEY, LocalFleet
+
+MODEL_NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    from common.tiny import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path_factory.mktemp("m") / MODEL_NAME, "qwen2")
+    running = LocalFleet(str(model)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(fleet):
+    return openai.OpenAI(base_url=f"{fleet.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(fleet):
+    return LLMEngine(EngineConfig(model=fleet.model, device="cpu", num_kv_slots=4096))
+
+
+def engine_text(fleet, engine, prompt_ids, params) -> tuple[str, list[int]]:
+    tokens = engine.generate([prompt_ids], params)[0]
+    tokenizer = load_tokenizer(fleet.model)
+    return tokenizer.decode(tokens, skip_special_tokens=True), tokens
+
+
+MESSAGES = [{"role": "user", "content": "Tell me about the quick brown fox."}]
+
+
+def test_chat_and_completion_equal_the_in_process_engine(fleet, client, engine):
+    tokenizer = load_tokenizer(fleet.model)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=20, temperature=0
+    )
+    want, tokens = engine_text(
+        fleet,
+        engine,
+        encode_chat(tokenizer, MESSAGES),
+        SamplingParams(temperature=0, max_new_tokens=20),
+    )
+    assert chat.choices[0].message.content == want
+    assert chat.usage.completion_tokens == len(tokens)
+    assert chat.usage.prompt_tokens == len(encode_chat(tokenizer, MESSAGES))
+
+    completion = client.completions.create(
+        model=MODEL_NAME, prompt="Hello world", max_tokens=12, temperature=0.8, seed=7
+    )
+    want, tokens = engine_text(
+        fleet,
+        engine,
+        tokenizer.encode("Hello world"),
+        SamplingParams(temperature=0.8, seed=7, max_new_tokens=12),
+    )
+    assert completion.choices[0].text == want
+    assert completion.usage.completion_tokens == len(tokens)
+
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_n_seeds_logprobs_and_stop_strings(fleet, client):
+    kwargs = dict(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=1.0,
+        seed=42,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert len(first.choices) == 2
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    for choice in first.choices:
+        entries = choice.logprobs.content
+        assert entries and all(len(e.top_logprobs) == 3 for e in entries)
+        assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.logprob for e in entries)
+
+    completion = client.completions.create(
+        model=MODEL_NAME, prompt="The quick", max_tokens=8, temperature=0, logprobs=2, stream=True
+    )
+    chunks = list(completion)
+    tops = [top for c in chunks for top in (c.choices[0].logprobs.top_logprobs or [])]
+    assert len(tops) == 8
+    # Keyed by token text, as OpenAI does: two ids that decode alike share one key.
+    assert all(1 <= len(top) <= 2 for top in tops)
+
+    full = (
+        client.completions.create(
+            model=MODEL_NAME, prompt="The quick", max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .text
+    )
+    stop = full[5:8]
+    assert len(stop) == 3
+    cut = client.completions.create(
+        model=MODEL_NAME,
+        prompt="The quick",
+        max_tokens=24,
+        temperature=0,
+        stop=[stop, "never-there"],
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+    streamed = client.completions.create(
+        model=MODEL_NAME, prompt="The quick", max_tokens=24, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+def test_64_concurrent_streaming_chats_all_finish(fleet):
+    async def one(client, i: int) -> tuple[int, int]:
+        stream = await client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": f"Request number {i}"}],
+            max_tokens=4 + i % 13,
+            temperature=0.7,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        return usage.completion_tokens, 4 + i % 13
+
+    async def main():
+        client = openai.AsyncOpenAI(
+            base_url=f"{fleet.url}/v1", api_key=API_KEY, max_retries=0, timeout=120
+        )
+        return await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(64))), 240)
+
+    results = asyncio.run(main())
+    assert all(got == want for got, want in results)
+
+
+BAD_INPUTS = [
+    ("malformed JSON", {"content": b"{not json"}, 400, None),
+    ("negative max_tokens", {"json": {"messages": MESSAGES, "max_tokens": -1}}, 400, "max_tokens"),
+    ("huge max_tokens", {"json": {"messages": MESSAGES, "max_tokens": 10**7}}, 400, "max_tokens"),
+    ("n=0", {"json": {"messages": MESSAGES, "n": 0}}, 400, "n"),
+    ("unknown model", {"json": {"messages": MESSAGES, "model": "gpt-9"}}, 404, "model"),
+    (
+        "too-long prompt",
+        {"json": {"messages": [{"role": "user", "content": "fox " * 3000}]}},
+        400,
+        "messages",
+    ),
+    ("wrong key", {"json": {"messages": MESSAGES}, "key": "sk-wrong"}, 401, None),
+    ("wrong content type", {"content": b"messages=hi", "type": "text/plain"}, 415, None),
+    ("top_p out of range", {"json": {"messages": MESSAGES, "top_p": 3}}, 400, "top_p"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "status", "param"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_inputs_get_openai_errors_and_the_fleet_keeps_serving(
+    fleet, client, case, request_, status, param
+):
+    headers = {
+        "Authorization": f"Bearer {request_.get('key', API_KEY)}",
+        "Content-Type": request_.get("type", "application/json"),
+    }
+    body = request_.get("json")
+    if body is not None:
+        body = {"model": MODEL_NAME, **body}
+    reply = httpx.post(
+        f"{fleet.url}/v1/chat/completions",
+        headers=headers,
+        timeout=30,
+        json=body,
+        content=request_.get("content"),
+    )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param or param in error["message"]
+    ok = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3)
+    assert ok.usage.completion_tokens >= 1
