@@ -22,10 +22,12 @@ from controlplane.store import Store
 
 
 class RequireJson(BaseHTTPMiddleware):
-    """POST bodies are JSON; anything else is refused before parsing (415)."""
+    """Request bodies are JSON; anything else is refused before parsing (415)."""
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.method in ("POST", "PUT"):
+        has_body = request.headers.get("content-length", "0") != "0" or (
+            "transfer-encoding" in request.headers)
+        if request.method in ("POST", "PUT") and has_body:
             content_type = request.headers.get("content-type", "")
             if content_type.split(";")[0].strip().lower() != "application/json":
                 return error_response(
