@@ -1,0 +1,56 @@
+"""lightctl as a user runs it."""
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+from controlplane.embedded_redis import free_port
+
+LIGHTCTL = os.path.join(os.path.dirname(sys.executable), "lightctl")
+
+
+def test_model_tiny_then_generate_prints_text(tmp_path):
+    out = tmp_path / "m"
+    made = subprocess.run([LIGHTCTL, "model", "tiny", "--arch", "qwen3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and (out / "config.json").is_file()
+    run = subprocess.run([LIGHTCTL, "generate", "--model", str(out), "--device", "cpu",
+                          "--max-tokens", "8", "Hello"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "output (" in run.stdout
+    bad = subprocess.run([LIGHTCTL, "model", "tiny", "--arch", "gpt2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "choose one of llama, mistral, qwen2, qwen3" in bad.stderr
+
+
+def test_up_brings_the_fleet_up_answers_and_stops_on_ctrl_c(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTPD_")}
+    env.update(LIGHTPD_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    port = free_port()
+    process = subprocess.Popen([LIGHTCTL, "up", "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    output = ""
+    deadline = time.monotonic() + 180
+    try:
+        while "Press Ctrl-C" not in output:
+            assert time.monotonic() < deadline, output
+            assert process.poll() is None, output
+            if selector.select(timeout=1):
+                output += process.stdout.readline()
+        assert f"OpenAI endpoint: http://127.0.0.1:{port}/v1" in output
+        assert "curl http://127.0.0.1" in output
+        assert re.search(r"Example answer \(\d+ tokens\)", output), output
+        assert (tmp_path / "home" / "fleet.json").is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, rest
+    assert "stopped." in rest
+    assert not (tmp_path / "home" / "fleet.json").exists()
