@@ -2,10 +2,10 @@
 
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from controlplane.embedded_redis import free_port
@@ -34,23 +34,25 @@ def test_up_brings_the_fleet_up_answers_and_stops_on_ctrl_c(tmp_path):
     port = free_port()
     process = subprocess.Popen([LIGHTCTL, "up", "--port", str(port)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    output = ""
+    lines: list[str] = []
+    # A thread reads: select() on a buffered text pipe can miss lines already buffered.
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 180
     try:
-        while "Press Ctrl-C" not in output:
+        while "Press Ctrl-C" not in (output := "".join(lines)):
             assert time.monotonic() < deadline, output
             assert process.poll() is None, output
-            if selector.select(timeout=1):
-                output += process.stdout.readline()
+            time.sleep(0.2)
         assert f"OpenAI endpoint: http://127.0.0.1:{port}/v1" in output
         assert "curl http://127.0.0.1" in output
         assert re.search(r"Example answer \(\d+ tokens\)", output), output
         assert (tmp_path / "home" / "fleet.json").is_file()
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
+        reader.join(timeout=10)
+    rest = "".join(lines)
     assert process.returncode == 0, rest
     assert "stopped." in rest
     assert not (tmp_path / "home" / "fleet.json").exists()
