@@ -15,16 +15,37 @@ LIGHTCTL = os.path.join(os.path.dirname(sys.executable), "lightctl")
 
 def test_model_tiny_then_generate_prints_text(tmp_path):
     out = tmp_path / "m"
-    made = subprocess.run([LIGHTCTL, "model", "tiny", "--arch", "qwen3", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    made = subprocess.run(
+        [LIGHTCTL, "model", "tiny", "--arch", "qwen3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert made.returncode == 0 and (out / "config.json").is_file()
-    run = subprocess.run([LIGHTCTL, "generate", "--model", str(out), "--device", "cpu",
-                          "--max-tokens", "8", "Hello"], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [
+            LIGHTCTL,
+            "generate",
+            "--model",
+            str(out),
+            "--device",
+            "cpu",
+            "--max-tokens",
+            "8",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "output (" in run.stdout
-    bad = subprocess.run([LIGHTCTL, "model", "tiny", "--arch", "gpt2", "--out", str(out)],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [LIGHTCTL, "model", "tiny", "--arch", "gpt2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode != 0 and "choose one of llama, mistral, qwen2, qwen3" in bad.stderr
 
 
@@ -32,8 +53,13 @@ def test_up_brings_the_fleet_up_answers_and_stops_on_ctrl_c(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTPD_")}
     env.update(LIGHTPD_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     port = free_port()
-    process = subprocess.Popen([LIGHTCTL, "up", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [LIGHTCTL, "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     # A thread reads: select() on a buffered text pipe can miss lines already buffered.
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)

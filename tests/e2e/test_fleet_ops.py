@@ -19,22 +19,31 @@ def model(tmp_path):
 
 
 def chat(fleet: LocalFleet, max_tokens: int, stream: bool = False, timeout: float = 120):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     if not stream:
-        return httpx.post(f"{fleet.url}/v1/chat/completions", json=body, headers=headers,
-                          timeout=timeout)
-    with httpx.stream("POST", f"{fleet.url}/v1/chat/completions", json=body, headers=headers,
-                      timeout=timeout) as reply:
+        return httpx.post(
+            f"{fleet.url}/v1/chat/completions", json=body, headers=headers, timeout=timeout
+        )
+    with httpx.stream(
+        "POST", f"{fleet.url}/v1/chat/completions", json=body, headers=headers, timeout=timeout
+    ) as reply:
         return [line for line in reply.iter_lines() if line.startswith("data: ")]
 
 
 def lightctl(fleet: LocalFleet, *args: str, **popen) -> subprocess.Popen:
     env = {**fleet.env, "LIGHTPD_ADMIN_TOKEN": ADMIN_TOKEN}
     command = [os.path.join(os.path.dirname(sys.executable), "lightctl"), *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
 
 
 def run_lightctl(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess:
@@ -77,20 +86,38 @@ def test_node_add_and_drain_while_traffic_runs(model):
         old_decode = next(n for n in fleet.nodes if n.role == "decode")
         traffic = Traffic(fleet)
         traffic.start()
-        new_node = lightctl(fleet, "node", "add", "--role", "decode", "--model", model,
-                            "--device", "cpu", "--control-plane", fleet.url,
-                            "--cluster-token", CLUSTER_TOKEN, "--num-kv-slots", "4096")
+        new_node = lightctl(
+            fleet,
+            "node",
+            "add",
+            "--role",
+            "decode",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--control-plane",
+            fleet.url,
+            "--cluster-token",
+            CLUSTER_TOKEN,
+            "--num-kv-slots",
+            "4096",
+        )
         nodes = fleet.wait_for(lambda ns: sum(n["role"] == "decode" for n in ns) == 2, 60)
-        new_id = next(n["node_id"] for n in nodes if n["node_id"] != old_decode.node_id
-                      and n["role"] == "decode")
+        new_id = next(
+            n["node_id"]
+            for n in nodes
+            if n["node_id"] != old_decode.node_id and n["role"] == "decode"
+        )
         started = time.time()
         deadline = time.monotonic() + 60
         while new_id not in decode_nodes_of_requests(fleet, started - 5):
             assert time.monotonic() < deadline, "the new node got no request"
             time.sleep(0.3)
 
-        drained = run_lightctl(fleet, "node", "drain", old_decode.node_id,
-                               "--control-plane", fleet.url)
+        drained = run_lightctl(
+            fleet, "node", "drain", old_decode.node_id, "--control-plane", fleet.url
+        )
         assert drained.returncode == 0, drained.stderr
         drained_at = time.time()
         listing = run_lightctl(fleet, "node", "list", "--control-plane", fleet.url).stdout
@@ -129,8 +156,11 @@ def test_killing_a_decode_node_retries_or_fails_cleanly(model):
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "a request hung"
         assert len(results) == 12
-        finished = [r for r in results if r[-1] == "data: [DONE]" and '"finish_reason": "length"'
-                    in "".join(r)]
+        finished = [
+            r
+            for r in results
+            if r[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(r)
+        ]
         failed = [r for r in results if any('"error"' in line for line in r)]
         assert len(finished) + len(failed) == 12
         assert all("the request was interrupted" in "".join(r) for r in failed)
@@ -144,27 +174,71 @@ def test_killing_a_decode_node_retries_or_fails_cleanly(model):
 def test_refused_nodes_say_why(model, tmp_path):
     fleet = LocalFleet(model).start(prefill=0, decode=0)
     try:
-        wrong_token = run_lightctl(fleet, "node", "add", "--role", "decode", "--model", model,
-                                   "--device", "cpu", "--control-plane", fleet.url,
-                                   "--cluster-token", "nope")
+        wrong_token = run_lightctl(
+            fleet,
+            "node",
+            "add",
+            "--role",
+            "decode",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--control-plane",
+            fleet.url,
+            "--cluster-token",
+            "nope",
+        )
         assert wrong_token.returncode == 2
         assert "the control plane refused this node: a valid bearer token is required" in (
-            wrong_token.stderr)
+            wrong_token.stderr
+        )
         other = str(write_tiny_checkpoint(tmp_path / "other", "qwen3"))
-        wrong_model = run_lightctl(fleet, "node", "add", "--role", "prefill", "--model", other,
-                                   "--device", "cpu", "--control-plane", fleet.url,
-                                   "--cluster-token", CLUSTER_TOKEN)
+        wrong_model = run_lightctl(
+            fleet,
+            "node",
+            "add",
+            "--role",
+            "prefill",
+            "--model",
+            other,
+            "--device",
+            "cpu",
+            "--control-plane",
+            fleet.url,
+            "--cluster-token",
+            CLUSTER_TOKEN,
+        )
         assert wrong_model.returncode == 2
         assert "model mismatch" in wrong_model.stderr
-        unreachable = run_lightctl(fleet, "node", "list", "--control-plane",
-                                   "http://127.0.0.1:9")
+        unreachable = run_lightctl(fleet, "node", "list", "--control-plane", "http://127.0.0.1:9")
         assert unreachable.returncode == 2
         assert "cannot reach the control plane at http://127.0.0.1:9" in unreachable.stderr
-        missing = run_lightctl(fleet, "node", "add", "--role", "decode", "--model",
-                               str(tmp_path / "nowhere"), "--cluster-token", CLUSTER_TOKEN)
+        missing = run_lightctl(
+            fleet,
+            "node",
+            "add",
+            "--role",
+            "decode",
+            "--model",
+            str(tmp_path / "nowhere"),
+            "--cluster-token",
+            CLUSTER_TOKEN,
+        )
         assert "model directory" in missing.stderr and missing.returncode == 2
-        no_gpu = run_lightctl(fleet, "node", "add", "--role", "decode", "--model", model,
-                              "--device", "cuda:3", "--cluster-token", CLUSTER_TOKEN)
+        no_gpu = run_lightctl(
+            fleet,
+            "node",
+            "add",
+            "--role",
+            "decode",
+            "--model",
+            model,
+            "--device",
+            "cuda:3",
+            "--cluster-token",
+            CLUSTER_TOKEN,
+        )
         assert "device cuda:3 absent" in no_gpu.stderr
         # With no nodes, the API answers 503 in OpenAI's format.
         reply = chat(fleet, 4)

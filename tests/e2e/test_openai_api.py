@@ -1,6 +1,9 @@
 """The official openai client against a real fleet; outputs equal the in-process engine's."""
 
 import asyncio
+import subprocess
+import sys
+import time
 
 import httpx
 import openai
@@ -9,6 +12,7 @@ import pytest
 from common.engine import EngineConfig, LLMEngine
 from common.sampling_params import SamplingParams
 from common.tokenizer import encode_chat, load_tokenizer
+from controlplane.embedded_redis import free_port
 from tests.e2e.fleet import API_KEY, LocalFleet
 
 MODEL_NAME = "tiny"
@@ -210,3 +214,78 @@ def test_bad_inputs_get_openai_errors_and_the_fleet_keeps_serving(
         assert error["param"] == param or param in error["message"]
     ok = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_client_disconnect_aborts_the_request_on_its_nodes(fleet):
+    body = {
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream(
+        "POST", f"{fleet.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as reply:
+        for i, _ in enumerate(reply.iter_lines()):
+            if i > 6:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 20
+    while True:
+        latest = fleet.admin("GET", "/admin/requests?limit=1").json()[0]
+        nodes = fleet.admin("GET", "/admin/nodes").json()
+        idle = all(n["stats"]["num_free_slots"] == n["num_slots"] for n in nodes if n["stats"])
+        if latest["state"] == "aborted" and idle:
+            break
+        assert time.monotonic() < deadline, (latest, nodes)
+        time.sleep(0.2)
+    assert int(latest["output_tokens"]) < 400
+
+
+def test_admin_api_metrics_and_a_second_control_plane(fleet, client):
+    client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=4)
+    assert httpx.get(f"{fleet.url}/admin/nodes", timeout=10).status_code == 401
+    stats = fleet.admin("GET", "/admin/stats").json()
+    assert stats["roles"]["decode"]["ready"] == 1 and stats["roles"]["prefill"]["ready"] == 1
+    recent = fleet.admin("GET", "/admin/requests?limit=5").json()
+    assert recent[0]["state"] in ("finished", "decoding", "prefilling")
+    assert {"prefill_node", "decode_node", "t_queued"} <= recent[-1].keys()
+    metrics = httpx.get(f"{fleet.url}/metrics", timeout=10).text
+    for name in (
+        "lightpd_requests_total",
+        "lightpd_time_to_first_token_seconds_bucket",
+        "lightpd_time_per_output_token_seconds_bucket",
+        "lightpd_prompt_tokens_total",
+        "lightpd_generation_tokens_total",
+        "lightpd_node_free_slots{",
+    ):
+        assert name in metrics, name
+
+    # Another control plane on the same Redis serves the same fleet.
+    port = free_port()
+    second = subprocess.Popen(
+        [sys.executable, "-m", "controlplane"], env={**fleet.env, "LIGHTPD_PORT": str(port)}
+    )
+    try:
+        other = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=5
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reply = other.chat.completions.create(
+                    model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0
+                )
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        same = client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0
+        )
+        assert reply.choices[0].message.content == same.choices[0].message.content
+    finally:
+        second.terminate()
+        second.wait(timeout=15)
