@@ -132,9 +132,16 @@ class ModelRunner:
         input_ids = self.table.token_ids[token_rows, positions]
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # (T, H)
-        last = cu_seqlens[1:] - 1
-        keep = torch.tensor(want_logits, device=device)
-        return self.model.compute_logits(hidden[last[keep]])
+        # Rows of the last token of each request that wants logits, built on the host:
+        # indexing with a boolean mask on the device would cost a sync.
+        last_rows, end = [], 0
+        for start, stop, wanted in zip(starts, ends, want_logits, strict=True):
+            end += stop - start
+            if wanted:
+                last_rows.append(end - 1)
+        return self.model.compute_logits(
+            hidden[torch.tensor(last_rows, dtype=torch.long, device=device)]
+        )
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -131,6 +131,17 @@ def test_node_add_and_drain_while_traffic_runs(model):
         # After the drain (and the routing cache's refresh) nothing new went to the old node.
         late = decode_nodes_of_requests(fleet, drained_at + 1)
         assert late and old_decode.node_id not in late
+
+        status = run_lightctl(fleet, "status", "--control-plane", fleet.url)
+        assert status.returncode == 0, status.stderr
+        assert old_decode.node_id in status.stdout and new_id in status.stdout
+        assert "decode: 1/2 ready" in status.stdout
+        removed = run_lightctl(fleet, "node", "remove", old_decode.node_id,
+                               "--control-plane", fleet.url)
+        assert removed.returncode == 0, removed.stderr
+        assert old_decode.process.wait(timeout=15) == 0  # told at its heartbeat, it stops
+        listing = run_lightctl(fleet, "node", "list", "--control-plane", fleet.url).stdout
+        assert old_decode.node_id not in listing and new_id in listing
     finally:
         if new_node is not None:
             new_node.terminate()
