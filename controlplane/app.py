@@ -26,7 +26,8 @@ class RequireJson(BaseHTTPMiddleware):
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         has_body = request.headers.get("content-length", "0") != "0" or (
-            "transfer-encoding" in request.headers)
+            "transfer-encoding" in request.headers
+        )
         if request.method in ("POST", "PUT") and has_body:
             content_type = request.headers.get("content-type", "")
             if content_type.split(";")[0].strip().lower() != "application/json":

@@ -43,8 +43,8 @@ def _bearer(request: Request) -> str | None:
 
 async def require_api_key(request: Request, state: State) -> None:
     keys = state.settings.api_key_set
-    if not keys:
-        return
+    if not keys and not await state.store.has_api_keys():
+        return  # no key configured anywhere: the API is open
     token = _bearer(request)
     if token is not None and (
         any(secrets.compare_digest(token, k) for k in keys)

@@ -156,3 +156,12 @@ class Store:
 
     async def api_key_known(self, key: str) -> bool:
         return bool(await self.redis.sismember(_API_KEYS, key))
+
+    async def has_api_keys(self) -> bool:
+        return bool(await self.redis.scard(_API_KEYS))
+
+    async def add_api_key(self, key: str) -> None:
+        await self.redis.sadd(_API_KEYS, key)
+
+    async def remove_api_key(self, key: str) -> bool:
+        return bool(await self.redis.srem(_API_KEYS, key))

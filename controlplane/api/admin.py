@@ -1,5 +1,7 @@
 """The admin API: nodes, requests and cluster figures, behind the admin token."""
 
+import secrets
+
 from fastapi import APIRouter, Query
 
 from controlplane.api.errors import OpenAIError
@@ -26,6 +28,21 @@ async def remove_node(node_id: str, state: State) -> dict:
     if not await state.store.remove(node_id):
         raise OpenAIError(404, f"no node {node_id}", code="node_not_found")
     return {"node_id": node_id, "status": "removed"}
+
+
+@router.post("/api-keys", status_code=201)
+async def create_api_key(state: State) -> dict:
+    """A new key for the OpenAI API, kept in Redis (so every control plane knows it)."""
+    key = f"sk-{secrets.token_urlsafe(24)}"
+    await state.store.add_api_key(key)
+    return {"api_key": key}
+
+
+@router.delete("/api-keys/{key}")
+async def delete_api_key(key: str, state: State) -> dict:
+    if not await state.store.remove_api_key(key):
+        raise OpenAIError(404, "no such API key", code="api_key_not_found")
+    return {"deleted": True}
 
 
 @router.get("/requests")

@@ -136,8 +136,9 @@ def test_node_add_and_drain_while_traffic_runs(model):
         assert status.returncode == 0, status.stderr
         assert old_decode.node_id in status.stdout and new_id in status.stdout
         assert "decode: 1/2 ready" in status.stdout
-        removed = run_lightctl(fleet, "node", "remove", old_decode.node_id,
-                               "--control-plane", fleet.url)
+        removed = run_lightctl(
+            fleet, "node", "remove", old_decode.node_id, "--control-plane", fleet.url
+        )
         assert removed.returncode == 0, removed.stderr
         assert old_decode.process.wait(timeout=15) == 0  # told at its heartbeat, it stops
         listing = run_lightctl(fleet, "node", "list", "--control-plane", fleet.url).stdout

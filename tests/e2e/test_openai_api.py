@@ -252,6 +252,12 @@ def test_admin_api_metrics_and_a_second_control_plane(fleet, client):
     recent = fleet.admin("GET", "/admin/requests?limit=5").json()
     assert recent[0]["state"] in ("finished", "decoding", "prefilling")
     assert {"prefill_node", "decode_node", "t_queued"} <= recent[-1].keys()
+    key = fleet.admin("POST", "/admin/api-keys").json()["api_key"]
+    keyed = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key=key, max_retries=0)
+    assert keyed.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2)
+    assert fleet.admin("DELETE", f"/admin/api-keys/{key}").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        keyed.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2)
     metrics = httpx.get(f"{fleet.url}/metrics", timeout=10).text
     for name in (
         "lightpd_requests_total",
