@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Engine tests run on the CPU (references) unless told otherwise, e.g. on a GPU
+# machine: LIGHTPD_TEST_DEVICE=cuda runs them through the Triton kernels.
+DEVICE = os.environ.get("LIGHTPD_TEST_DEVICE", "cpu")
+
 
 import pytest
 

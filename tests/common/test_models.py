@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.engine import EngineConfig, LLMEngine
+from tests.conftest import DEVICE
 
 ARCHES = [
     ("llama", {}),  # Llama 3.1 layout: llama3 rope scaling, untied head
@@ -24,11 +25,11 @@ def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
 @pytest.mark.parametrize(("arch", "options"), ARCHES, ids=lambda v: str(v) if v else "")
 def test_last_position_logits_match_transformers(tiny_model, arch, options):
     model_dir = tiny_model(arch, **options)
-    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", num_kv_slots=1024))
+    engine = LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=1024))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     prompts = random_prompts(PROMPT_LENGTHS, engine.model_config.vocab_size)
 
-    ours = engine.runner.prompt_logits(prompts)  # one packed batch of ragged prompts
+    ours = engine.runner.prompt_logits(prompts).cpu()  # one packed batch of ragged prompts
 
     with torch.no_grad():
         theirs = torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in prompts])
@@ -40,12 +41,12 @@ def test_last_position_logits_match_transformers(tiny_model, arch, options):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_checkpoints_load_in_their_dtype(tiny_model, dtype):
     model_dir = tiny_model("qwen3", dtype=dtype)
-    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", num_kv_slots=256))
+    engine = LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=256))
     assert {p.dtype for p in engine.runner.model.parameters()} == {getattr(torch, dtype)}
     assert engine.pool.kv_buffer.dtype == getattr(torch, dtype)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     prompts = random_prompts((7, 23), engine.model_config.vocab_size)
-    ours = engine.runner.prompt_logits(prompts).float()
+    ours = engine.runner.prompt_logits(prompts).float().cpu()
     with torch.no_grad():
         theirs = torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in prompts]).float()
     # Half precision: same shape of distribution, not the same bits.
