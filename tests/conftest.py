@@ -3,6 +3,7 @@ is set here, before any kernel module is imported, whenever no GPU is present.""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -12,8 +13,6 @@ if not torch.cuda.is_available():
 # machine: LIGHTPD_TEST_DEVICE=cuda runs them through the Triton kernels.
 DEVICE = os.environ.get("LIGHTPD_TEST_DEVICE", "cpu")
 
-
-import pytest
 
 
 @pytest.fixture(scope="session")
