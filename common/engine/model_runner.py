@@ -28,6 +28,7 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible")
         if (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} absent: {torch.cuda.device_count()} GPU(s) visible")
+        device = torch.device("cuda", device.index or 0)  # memory queries need an index
     return device
 
 
