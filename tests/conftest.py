@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
 DEVICE = os.environ.get("LIGHTPD_TEST_DEVICE", "cpu")
 
 
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Build (once per session) a tiny random checkpoint: tiny_model("qwen3", dtype=...)."""
