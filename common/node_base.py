@@ -5,6 +5,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 
 import zmq
 
@@ -84,13 +85,14 @@ class Publisher:
             sock.close()
 
 
+def wire_logprobs(logprob: TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(logprob.token_id, logprob.logprob, [tuple(t) for t in logprob.top])
+
+
 def token_event(output: RequestOutput) -> TokenEvent:
     logprobs = None
     if output.new_logprobs is not None:
-        logprobs = [
-            TokenLogprobs(lp.token_id, lp.logprob, [tuple(t) for t in lp.top])
-            for lp in output.new_logprobs
-        ]
+        logprobs = [wire_logprobs(lp) for lp in output.new_logprobs]
     return TokenEvent(
         request_id=output.request_id,
         token_ids=output.new_token_ids,
@@ -127,6 +129,17 @@ def receive(sock: zmq.Socket) -> tuple[bytes, Message, list[zmq.Frame]] | None:
         reply(sock, identity, Error(message=str(exc)))
         return None
     return identity, message, frames[2:]
+
+
+def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]], None]) -> None:
+    """Handle the messages waiting on a ROUTER socket; bounded, so a flood of
+    messages cannot starve the running batch."""
+    for _ in range(256):
+        if not sock.poll(0, zmq.POLLIN):
+            return
+        received = receive(sock)
+        if received is not None:
+            handler(*received)
 
 
 def reply(sock: zmq.Socket, identity: bytes, message: Message) -> None:

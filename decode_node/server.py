@@ -19,9 +19,9 @@ from common.node_base import (
     Publisher,
     RateMeter,
     bind,
+    drain,
     engine_logprobs,
     error_event,
-    receive,
     reply,
     token_event,
 )
@@ -95,9 +95,9 @@ class DecodeServer:
                 busy = self.engine.scheduler.has_runnable
                 ready = dict(poller.poll(0 if busy else 20))
                 if self.kv in ready:
-                    self._drain(self.kv, self._on_kv)
+                    drain(self.kv, self._on_kv)
                 if self.control in ready:
-                    self._drain(self.control, self._on_control)
+                    drain(self.control, self._on_control)
                 self._answer_admitted(self.engine.admit_reservations())
                 self._expire_reservations()
                 if self.engine.scheduler.has_runnable:
@@ -107,15 +107,6 @@ class DecodeServer:
         finally:
             self.publisher.close()
             self.ctx.destroy(linger=0)
-
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        # Bounded, so a flood of messages cannot starve the running batch.
-        for _ in range(256):
-            if not sock.poll(0, zmq.POLLIN):
-                return
-            received = receive(sock)
-            if received is not None:
-                handler(*received)
 
     # ---- control socket ----
 

@@ -20,7 +20,7 @@ from common.engine.request_builder import RequestBuilder
 from common.engine.scheduler import unpack_logprobs
 from common.kv_transfer import kv_layout
 from common.model_config import ModelConfig
-from common.node_base import Publisher, RateMeter, bind, error_event, receive, reply
+from common.node_base import Publisher, RateMeter, bind, drain, error_event, reply, wire_logprobs
 from common.protocol import (
     Abort,
     Accepted,
@@ -33,7 +33,6 @@ from common.protocol import (
     Prefill,
     PrefillDone,
     ProtocolError,
-    TokenLogprobs,
     decode,
     encode,
 )
@@ -97,7 +96,7 @@ class PrefillServer:
                 ready = dict(self.poller.poll(0 if busy else 20))
                 for sock in ready:
                     if sock is self.control:
-                        self._drain_control()
+                        drain(self.control, self._on_control)
                     else:
                         self._drain_target(sock)
                 if self.scheduler.has_runnable:
@@ -111,28 +110,19 @@ class PrefillServer:
 
     # ---- control socket ----
 
-    def _drain_control(self) -> None:
-        for _ in range(256):
-            if not self.control.poll(0, zmq.POLLIN):
-                return
-            received = receive(self.control)
-            if received is None:
-                continue
-            identity, message, _ = received
-            if isinstance(message, Prefill):
-                self._on_prefill(identity, message)
-            elif isinstance(message, Abort):
-                self._release(message.request_id)
-            elif isinstance(message, HealthCheck):
-                reply(self.control, identity, self._health(message.call_id))
-            else:
-                reply(
-                    self.control,
-                    identity,
-                    Error(
-                        message=f"unexpected {type(message).__name__} on the prefill control socket"
-                    ),
-                )
+    def _on_control(self, identity: bytes, message, frames) -> None:
+        if isinstance(message, Prefill):
+            self._on_prefill(identity, message)
+        elif isinstance(message, Abort):
+            self._release(message.request_id)
+        elif isinstance(message, HealthCheck):
+            reply(self.control, identity, self._health(message.call_id))
+        else:
+            reply(
+                self.control,
+                identity,
+                Error(message=f"unexpected {type(message).__name__} on the prefill control socket"),
+            )
 
     def _on_prefill(self, identity: bytes, message: Prefill) -> None:
         def refuse(reason: str) -> None:
@@ -247,11 +237,7 @@ class PrefillServer:
     def _send_done(self, request: Request, row: list[float]) -> None:
         handoff = self.handoffs[request.request_id]
         [first] = unpack_logprobs(row, request.params.logprobs) or [None]
-        logprobs = (
-            None
-            if first is None
-            else TokenLogprobs(first.token_id, first.logprob, [tuple(t) for t in first.top])
-        )
+        logprobs = None if first is None else wire_logprobs(first)
         done = PrefillDone(
             request_id=request.request_id,
             layout=self.layout,
