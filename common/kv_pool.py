@@ -28,10 +28,13 @@ class TokenKVPool:
             raise ValueError(f"a KV pool needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         self.device = torch.device(device)
-        # (L, 2, S, Hk, D): one layer's K or V is one contiguous block, so a layer
+        # One slot past the free ones is never handed out: the padding entries of a
+        # batch padded to a captured CUDA graph's size write their K/V there.
+        self.padding_slot = num_slots
+        # (L, 2, S + 1, Hk, D): one layer's K or V is one contiguous block, so a layer
         # can be sent over the wire as it is.
         self.kv_buffer = torch.zeros(
-            (num_layers, 2, num_slots, num_kv_heads, head_dim), dtype=dtype, device=self.device
+            (num_layers, 2, num_slots + 1, num_kv_heads, head_dim), dtype=dtype, device=self.device
         )
         self._free_slots = torch.arange(num_slots, dtype=torch.int32, device=self.device)
         self.num_free_slots = num_slots

@@ -22,6 +22,9 @@ Slots = Annotated[int | None, typer.Option(help="KV pool size in tokens.")]
 MaxReqs = Annotated[int, typer.Option(help="Requests held at once.")]
 PrefillTokens = Annotated[int, typer.Option(help="Prefill token budget per step.")]
 ModelLen = Annotated[int | None, typer.Option(help="Context length cap.")]
+GpuMemory = Annotated[
+    float, typer.Option(help="Share of the GPU this node may fill (weights, graphs, KV pool).")
+]
 NodeId = Annotated[str | None, typer.Option(help="Node id; default role-host-pid.")]
 ControlPlane = Annotated[
     str | None,
@@ -41,6 +44,7 @@ def engine_config(
     max_num_reqs: int,
     max_prefill_tokens: int,
     max_model_len: int | None,
+    gpu_memory_fraction: float = 0.9,
 ) -> EngineConfig:
     if not (Path(model) / "config.json").is_file():
         raise ValueError(f"model directory {model} not found (no config.json there)")
@@ -52,6 +56,7 @@ def engine_config(
         max_num_reqs=max_num_reqs,
         max_prefill_tokens=max_prefill_tokens,
         max_model_len=max_model_len,
+        gpu_memory_fraction=gpu_memory_fraction,
     )
 
 

@@ -12,11 +12,14 @@ class RequestTable:
     def __init__(self, max_num_reqs: int, max_context_len: int, device: torch.device | str) -> None:
         self.max_num_reqs = max_num_reqs
         self.max_context_len = max_context_len
+        # One row past the free ones is never handed out: the padding request of a
+        # batch padded to a captured CUDA graph's size.
+        self.padding_row = max_num_reqs
         self.req_to_token = torch.zeros(
-            (max_num_reqs, max_context_len), dtype=torch.int32, device=device
+            (max_num_reqs + 1, max_context_len), dtype=torch.int32, device=device
         )
         self.token_ids = torch.zeros(
-            (max_num_reqs, max_context_len), dtype=torch.int32, device=device
+            (max_num_reqs + 1, max_context_len), dtype=torch.int32, device=device
         )
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
 

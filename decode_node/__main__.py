@@ -8,6 +8,7 @@ from common.node_main import (
     ControlPlane,
     Device,
     Dtype,
+    GpuMemory,
     Host,
     MaxReqs,
     Model,
@@ -36,6 +37,7 @@ def main(
     max_num_reqs: MaxReqs = 256,
     max_prefill_tokens: PrefillTokens = 8192,
     max_model_len: ModelLen = None,
+    gpu_memory_fraction: GpuMemory = 0.9,
     node_id: NodeId = None,
     control_plane: ControlPlane = None,
     cluster_token: ClusterToken = None,
@@ -46,7 +48,14 @@ def main(
     def start() -> None:
         config = DecodeNodeConfig(
             engine=engine_config(
-                model, device, dtype, num_kv_slots, max_num_reqs, max_prefill_tokens, max_model_len
+                model,
+                device,
+                dtype,
+                num_kv_slots,
+                max_num_reqs,
+                max_prefill_tokens,
+                max_model_len,
+                gpu_memory_fraction,
             ),
             node_id=node_id or default_node_id("decode"),
             host=host,

@@ -1,16 +1,42 @@
 """Decode token attention: one query token per request over its slots in the pool."""
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import use_triton
 
-# KV positions per tile, and the most splits one request's context is cut into.
-# A later tuning pass picks these per GPU.
-_BLOCK_N = 64
-_MAX_SPLITS = 16
 _LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How the split kernel is launched: tile size, warps, pipeline stages, and the
+    number of splits each request's context is cut into."""
+
+    num_splits: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Enough programs to fill every SM several times over (an H100 has 132).
+_TARGET_PROGRAMS = 1024
+_MAX_SPLITS = 32
+
+
+def decode_launch(num_reqs: int, num_kv_heads: int, max_seq_len: int) -> DecodeLaunch:
+    """Splits per request: more when the batch alone would leave SMs idle, never more
+    than the longest context has tiles. The grid depends on ``max_seq_len`` only
+    through this bound, so a CUDA graph captured with the longest allowed context
+    serves every shorter one (the extra splits return at once)."""
+    block_n = 64
+    programs = max(num_reqs * num_kv_heads, 1)
+    wanted = triton.cdiv(_TARGET_PROGRAMS, programs)
+    num_splits = max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max(max_seq_len, 1), block_n)))
+    return DecodeLaunch(num_splits=triton.next_power_of_2(num_splits), block_n=block_n)
 
 
 def decode_attention_reference(
@@ -45,16 +71,6 @@ def decode_attention_reference(
     return out.reshape(num_reqs, num_q_heads, head_dim).to(q.dtype)
 
 
-def decode_split_size(max_seq_len: int) -> int:
-    """KV positions per split: at most ``_MAX_SPLITS`` splits, each whole ``_BLOCK_N`` tiles.
-
-    Short contexts get one split; long ones get more so that a small batch still
-    spreads over every SM.
-    """
-    per_split = triton.cdiv(max(max_seq_len, 1), _MAX_SPLITS)
-    return triton.cdiv(per_split, _BLOCK_N) * _BLOCK_N
-
-
 @triton.jit
 def _decode_split_kernel(
     q_ptr,
@@ -70,7 +86,6 @@ def _decode_split_kernel(
     cache_slot_stride,
     cache_head_stride,
     req_to_token_stride,
-    split_size,
     num_splits,
     qk_scale,
     GROUP: tl.constexpr,
@@ -82,12 +97,14 @@ def _decode_split_kernel(
     """Stage 1: attention of one KV head's query group over one split of the context.
 
     Writes the split's normalized output and its log2-sum-exp2 per query head.
-    Splits past the request's length write nothing; stage 2 never reads them.
+    Each request cuts its own context into ``num_splits`` whole tiles; splits past
+    its length write nothing, and stage 2 never reads them.
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
+    split_size = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     split_start = split * split_size
     split_end = tl.minimum(split_start + split_size, seq_len)
     if split_start >= split_end:
@@ -151,16 +168,18 @@ def _decode_merge_kernel(
     partial_lse_ptr,
     seq_lens_ptr,
     out_ptr,
-    split_size,
-    num_splits,
     HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Stage 2: merge one query head's splits, weighting each by its share of the sum."""
     req = tl.program_id(0)
     head = tl.program_id(1)
-    num_valid = tl.cdiv(tl.load(seq_lens_ptr + req), split_size)
-    splits = tl.arange(0, BLOCK_S)
+    num_splits = NUM_SPLITS
+    seq_len = tl.load(seq_lens_ptr + req)
+    split_size = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    num_valid = tl.cdiv(seq_len, split_size)
+    splits = tl.arange(0, NUM_SPLITS)
     valid = splits < num_valid
     dims = tl.arange(0, HEAD_DIM)
     row = (req * tl.num_programs(1) + head).to(tl.int64)
@@ -184,7 +203,9 @@ def decode_attention_triton(
     seq_lens: torch.Tensor,
     sm_scale: float,
     max_seq_len: int,
+    launch: DecodeLaunch | None = None,
 ) -> torch.Tensor:
+    """``launch`` overrides the tuned launch (for benchmarks and tests)."""
     num_reqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     assert num_q_heads % num_kv_heads == 0
@@ -199,8 +220,9 @@ def decode_attention_triton(
     if num_reqs == 0:
         return out
     group = num_q_heads // num_kv_heads
-    split_size = decode_split_size(max_seq_len)
-    num_splits = triton.cdiv(max(max_seq_len, 1), split_size)
+    launch = launch or decode_launch(num_reqs, num_kv_heads, max_seq_len)
+    num_splits = launch.num_splits
+    assert triton.next_power_of_2(num_splits) == num_splits
     partial_out = torch.empty(
         (num_reqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
     )
@@ -221,28 +243,26 @@ def decode_attention_triton(
         k_cache.stride(0),
         k_cache.stride(1),
         req_to_token.stride(0),
-        split_size,
         num_splits,
         sm_scale * _LOG2E,
         GROUP=group,
         HEAD_DIM=head_dim,
         # tl.dot needs at least 16 rows; the padding rows cost nothing in memory traffic.
         BLOCK_G=max(triton.next_power_of_2(group), 16),
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=launch.block_n,
         # fp32 inputs get exact products (no TF32) so that they match the reference.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     _decode_merge_kernel[(num_reqs, num_q_heads)](
         partial_out,
         partial_lse,
         seq_lens,
         out,
-        split_size,
-        num_splits,
         HEAD_DIM=head_dim,
-        BLOCK_S=_MAX_SPLITS,
+        NUM_SPLITS=num_splits,
+        BLOCK_N=launch.block_n,
         num_warps=4,
     )
     return out

@@ -8,7 +8,7 @@ passes; either way the slots come back, and the client hears of any failure.
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
@@ -33,6 +33,7 @@ from common.protocol import (
     Prefill,
     PrefillDone,
     ProtocolError,
+    TokenEvent,
     decode,
     encode,
 )
@@ -64,7 +65,8 @@ class PrefillServer:
     def __init__(self, config: PrefillNodeConfig) -> None:
         self.config = config
         model_config = ModelConfig.from_dir(config.engine.model)
-        self.runner = ModelRunner(config.engine, model_config)
+        # A prefill node never decodes: no CUDA graphs to capture.
+        self.runner = ModelRunner(replace(config.engine, cuda_graph_max_batch=0), model_config)
         self.layout = kv_layout(config.engine.model, model_config, self.runner.dtype)
         self.requests = RequestBuilder(model_config, self.runner.max_model_len, config.engine.seed)
         self.scheduler = PrefillScheduler(
@@ -247,6 +249,12 @@ class PrefillServer:
         )
         self._target_socket(handoff.target.endpoint).send(encode(done))
         handoff.deadline = time.monotonic() + handoff.ack_timeout_s
+        # A token-less event tells the control plane the prompt is computed and its
+        # last KV is in flight (the request's "transferring" state on the dashboard).
+        self.publisher.add(
+            handoff.reply_to,
+            TokenEvent(request_id=request.request_id, num_prompt_tokens=request.num_prompt_tokens),
+        )
 
     def _health(self, call_id: int) -> Health:
         pool = self.runner.pool

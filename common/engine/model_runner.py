@@ -6,6 +6,8 @@ import torch
 
 from common.context import ForwardContext, forward_context
 from common.engine.config import EngineConfig
+from common.engine.cuda_graphs import DecodeGraphs
+from common.engine.memory_plan import MemoryPlan, measure_peak_bytes, sampler_bytes
 from common.engine.request import Request
 from common.engine.scheduler import ScheduledBatch
 from common.kv_pool import TokenKVPool
@@ -41,35 +43,89 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.model = load_model(config.model, model_config, self.dtype, self.device)
-        num_slots = self._num_kv_slots()
+        self.sampler = Sampler(model_config.vocab_size, self.device)
+        use_graphs = self.device.type == "cuda" and config.cuda_graph_max_batch > 0
+        self.graph_max_batch = min(config.cuda_graph_max_batch, config.max_num_reqs)
+        num_slots = self._num_kv_slots(use_graphs)
         self.max_model_len = self._max_model_len(num_slots)
-        self.pool = TokenKVPool(
-            num_slots,
-            model_config.num_layers,
-            model_config.num_kv_heads,
-            model_config.head_dim,
-            self.dtype,
-            self.device,
+        self.pool, self.table = self._make_pool_and_table(num_slots, self.max_model_len)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = self._capture_graphs(self.pool, self.table)
+
+    def _make_pool_and_table(
+        self, num_slots: int, max_model_len: int
+    ) -> tuple[TokenKVPool, RequestTable]:
+        mc = self.model_config
+        pool = TokenKVPool(
+            num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
         )
         # One spare column: the token sampled at the last position is written there.
-        self.table = RequestTable(config.max_num_reqs, self.max_model_len + 1, self.device)
-        self.sampler = Sampler(model_config.vocab_size, self.device)
+        table = RequestTable(self.config.max_num_reqs, max_model_len + 1, self.device)
+        return pool, table
 
-    def _num_kv_slots(self) -> int:
+    def _capture_graphs(self, pool: TokenKVPool, table: RequestTable) -> DecodeGraphs:
+        graphs = DecodeGraphs(
+            self.model,
+            pool,
+            table,
+            self.graph_max_batch,
+            table.max_context_len - 1,
+            self.model_config.vocab_size,
+            self.dtype,
+        )
+        graphs.capture()
+        return graphs
+
+    def _num_kv_slots(self, use_graphs: bool) -> int:
         if self.config.num_kv_slots is not None:
             return self.config.num_kv_slots
         if self.device.type != "cuda":
             return CPU_DEFAULT_KV_SLOTS
+        plan = self._plan_memory(use_graphs)
+        logger.info("memory plan: %s", plan.describe())
+        if plan.num_kv_slots < 2:
+            raise ValueError(f"no GPU memory left for the KV cache: {plan.describe()}")
+        return plan.num_kv_slots
+
+    def _plan_memory(self, use_graphs: bool) -> MemoryPlan:
+        """Measure a full prefill step and the largest decode graph on a scratch pool."""
         free, total = torch.cuda.mem_get_info(self.device)
-        # Leave (1 - fraction) of the card, plus room for one prefill's activations.
-        activations = 16 * self.config.max_prefill_tokens * self.model_config.hidden_size * 4
-        budget = free - (1 - self.config.gpu_memory_fraction) * total - activations
-        num_slots = int(budget // self.model_config.kv_bytes_per_token)
-        if num_slots < 2:
-            raise ValueError(
-                f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)"
+        num_tokens = min(self.config.max_prefill_tokens, self.model_config.max_position_embeddings)
+        self.pool, self.table = self._make_pool_and_table(num_tokens, num_tokens)
+
+        def prefill() -> None:
+            self.prompt_logits([[0] * num_tokens])
+
+        def capture() -> None:
+            graphs = DecodeGraphs(
+                self.model,
+                self.pool,
+                self.table,
+                self.graph_max_batch,
+                num_tokens,
+                self.model_config.vocab_size,
+                self.dtype,
             )
-        return num_slots
+            graphs.batch_sizes = [graphs.max_batch_size]
+            graphs.capture()
+            graphs.release()
+
+        try:
+            prefill_peak = measure_peak_bytes(self.device, prefill)
+            graph_bytes = measure_peak_bytes(self.device, capture) if use_graphs else 0
+        finally:
+            del self.pool, self.table
+            torch.cuda.empty_cache()
+        return MemoryPlan(
+            total_bytes=total,
+            free_bytes=free,
+            prefill_peak_bytes=prefill_peak,
+            graph_bytes=graph_bytes,
+            sampler_bytes=sampler_bytes(self.config.max_num_reqs, self.model_config.vocab_size),
+            kv_bytes_per_token=self.model_config.kv_bytes_per_token,
+            gpu_memory_fraction=self.config.gpu_memory_fraction,
+        )
 
     def _max_model_len(self, num_slots: int) -> int:
         limits = [self.model_config.max_position_embeddings, num_slots]
@@ -86,13 +142,20 @@ class ModelRunner:
         """Run ``batch`` and sample; returns one row per sampling request (one host sync)."""
         samples = batch.samples
         rows = [r.row for r in batch.requests]
-        logits = self.forward(batch.is_prefill, rows, batch.starts, batch.ends, samples)
-        sampling = [r for r, s in zip(batch.requests, samples, strict=True) if s]
-        if not sampling:
-            return []
+        graphs = self.graphs
+        if not batch.is_prefill and graphs is not None and len(rows) <= graphs.max_batch_size:
+            # Every decode request samples; the graph's inputs give the rows and ends.
+            logits = graphs.replay(rows, batch.ends)
+            sample_rows, sample_ends = graphs.input_rows(len(rows))
+            sampling = batch.requests
+        else:
+            logits = self.forward(batch.is_prefill, rows, batch.starts, batch.ends, samples)
+            sampling = [r for r, s in zip(batch.requests, samples, strict=True) if s]
+            if not sampling:
+                return []
+            sample_rows = torch.tensor([r.row for r in sampling], device=self.device)
+            sample_ends = torch.tensor([r.num_tokens for r in sampling], device=self.device)
         out = self.sampler(logits, self._sampling_batch(sampling))
-        sample_rows = torch.tensor([r.row for r in sampling], device=self.device)
-        sample_ends = torch.tensor([r.num_tokens for r in sampling], device=self.device)
         self.table.token_ids[sample_rows, sample_ends] = out.token_ids.int()
         return out.pack().tolist()
 

@@ -43,7 +43,14 @@ def test_double_free_is_caught():
 
 def test_layers_are_separate_contiguous_blocks():
     pool = make_pool(16)
-    assert pool.k_cache(1).shape == (16, 2, 8)
+    # 16 slots to hand out and the padding slot past them
+    assert pool.k_cache(1).shape == (17, 2, 8) and pool.padding_slot == 16
     assert pool.k_cache(1).is_contiguous() and pool.v_cache(0).is_contiguous()
     pool.k_cache(1).fill_(1.0)
     assert pool.k_cache(0).abs().sum() == 0 and pool.v_cache(1).abs().sum() == 0
+
+
+def test_the_padding_slot_is_never_handed_out():
+    pool = make_pool(8)
+    assert sorted(pool.allocate(8).tolist()) == list(range(8))
+    assert not pool.can_allocate(1)

@@ -3,9 +3,10 @@ import torch
 import triton
 
 from kernels.decode_attention import (
+    DecodeLaunch,
     decode_attention_reference,
     decode_attention_triton,
-    decode_split_size,
+    decode_launch,
 )
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv, make_pool
 
@@ -14,9 +15,10 @@ from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv, make_
 SEQ_LENS = [1, 5, 64, 333, 70]
 
 
-def test_long_context_uses_several_splits() -> None:
-    max_seq_len = max(SEQ_LENS)
-    assert triton.cdiv(max_seq_len, decode_split_size(max_seq_len)) > 2
+def test_small_batches_split_long_contexts() -> None:
+    assert decode_launch(1, 8, 8192).num_splits > 8
+    assert decode_launch(1, 8, 8192).num_splits <= triton.cdiv(8192, 64)
+    assert decode_launch(256, 8, 512).num_splits == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -33,8 +35,27 @@ def test_max_seq_len_above_the_longest_context() -> None:
     _check(torch.float32, 64, 4, 1, max(SEQ_LENS) + 100)
 
 
+@pytest.mark.parametrize(
+    "launch",
+    [
+        DecodeLaunch(num_splits=1),
+        DecodeLaunch(num_splits=4, block_n=32),
+        DecodeLaunch(num_splits=32, block_n=128, num_warps=8, num_stages=3),
+    ],
+    ids=str,
+)
+def test_every_launch_gives_the_same_attention(launch: DecodeLaunch) -> None:
+    # One split per request, splits smaller than a context, and more splits than tiles.
+    _check(torch.float32, 64, 8, 2, max(SEQ_LENS), launch)
+
+
 def _check(
-    dtype: torch.dtype, head_dim: int, num_q_heads: int, num_kv_heads: int, max_seq_len: int
+    dtype: torch.dtype,
+    head_dim: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    launch: DecodeLaunch | None = None,
 ) -> None:
     torch.manual_seed(0)
     pool = make_pool(SEQ_LENS, num_kv_heads, head_dim, dtype)
@@ -50,7 +71,7 @@ def _check(
         max_seq_len,
     )
 
-    actual = decode_attention_triton(*args)
+    actual = decode_attention_triton(*args, launch=launch)
 
     assert actual.shape == q.shape and actual.dtype == dtype
     assert_close(actual, decode_attention_reference(*args))
