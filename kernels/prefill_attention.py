@@ -6,6 +6,8 @@ prefix is already cached: each sequence attends causally to every KV position
 ``[0, seq_len)`` that its ``req_to_token`` row maps.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -13,10 +15,25 @@ import triton.language as tl
 
 from kernels import use_triton
 
-# Query rows and KV positions per tile. A later tuning pass picks these per GPU.
-_BLOCK_M = 64
-_BLOCK_N = 64
 _LOG2E = 1.4426950408889634  # the kernel uses exp2: exp(x) = exp2(x * log2(e))
+
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """Query rows and KV positions per tile, warps and pipeline stages."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def prefill_launch(dtype: torch.dtype, head_dim: int) -> PrefillLaunch:
+    """Tuned on an H100 for head dim 128 (bench/attention_bench.py --sweep); fp32 tiles
+    are twice the bytes, so they get half the rows."""
+    if dtype == torch.float32 or head_dim > 128:
+        return PrefillLaunch(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillLaunch()
 
 
 def prefill_attention_reference(
@@ -142,7 +159,9 @@ def _prefill_attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
+    # The last query tiles see the most KV: start them first so that the short
+    # tiles fill in behind them instead of leaving a tail.
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -234,7 +253,9 @@ def prefill_attention_triton(
     seq_lens: torch.Tensor,
     sm_scale: float,
     max_seqlen_q: int,
+    launch: PrefillLaunch | None = None,
 ) -> torch.Tensor:
+    """``launch`` overrides the tuned launch (for benchmarks and tests)."""
     _, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     num_seqs = req_indices.shape[0]
@@ -249,7 +270,8 @@ def prefill_attention_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0 or max_seqlen_q == 0:
         return out
-    grid = (triton.cdiv(max_seqlen_q, _BLOCK_M), num_seqs, num_q_heads)
+    launch = launch or prefill_launch(q.dtype, head_dim)
+    grid = (triton.cdiv(max_seqlen_q, launch.block_m), num_seqs, num_q_heads)
     _prefill_attention_kernel[grid](
         q,
         k_cache,
@@ -269,12 +291,12 @@ def prefill_attention_triton(
         sm_scale * _LOG2E,
         GROUP=num_q_heads // num_kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
+        BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
         # fp32 inputs get exact products (no TF32) so that they match the reference.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return out
 

@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from kernels.prefill_attention import prefill_attention_reference, prefill_attention_triton
+from kernels.prefill_attention import (
+    PrefillLaunch,
+    prefill_attention_reference,
+    prefill_attention_triton,
+)
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv, make_pool
 
 # (new tokens, cached prefix) per sequence: a one-token chunk after a prefix, a short
@@ -24,12 +28,23 @@ def test_fresh_prompts_match_reference() -> None:
     _check(FRESH_PROMPTS, torch.float32, 64, 4, 2)
 
 
+@pytest.mark.parametrize(
+    "launch",
+    [PrefillLaunch(block_m=16, block_n=16, num_warps=2, num_stages=1), PrefillLaunch()],
+    ids=str,
+)
+def test_every_tile_shape_gives_the_same_attention(launch: PrefillLaunch) -> None:
+    # Query tiles smaller than a KV tile and the other way round, across the prefix.
+    _check(MIXED_BATCH, torch.float16, 64, 4, 2, launch)
+
+
 def _check(
     seqs: list[tuple[int, int]],
     dtype: torch.dtype,
     head_dim: int,
     num_q_heads: int,
     num_kv_heads: int,
+    launch: PrefillLaunch | None = None,
 ) -> None:
     torch.manual_seed(0)
     num_new = [n for n, _ in seqs]
@@ -49,7 +64,7 @@ def _check(
         max(num_new),
     )
 
-    actual = prefill_attention_triton(*args)
+    actual = prefill_attention_triton(*args, launch=launch)
 
     assert actual.shape == q.shape and actual.dtype == dtype
     assert_close(actual, prefill_attention_reference(*args))
