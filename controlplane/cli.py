@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from controlplane.cli_bench import bench
 from controlplane.cli_fleet import up
 from controlplane.cli_nodes import node_app, status
 
@@ -14,6 +15,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(node_app, name="node")
 app.command()(up)
 app.command()(status)
+app.command()(bench)
 
 
 @model_app.command("tiny")
