@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL ?= .cache/models/tiny-llama
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ $(MODEL)/config.json: | $(STAMP)
 run: $(STAMP) $(MODEL)/config.json
 	$(BIN)/lightctl up --model $(MODEL)
 
+# The dashboard's browser tests drive Debian's Chromium (through Playwright).
+CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+chromium:
+	@command -v chromium >/dev/null || $(SUDO) sh -c '$(CHROMIUM_INSTALL)'
+
 # Triton kernels run in the interpreter on CPU-only machines.
-test: $(STAMP)
+test: $(STAMP) chromium
 	TRITON_INTERPRET=1 $(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -1,5 +1,6 @@
 """The control plane's FastAPI app."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -7,11 +8,13 @@ import redis.asyncio as redis
 from fastapi import FastAPI, Request
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 
 from common.kv_transfer import model_fingerprint
 from common.node_client import NodeClient
 from common.tokenizer import load_tokenizer
-from controlplane.api import admin, nodes, openai, system
+from controlplane.api import admin, dashboard, nodes, openai, system
+from controlplane.api.dashboard import STATIC_DIR
 from controlplane.api.errors import error_response, install_error_handlers
 from controlplane.deps import AppState
 from controlplane.dispatcher import Dispatcher
@@ -19,6 +22,7 @@ from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
 from controlplane.settings import Settings
 from controlplane.store import Store
+from controlplane.timeseries import Timeseries
 
 
 class RequireJson(BaseHTTPMiddleware):
@@ -45,23 +49,31 @@ def create_app(settings: Settings) -> FastAPI:
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint)
         metrics = Metrics(fleet.cached_nodes)
+        timeseries = Timeseries(client, fleet.nodes)
         async with NodeClient(settings.host) as node_client:
             app.state.lightpd = AppState(
                 settings=settings,
                 store=store,
                 fleet=fleet,
                 client=node_client,
-                dispatcher=Dispatcher(settings, fleet, node_client, store, metrics),
+                dispatcher=Dispatcher(settings, fleet, node_client, store, metrics, timeseries),
                 metrics=metrics,
+                timeseries=timeseries,
                 tokenizer=load_tokenizer(settings.model),
                 model_fingerprint=fingerprint,
             )
-            yield
+            flusher = asyncio.create_task(timeseries.run())
+            try:
+                yield
+            finally:
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
         await client.aclose()
 
     app = FastAPI(title="lightpd", lifespan=lifespan)
     app.add_middleware(RequireJson)
     install_error_handlers(app)
-    for module in (openai, admin, nodes, system):
+    for module in (openai, admin, nodes, system, dashboard):
         app.include_router(module.router)
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
     return app

@@ -8,12 +8,14 @@ from fastapi import Depends, Request
 from transformers import PreTrainedTokenizerBase
 
 from common.node_client import NodeClient
+from controlplane import session
 from controlplane.api.errors import OpenAIError
 from controlplane.dispatcher import Dispatcher
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
 from controlplane.settings import Settings
 from controlplane.store import Store
+from controlplane.timeseries import Timeseries
 
 
 @dataclass
@@ -24,6 +26,7 @@ class AppState:
     client: NodeClient
     dispatcher: Dispatcher
     metrics: Metrics
+    timeseries: Timeseries
     tokenizer: PreTrainedTokenizerBase
     model_fingerprint: str
 
@@ -54,17 +57,30 @@ async def require_api_key(request: Request, state: State) -> None:
     raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-def _require_token(expected_of) -> object:
-    async def check(request: Request, state: State) -> None:
-        token = _bearer(request)
-        if token is None or not secrets.compare_digest(token, expected_of(state.settings)):
-            raise OpenAIError(401, "a valid bearer token is required", code="invalid_token")
-
-    return check
+def _invalid_token() -> OpenAIError:
+    return OpenAIError(401, "a valid bearer token is required", code="invalid_token")
 
 
-require_admin = _require_token(lambda s: s.admin_token)
-require_cluster = _require_token(lambda s: s.cluster_token)
+async def require_cluster(request: Request, state: State) -> None:
+    token = _bearer(request)
+    if token is None or not secrets.compare_digest(token, state.settings.cluster_token):
+        raise _invalid_token()
+
+
+async def require_admin(request: Request, state: State) -> None:
+    """The admin token as a bearer token, or the dashboard's session cookie."""
+    admin_token = state.settings.admin_token
+    token = _bearer(request)
+    if token is not None and secrets.compare_digest(token, admin_token):
+        return
+    if token is None and session.is_valid(request.cookies.get(session.COOKIE), admin_token):
+        if request.method in ("GET", "HEAD") or request.headers.get(session.CSRF_HEADER):
+            return
+        raise OpenAIError(
+            403, f"a change by the dashboard must carry {session.CSRF_HEADER}", code="csrf"
+        )
+    raise _invalid_token()
+
 
 ApiKey = Depends(require_api_key)
 AdminToken = Depends(require_admin)

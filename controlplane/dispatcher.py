@@ -2,9 +2,15 @@
 
 A request whose nodes fail before its first token is tried again on other nodes
 (up to ``max_attempts``); one that fails after it ends with an error event. A
-node counts as failed when the registry loses it (no heartbeat for the TTL) or
-a call to it times out. The caller closing the stream aborts the request on
-both nodes.
+node counts as failed when the registry loses it or marks it dead (no heartbeat
+for the TTL) or a call to it times out. The caller closing the stream aborts the
+request on both nodes.
+
+Each request's timeline goes to Redis at its transitions: queued (waiting for a
+decode node's reservation), prefilling (the prefill node has the prompt),
+transferring (the prompt is computed; the last KV and the first token are on
+their way to the decode node), decoding (first token out), then finished,
+failed or aborted, with its nodes, token counts and latencies.
 """
 
 import asyncio
@@ -20,6 +26,7 @@ from controlplane.metrics import Metrics
 from controlplane.schemas import NodePublic
 from controlplane.settings import Settings
 from controlplane.store import Store
+from controlplane.timeseries import Timeseries
 
 logger = logging.getLogger(__name__)
 LIVENESS_CHECK_S = 1.0
@@ -41,13 +48,20 @@ class NodeDown(RuntimeError):
 
 class Dispatcher:
     def __init__(
-        self, settings: Settings, fleet: Fleet, client: NodeClient, store: Store, metrics: Metrics
+        self,
+        settings: Settings,
+        fleet: Fleet,
+        client: NodeClient,
+        store: Store,
+        metrics: Metrics,
+        timeseries: Timeseries,
     ) -> None:
         self.settings = settings
         self.fleet = fleet
         self.client = client
         self.store = store
         self.metrics = metrics
+        self.timeseries = timeseries
 
     async def generate(
         self, request_id: str, prompt: list[int], params: SamplingParams
@@ -59,19 +73,25 @@ class Dispatcher:
         state = "failed"
         error: str | None = None
         tried: set[str] = set()
-        await self.store.record_request(request_id, "queued", prompt_tokens=len(prompt))
+        self.timeseries.count("started")
+        await self.store.record_request(
+            request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
+        )
         try:
             for attempt in range(self.settings.max_attempts):
                 decode, prefill = await self._pick(tried)
-                attempt_id = f"{request_id}.{attempt}"
                 try:
                     async for event in self._attempt(
-                        attempt_id, prompt, params, prefill, decode, request_id
+                        request_id, attempt, prompt, params, prefill, decode
                     ):
                         if event.token_ids and first_token_at is None:
                             first_token_at = time.monotonic()
                             self.metrics.ttft.observe(first_token_at - started)
+                            await self.store.record_request(
+                                request_id, "decoding", ttft_s=first_token_at - started
+                            )
                         num_tokens += len(event.token_ids)
+                        self.timeseries.count("tokens", len(event.token_ids))
                         if event.finish_reason is not None:
                             state, error = _terminal_state(event)
                         yield event
@@ -97,12 +117,16 @@ class Dispatcher:
             raise
         finally:
             elapsed = time.monotonic() - started
-            self.metrics.finish(
-                state, elapsed, first_token_at and first_token_at - started, len(prompt), num_tokens
+            ttft = None if first_token_at is None else first_token_at - started
+            tpot = (
+                (elapsed - ttft) / (num_tokens - 1) if ttft is not None and num_tokens > 1 else None
             )
+            self.metrics.finish(state, elapsed, ttft, len(prompt), num_tokens)
+            self.timeseries.request_ended(state, ttft, tpot)
+            latencies = {"e2e_s": elapsed, **({"tpot_s": tpot} if tpot is not None else {})}
             await asyncio.shield(
                 self.store.record_request(
-                    request_id, state, output_tokens=num_tokens, error=error or ""
+                    request_id, state, output_tokens=num_tokens, error=error or "", **latencies
                 )
             )
 
@@ -118,13 +142,15 @@ class Dispatcher:
 
     async def _attempt(
         self,
-        attempt_id: str,
+        request_id: str,
+        attempt: int,
         prompt: list[int],
         params: SamplingParams,
         prefill: NodePublic,
         decode: NodePublic,
-        request_id: str,
     ) -> AsyncIterator[TokenEvent]:
+        # A new id per attempt, so late events of a failed attempt cannot mix in.
+        attempt_id = f"{request_id}.{attempt}"
         tokens = len(prompt)
         self.fleet.inflight_tokens[decode.node_id] += tokens
         self.fleet.inflight_tokens[prefill.node_id] += tokens
@@ -142,7 +168,11 @@ class Dispatcher:
                 decode,
             )
             await self.store.record_request(
-                request_id, "prefilling", prefill_node=prefill.node_id, decode_node=decode.node_id
+                request_id,
+                "prefilling",
+                prefill_node=prefill.node_id,
+                decode_node=decode.node_id,
+                attempts=attempt + 1,
             )
             await self._watch(
                 self.client.prefill(
@@ -155,14 +185,19 @@ class Dispatcher:
                 prefill,
             )
             watched = [prefill, decode]
+            transferring = False
             async for event in self._events(attempt_id, watched):
                 before_first_token = prefill in watched
+                if before_first_token and not (
+                    transferring or event.token_ids or event.finish_reason
+                ):
+                    transferring = True  # the prefill node's word that the prompt is computed
+                    await self.store.record_request(request_id, "transferring")
                 if event.token_ids and before_first_token:
                     watched.remove(prefill)  # the prefill node's part is done
                     self.fleet.inflight_tokens[prefill.node_id] -= tokens
                     self.fleet.inflight_tokens[decode.node_id] -= tokens
                     tokens = 0
-                    await self.store.record_request(request_id, "decoding")
                 if event.finish_reason == "error" and before_first_token:
                     raise NodeDown(decode, f"failed before the first token: {event.error}")
                 event.request_id = request_id

@@ -35,8 +35,10 @@ class Fleet:
         return list(self._nodes.values())
 
     async def is_alive(self, node_id: str) -> bool:
+        """Whether the node is in the registry and not dead (heartbeats lapsed)."""
         await self.nodes()
-        return node_id in self._nodes
+        node = self._nodes.get(node_id)
+        return node is not None and node.status != "dead"
 
     async def max_model_len(self) -> int | None:
         """The context every ready node can serve, or None when no node is ready."""

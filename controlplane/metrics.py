@@ -81,7 +81,7 @@ class _NodeCollector(Collector):
             ),
         }
         for node in self.nodes():
-            if node.stats is None:
+            if node.stats is None or node.status == "dead":  # a dead node's stats are stale
                 continue
             for field, gauge in gauges.items():
                 gauge.add_metric([node.node_id, node.role], getattr(node.stats, field))

@@ -39,3 +39,31 @@ class NodePublic(NodeRegistration):
 class HeartbeatReply(BaseModel):
     status: NodeStatus
     heartbeat_s: float
+
+
+RequestState = Literal[
+    "queued", "prefilling", "transferring", "decoding", "finished", "failed", "aborted"
+]
+
+
+class TimelineStep(BaseModel):
+    state: RequestState
+    at: float  # Unix time the request entered the state
+
+
+class RequestPublic(BaseModel):
+    """A request as the admin API shows it: where it is, where it ran, what it cost."""
+
+    request_id: str
+    state: RequestState
+    timeline: list[TimelineStep]
+    prompt_tokens: int = 0
+    max_tokens: int | None = None
+    output_tokens: int | None = None
+    prefill_node: str | None = None
+    decode_node: str | None = None
+    attempts: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+    error: str | None = None

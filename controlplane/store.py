@@ -1,16 +1,27 @@
 """Fleet state in Redis: the node registry, request states and API keys.
 
-A node is a hash ``lightpd:node:{id}`` (registration, stats, status, times) that
-expires ``node_ttl_s`` after its last heartbeat, so a dead node leaves the
-registry by itself. A request is a hash written at each state transition, never
-per token, indexed by time in ``lightpd:requests``.
+A node is a hash ``lightpd:node:{id}`` (registration, stats, status, times). A
+node whose last heartbeat is older than ``node_ttl_s`` is dead: it is listed
+with status "dead" (never routed to) until an admin removes it, and its record
+expires ``DEAD_NODE_MEMORY_S`` after that heartbeat. Heartbeat ages are measured
+on Redis's clock, so control planes with skewed clocks agree on who is dead. A
+request is a hash written at each state transition, never per token, indexed by
+time in ``lightpd:requests``.
 """
 
 import time
+from typing import get_args
 
 import redis.asyncio as redis
 
-from controlplane.schemas import NodePublic, NodeRegistration, NodeStats
+from controlplane.schemas import (
+    NodePublic,
+    NodeRegistration,
+    NodeStats,
+    RequestPublic,
+    RequestState,
+    TimelineStep,
+)
 
 _NODES = "lightpd:nodes"
 _REQUESTS = "lightpd:requests"
@@ -19,7 +30,25 @@ _API_KEYS = "lightpd:api_keys"
 REQUEST_TTL_S = 24 * 3600
 MAX_RECENT_REQUESTS = 10_000
 REMOVED_MEMORY_S = 3600
+DEAD_NODE_MEMORY_S = 24 * 3600  # a dead node nobody removed is forgotten after a day
 TERMINAL_STATES = ("finished", "failed", "aborted")
+_STATES: tuple[str, ...] = get_args(RequestState)
+_NUMBERS = ("prompt_tokens", "max_tokens", "output_tokens", "attempts", "ttft_s", "tpot_s", "e2e_s")
+
+
+# Refresh a live node's stats atomically; a node that is gone, or already dead, is
+# answered nil so that it registers again (the dispatcher has given up on it).
+_HEARTBEAT = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local node = redis.call('HMGET', KEYS[1], 'status', 'last_heartbeat')
+if not node[1] or now - tonumber(node[2]) > tonumber(ARGV[1]) then
+  return false
+end
+redis.call('HSET', KEYS[1], 'stats', ARGV[2], 'last_heartbeat', tostring(now))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return node[1]
+"""
 
 
 def _node_key(node_id: str) -> str:
@@ -34,15 +63,43 @@ def _request_key(request_id: str) -> str:
     return f"lightpd:request:{request_id}"
 
 
+def _request_public(request_id: str, fields: dict[str, str]) -> RequestPublic:
+    """A request's hash (strings, one ``t_{state}`` per state reached) as typed fields."""
+    timeline = sorted(
+        (
+            TimelineStep(state=state, at=float(fields[f"t_{state}"]))
+            for state in _STATES
+            if f"t_{state}" in fields
+        ),
+        key=lambda step: step.at,
+    )
+    numbers = {k: fields[k] for k in _NUMBERS if fields.get(k)}
+    nodes = {k: fields[k] for k in ("prefill_node", "decode_node") if fields.get(k)}
+    return RequestPublic(
+        request_id=request_id,
+        state=fields["state"],
+        timeline=timeline,
+        error=fields.get("error") or None,
+        **numbers,
+        **nodes,
+    )
+
+
 class Store:
     def __init__(self, client: redis.Redis, node_ttl_s: float) -> None:
         self.redis = client
-        self.node_ttl_ms = int(node_ttl_s * 1000)
+        self.node_ttl_s = node_ttl_s
+        self._heartbeat = client.register_script(_HEARTBEAT)
+
+    async def now(self) -> float:
+        """Redis's clock, the one node heartbeats are stamped with."""
+        seconds, micros = await self.redis.time()
+        return seconds + micros / 1e6
 
     # ---- nodes ----
 
     async def register(self, registration: NodeRegistration) -> None:
-        now = time.time()
+        now = await self.now()
         key = _node_key(registration.node_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key, _removed_key(registration.node_id))
@@ -55,24 +112,18 @@ class Store:
                     "last_heartbeat": now,
                 },
             )
-            pipe.pexpire(key, self.node_ttl_ms)
+            pipe.expire(key, DEAD_NODE_MEMORY_S)
             pipe.sadd(_NODES, registration.node_id)
             await pipe.execute()
 
     async def heartbeat(self, node_id: str, stats: NodeStats) -> str | None:
-        """Store fresh stats; returns the node's status, or None if it is not registered."""
-        key = _node_key(node_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(key, "status")
-            pipe.hset(
-                key, mapping={"stats": stats.model_dump_json(), "last_heartbeat": time.time()}
-            )
-            pipe.pexpire(key, self.node_ttl_ms)
-            status, _, _ = await pipe.execute()
-        if status is None:  # expired or removed: undo the partial write
-            await self.redis.delete(key)
-            return None
-        return status.decode()
+        """Store fresh stats; returns the node's status, or None if it is not registered
+        (removed, or dead: its heartbeats lapsed, so it must register again)."""
+        status = await self._heartbeat(
+            keys=[_node_key(node_id)],
+            args=[self.node_ttl_s, stats.model_dump_json(), DEAD_NODE_MEMORY_S],
+        )
+        return None if status is None else status.decode()
 
     async def set_status(self, node_id: str, status: str) -> bool:
         key = _node_key(node_id)
@@ -94,11 +145,14 @@ class Store:
         return bool(await self.redis.exists(_removed_key(node_id)))
 
     async def nodes(self) -> list[NodePublic]:
+        """Every node, dead ones included (status "dead"), sorted by id."""
         ids = sorted(m.decode() for m in await self.redis.smembers(_NODES))
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
             for node_id in ids:
                 pipe.hgetall(_node_key(node_id))
-            records = await pipe.execute()
+            (seconds, micros), *records = await pipe.execute()
+        now = seconds + micros / 1e6
         nodes, gone = [], []
         for node_id, record in zip(ids, records, strict=True):
             if not record:
@@ -107,16 +161,17 @@ class Store:
             fields = {k.decode(): v.decode() for k, v in record.items()}
             registration = NodeRegistration.model_validate_json(fields["registration"])
             stats = fields.get("stats")
+            last_heartbeat = float(fields["last_heartbeat"])
             nodes.append(
                 NodePublic(
                     **registration.model_dump(),
-                    status=fields["status"],
+                    status="dead" if now - last_heartbeat > self.node_ttl_s else fields["status"],
                     stats=NodeStats.model_validate_json(stats) if stats else None,
                     registered_at=float(fields["registered_at"]),
-                    last_heartbeat=float(fields["last_heartbeat"]),
+                    last_heartbeat=last_heartbeat,
                 )
             )
-        if gone:  # expired: drop them from the index too
+        if gone:  # forgotten: drop them from the index too
             await self.redis.srem(_NODES, *gone)
         return nodes
 
@@ -127,6 +182,8 @@ class Store:
         key = _request_key(request_id)
         mapping = {"state": state, f"t_{state}": now, **{k: str(v) for k, v in fields.items()}}
         async with self.redis.pipeline(transaction=False) as pipe:
+            if state == "prefilling":  # a retry starts over: its earlier transfer is void
+                pipe.hdel(key, "t_transferring")
             pipe.hset(key, mapping=mapping)
             pipe.expire(key, REQUEST_TTL_S)
             if state == "queued":
@@ -137,20 +194,23 @@ class Store:
                 pipe.srem(_RUNNING, request_id)
             await pipe.execute()
 
-    async def requests(self, limit: int = 100, running_only: bool = False) -> list[dict]:
+    async def requests(self, limit: int = 100, running_only: bool = False) -> list[RequestPublic]:
+        """The latest requests first; with ``running_only``, those not yet ended."""
         if running_only:
-            ids = [m.decode() for m in await self.redis.smembers(_RUNNING)][:limit]
+            ids = [m.decode() for m in await self.redis.smembers(_RUNNING)]
         else:
             ids = [m.decode() for m in await self.redis.zrevrange(_REQUESTS, 0, limit - 1)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id in ids:
                 pipe.hgetall(_request_key(request_id))
             records = await pipe.execute()
-        return [
-            {"request_id": rid, **{k.decode(): v.decode() for k, v in record.items()}}
+        requests = [
+            _request_public(rid, {k.decode(): v.decode() for k, v in record.items()})
             for rid, record in zip(ids, records, strict=True)
             if record
         ]
+        requests.sort(key=lambda r: r.timeline[0].at if r.timeline else 0.0, reverse=True)
+        return requests[:limit]
 
     # ---- API keys ----
 

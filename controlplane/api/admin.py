@@ -6,9 +6,11 @@ from fastapi import APIRouter, Query
 
 from controlplane.api.errors import OpenAIError
 from controlplane.deps import AdminToken, State
-from controlplane.schemas import NodePublic
+from controlplane.schemas import NodePublic, RequestPublic
+from controlplane.timeseries import KEEP_S
 
 router = APIRouter(prefix="/admin", dependencies=[AdminToken])
+MAX_WINDOW_S = KEEP_S - 60
 
 
 @router.get("/nodes")
@@ -48,13 +50,55 @@ async def delete_api_key(key: str, state: State) -> dict:
 @router.get("/requests")
 async def list_requests(
     state: State, limit: int = Query(100, ge=1, le=1000), running: bool = False
-) -> list[dict]:
+) -> list[RequestPublic]:
+    """The latest requests first, with their timelines; ``running``: those not ended."""
     return await state.store.requests(limit, running_only=running)
 
 
 @router.get("/stats")
 async def cluster_stats(state: State) -> dict:
     nodes = await state.store.nodes()
+    running = await state.store.requests(1000, running_only=True)
+    return _stats(state, nodes, len(running))
+
+
+@router.get("/timeseries")
+async def timeseries(
+    state: State,
+    window: int = Query(300, ge=1, le=MAX_WINDOW_S, description="seconds of history"),
+    step: int = Query(1, ge=1, le=60, description="seconds per point"),
+) -> dict:
+    """Per-second figures of the whole cluster, as columns (one value per point):
+    ``t`` (Unix second the point ends), finished/failed/started requests and generated
+    tokens per second, TTFT and TPOT p50/p99 in seconds, KV use per role (0..1)."""
+    return await state.timeseries.read(window, step)
+
+
+@router.get("/overview")
+async def overview(
+    state: State,
+    window: int = Query(300, ge=1, le=MAX_WINDOW_S),
+    step: int = Query(1, ge=1, le=60),
+    requests: int = Query(50, ge=0, le=500, description="recent requests to include"),
+) -> dict:
+    """Everything the dashboard shows, in one reply (it polls this once a second): the
+    nodes, cluster figures, running and recent requests, and the time series."""
+    nodes = await state.store.nodes()
+    running = await state.store.requests(1000, running_only=True)
+    recent = await state.store.requests(requests) if requests else []
+    seen = {r.request_id for r in running}
+    return {
+        "now": await state.store.now(),
+        "node_ttl_s": state.settings.node_ttl_s,
+        "nodes": nodes,
+        "stats": _stats(state, nodes, len(running)),
+        "requests": running[:requests] + [r for r in recent if r.request_id not in seen],
+        "timeseries": await state.timeseries.read(window, step),
+    }
+
+
+def _stats(state: State, nodes: list[NodePublic], num_running: int) -> dict:
+    """Figures per role; a dead node counts as a node but adds no slots or load."""
     by_role: dict[str, dict] = {}
     for node in nodes:
         role = by_role.setdefault(
@@ -62,20 +106,25 @@ async def cluster_stats(state: State) -> dict:
             {
                 "nodes": 0,
                 "ready": 0,
+                "draining": 0,
+                "dead": 0,
                 "slots": 0,
                 "free_slots": 0,
+                "reserved_slots": 0,
                 "running": 0,
                 "queued": 0,
                 "tokens_per_s": 0.0,
             },
         )
         role["nodes"] += 1
-        role["ready"] += node.status == "ready"
+        role[node.status] += 1
+        if node.status == "dead":
+            continue
         role["slots"] += node.num_slots
         if node.stats:
             role["free_slots"] += node.stats.num_free_slots
+            role["reserved_slots"] += node.stats.num_reserved_slots
             role["running"] += node.stats.num_running
             role["queued"] += node.stats.num_queued
             role["tokens_per_s"] += node.stats.tokens_per_s
-    running = await state.store.requests(1000, running_only=True)
-    return {"model": state.settings.model_name, "roles": by_role, "running_requests": len(running)}
+    return {"model": state.settings.model_name, "roles": by_role, "running_requests": num_running}

@@ -177,7 +177,10 @@ def test_prefill_whose_decode_target_is_gone_frees_its_kv(model, pair):
             await wait_for_idle(client, prefill.control)
             return events
 
-    [event] = asyncio.run(main())
+    # The prefill node says the prompt is computed (a token-less event), then the error.
+    computed, event = asyncio.run(main())
+    assert not computed.token_ids and computed.finish_reason is None
+    assert computed.num_prompt_tokens == 47
     assert event.finish_reason == "error"
     assert "did not acknowledge the KV within 0.5 s" in event.error
 

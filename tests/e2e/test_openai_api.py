@@ -250,8 +250,8 @@ def test_admin_api_metrics_and_a_second_control_plane(fleet, client):
     stats = fleet.admin("GET", "/admin/stats").json()
     assert stats["roles"]["decode"]["ready"] == 1 and stats["roles"]["prefill"]["ready"] == 1
     recent = fleet.admin("GET", "/admin/requests?limit=5").json()
-    assert recent[0]["state"] in ("finished", "decoding", "prefilling")
-    assert {"prefill_node", "decode_node", "t_queued"} <= recent[-1].keys()
+    assert recent[0]["state"] in ("finished", "decoding", "transferring", "prefilling")
+    assert {"prefill_node", "decode_node", "timeline"} <= recent[-1].keys()
     key = fleet.admin("POST", "/admin/api-keys").json()["api_key"]
     keyed = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key=key, max_retries=0)
     assert keyed.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2)

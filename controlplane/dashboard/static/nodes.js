@@ -1,0 +1,133 @@
+// The nodes table: one row per node, kept across updates (buttons stay clickable),
+// sortable by any column, with drain and remove behind a confirmation.
+import { age, h, percent, rate } from "./format.js";
+
+const STATUS_ORDER = { ready: 0, draining: 1, dead: 2 };
+
+function figures(node, now) {
+  const stats = node.stats ?? {};
+  const used = stats.num_free_slots === undefined ? 0 : node.num_slots - stats.num_free_slots;
+  return {
+    ...node,
+    used,
+    reserved: stats.num_reserved_slots ?? 0,
+    kv_use: used / node.num_slots,
+    running: stats.num_running ?? 0,
+    queued: stats.num_queued ?? 0,
+    tokens_per_s: stats.tokens_per_s ?? 0,
+    heartbeat_age: now - node.last_heartbeat,
+    status_rank: STATUS_ORDER[node.status] ?? 9,
+  };
+}
+
+function kvBar(row) {
+  const inKv = Math.max(0, row.used - row.reserved);
+  const used = h("span", { class: "used", title: `${inKv} slots hold KV` });
+  const reserved = h("span", { class: "reserved", title: `${row.reserved} slots reserved` });
+  used.style.width = `${(100 * inKv) / row.num_slots}%`;
+  reserved.style.width = `${(100 * row.reserved) / row.num_slots}%`;
+  return h(
+    "div",
+    { class: "kvcell" },
+    h("div", { class: "bar", role: "img", "aria-label": `KV ${percent(row.kv_use)} used` }, used, reserved),
+    h("span", { class: "kvtext" }, `${row.used}/${row.num_slots} · ${row.reserved}`),
+  );
+}
+
+export class NodesTable {
+  constructor(table, { confirm, act }) {
+    this.tbody = table.tBodies[0];
+    this.rows = new Map(); // node id -> <tr>
+    this.sortKey = "node_id";
+    this.ascending = true;
+    this.confirm = confirm;
+    this.act = act;
+    this.last = { nodes: [], now: 0 };
+    for (const th of table.tHead.querySelectorAll("th[data-sort]")) {
+      th.addEventListener("click", () => this.sortBy(th.dataset.sort, table));
+    }
+  }
+
+  sortBy(key, table) {
+    this.ascending = this.sortKey === key ? !this.ascending : true;
+    this.sortKey = key;
+    for (const th of table.tHead.querySelectorAll("th[data-sort]")) {
+      th.removeAttribute("aria-sort");
+      if (th.dataset.sort === key) th.setAttribute("aria-sort", this.ascending ? "ascending" : "descending");
+    }
+    this.render(this.last.nodes, this.last.now);
+  }
+
+  /** Shows what an action did before the next update confirms it. */
+  apply(nodeId, status) {
+    const nodes = this.last.nodes
+      .map((n) => (n.node_id === nodeId ? { ...n, status } : n))
+      .filter((n) => n.status !== "removed");
+    this.render(nodes, this.last.now);
+  }
+
+  render(nodes, now) {
+    this.last = { nodes, now };
+    const key = this.sortKey === "status" ? "status_rank" : this.sortKey;
+    const rows = nodes.map((n) => figures(n, now));
+    rows.sort((a, b) => {
+      const order = a[key] < b[key] ? -1 : a[key] > b[key] ? 1 : a.node_id < b.node_id ? -1 : 1;
+      return this.ascending ? order : -order;
+    });
+    const seen = new Set();
+    for (const row of rows) {
+      seen.add(row.node_id);
+      let tr = this.rows.get(row.node_id);
+      if (!tr) {
+        tr = this.newRow(row.node_id);
+        this.rows.set(row.node_id, tr);
+      }
+      this.fill(tr, row);
+      this.tbody.append(tr); // moves it into sorted place
+    }
+    for (const [id, tr] of this.rows) {
+      if (!seen.has(id)) {
+        tr.remove();
+        this.rows.delete(id);
+      }
+    }
+  }
+
+  newRow(nodeId) {
+    const drain = h("button", { type: "button", class: "quiet", "data-action": "drain" }, "Drain");
+    const remove = h("button", { type: "button", class: "quiet danger", "data-action": "remove" }, "Remove");
+    drain.addEventListener("click", () =>
+      this.ask(nodeId, "drain", `Drain ${nodeId}? It takes no new requests; its running ones finish.`),
+    );
+    remove.addEventListener("click", () =>
+      this.ask(nodeId, "remove", `Remove ${nodeId}? It leaves the fleet and stops at its next heartbeat.`),
+    );
+    const cells = Array.from({ length: 10 }, () => h("td"));
+    const tr = h("tr", { dataset: { nodeId } }, cells, h("td", { class: "actions" }, drain, remove));
+    tr.cells_ = cells;
+    tr.drain_ = drain;
+    return tr;
+  }
+
+  fill(tr, row) {
+    const c = tr.cells_;
+    c[0].replaceChildren(h("code", {}, row.node_id));
+    c[1].textContent = row.role;
+    c[2].textContent = row.model_name;
+    c[3].textContent = row.device;
+    c[4].replaceChildren(h("span", { class: `status badge ${row.status}` }, row.status));
+    c[5].replaceChildren(row.stats ? kvBar(row) : "–");
+    for (const [i, value] of [[6, row.running], [7, row.queued], [8, rate(row.tokens_per_s)]]) {
+      c[i].textContent = row.stats ? value : "–";
+      c[i].className = "num";
+    }
+    c[9].textContent = age(row.heartbeat_age);
+    c[9].className = "num";
+    tr.className = row.status;
+    tr.drain_.disabled = row.status !== "ready";
+  }
+
+  async ask(nodeId, action, question) {
+    if (await this.confirm(question)) await this.act(nodeId, action);
+  }
+}
