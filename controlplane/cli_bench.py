@@ -104,6 +104,7 @@ def bench(
         try:
             runner = Runner(client, load, progress.update)
             await runner.warm_up(warmup_workload)
+            progress.restart()
             return await runner.run(workload)
         finally:
             await client.aclose()

@@ -154,6 +154,12 @@ class ProgressView:
         rate = self.output_tokens / elapsed if elapsed > 0 else 0.0
         return f"errors {self.errors}  output {rate:,.0f} tok/s"
 
+    def restart(self) -> None:
+        """Count time from now (the measured run starts after the warm-up)."""
+        self.started = time.perf_counter()
+        if self._bar is not None:
+            self._bar.reset(self._task, total=self.total, stats="")
+
     def update(self, record: RequestRecord) -> None:
         self.done += 1
         self.errors += not record.ok

@@ -1,0 +1,104 @@
+"""A whole fleet on this machine for serving benchmarks, with a command run against it.
+
+    python3 bench/serving_fleet.py --model DIR [--device cuda:0] \
+        [--prefill-args "--num-kv-slots 49152"] [--decode-args "..."] [--logs DIR] \
+        -- COMMAND ...
+
+Starts an embedded Redis, the control plane, one prefill and one decode node (on
+the same device; on a GPU they share it), waits until both nodes are registered,
+runs COMMAND with ``LIGHTPD_BENCH_URL`` and ``OPENAI_API_KEY`` set, stops
+everything and exits with COMMAND's status. This is the test suite's LocalFleet
+with a device, per-role node options and log files.
+"""
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.node_process import NodeProcess, start_node
+from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet
+
+
+@dataclass
+class BenchFleet(LocalFleet):
+    device: str = "cpu"
+    prefill_args: tuple[str, ...] = ()
+    decode_args: tuple[str, ...] = ()
+    log_dir: Path | None = None
+    node_start_timeout_s: float = 900.0  # a GPU node loads weights and captures graphs
+
+    def add_node(self, role: str) -> NodeProcess:
+        os.environ["LIGHTPD_CLUSTER_TOKEN"] = CLUSTER_TOKEN
+        args = self.prefill_args if role == "prefill" else self.decode_args
+        log = self.log_dir / f"{role}.log" if self.log_dir else None
+        node = start_node(
+            role,
+            self.model,
+            "--control-plane",
+            self.url,
+            *args,
+            device=self.device,
+            log=log,
+            timeout=self.node_start_timeout_s,
+        )
+        self.nodes.append(node)
+        self.wait_for(lambda nodes: node.node_id in {n["node_id"] for n in nodes})
+        return node
+
+    def pids(self) -> dict[str, int]:
+        """Process ids by part: redis, controlplane, prefill, decode."""
+        pids = {"redis": self.redis.process.pid, "controlplane": self.control_plane.pid}
+        pids.update({n.role: n.process.pid for n in self.nodes})
+        return pids
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (later threads inherit from their creator)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a whole process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prefill-args", default="", help="extra prefill node options")
+    parser.add_argument("--decode-args", default="", help="extra decode node options")
+    parser.add_argument("--logs", type=Path, help="folder for the nodes' logs")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    fleet = BenchFleet(
+        args.model,
+        node_args=(),
+        device=args.device,
+        prefill_args=tuple(shlex.split(args.prefill_args)),
+        decode_args=tuple(shlex.split(args.decode_args)),
+        log_dir=args.logs,
+    )
+    try:
+        fleet.start()
+        print(f"fleet up at {fleet.url}: {fleet.pids()}", flush=True)
+        env = {**os.environ, "LIGHTPD_BENCH_URL": fleet.url, "OPENAI_API_KEY": API_KEY}
+        status = subprocess.run(command, env=env).returncode
+    finally:
+        fleet.stop()
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
