@@ -8,13 +8,13 @@ from common.context import ForwardContext, forward_context
 from common.engine.config import EngineConfig
 from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.memory_plan import MemoryPlan, measure_peak_bytes, sampler_bytes
-from common.engine.request import Request
+from common.engine.sampling_inputs import SamplingInputs
 from common.engine.scheduler import ScheduledBatch
 from common.kv_pool import TokenKVPool
 from common.loader import load_model
 from common.model_config import ModelConfig, parse_dtype
 from common.req_table import RequestTable
-from common.sampler import Sampler, SamplingBatch
+from common.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.model = load_model(config.model, model_config, self.dtype, self.device)
         self.sampler = Sampler(model_config.vocab_size, self.device)
+        self.sampling_inputs = SamplingInputs(
+            config.max_num_reqs, model_config.vocab_size, self.device
+        )
         use_graphs = self.device.type == "cuda" and config.cuda_graph_max_batch > 0
         self.graph_max_batch = min(config.cuda_graph_max_batch, config.max_num_reqs)
         num_slots = self._num_kv_slots(use_graphs)
@@ -155,7 +158,7 @@ class ModelRunner:
                 return []
             sample_rows = torch.tensor([r.row for r in sampling], device=self.device)
             sample_ends = torch.tensor([r.num_tokens for r in sampling], device=self.device)
-        out = self.sampler(logits, self._sampling_batch(sampling))
+        out = self.sampler(logits, self.sampling_inputs.build(sampling, self.table))
         self.table.token_ids[sample_rows, sample_ends] = out.token_ids.int()
         return out.pack().tolist()
 
@@ -226,43 +229,3 @@ class ModelRunner:
             self.pool.free(slots)
             for row in rows:
                 self.table.free_row(row)
-
-    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
-        device = self.device
-        params = [r.params for r in requests]
-        vocab = self.model_config.vocab_size
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        batch = SamplingBatch(
-            temperatures=tensor([p.temperature for p in params], torch.float32),
-            top_ks=tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64),
-            top_ps=tensor([p.top_p for p in params], torch.float32),
-            min_ps=tensor([p.min_p for p in params], torch.float32),
-            keys=tensor([r.rng_key for r in requests], torch.int64),
-            steps=tensor([r.num_output_tokens for r in requests], torch.int64),
-            all_greedy=all(p.is_greedy for p in params),
-            uses_top_k_or_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
-            uses_min_p=any(p.min_p > 0 for p in params),
-            num_top_logprobs=max(wanted) if wanted else -1,
-        )
-        suppressed = [sorted(r.suppressed_ids) for r in requests]
-        width = max(map(len, suppressed))
-        if width:
-            batch.suppressed_ids = tensor(
-                [s + [-1] * (width - len(s)) for s in suppressed], torch.int64
-            )
-        if any(p.uses_penalties for p in params):
-            rows = tensor([r.row for r in requests], torch.int64)
-            history_lens = [r.num_tokens for r in requests]
-            batch.repetition_penalties = tensor(
-                [p.repetition_penalty for p in params], torch.float32
-            )
-            batch.presence_penalties = tensor([p.presence_penalty for p in params], torch.float32)
-            batch.frequency_penalties = tensor([p.frequency_penalty for p in params], torch.float32)
-            batch.token_history = self.table.token_ids[rows, : max(history_lens)]
-            batch.prompt_lens = tensor([r.num_prompt_tokens for r in requests], torch.int64)
-            batch.history_lens = tensor(history_lens, torch.int64)
-        return batch
