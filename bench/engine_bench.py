@@ -83,16 +83,19 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
     return torch.randint(0, vocab, (num, length), generator=gen).tolist()
 
 
-def bench_decode(engine: LLMEngine, copy_bw: float, batches: list[int], context: int) -> list:
-    """Steady-state decode steps of ``batch`` requests whose contexts start at ``context``."""
+def bench_decode(
+    engine: LLMEngine, copy_bw: float, batches: list[int], context: int, temperature: float = 0.0
+) -> list:
+    """Steady-state decode steps of ``batch`` requests whose contexts start at ``context``;
+    greedy, or sampled at ``temperature`` over the whole vocabulary."""
     runner, results = engine.runner, []
     weights = weight_bytes_read_per_step(engine)
     kv_per_token = engine.model_config.kv_bytes_per_token
     for batch in batches:
         prompts = random_prompts(batch, context - 1, engine.model_config.vocab_size, batch)
-        params = SamplingParams(max_new_tokens=64, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=64, ignore_eos=True, temperature=temperature)
         for i, prompt in enumerate(prompts):
-            engine.add_request(f"decode-{batch}-{i}", prompt, params)
+            engine.add_request(f"decode-{batch}-{temperature}-{i}", prompt, params)
         while engine.scheduler.waiting or any(
             r.num_output_tokens == 0 for r in engine.scheduler.running
         ):
@@ -117,6 +120,7 @@ def bench_decode(engine: LLMEngine, copy_bw: float, batches: list[int], context:
         results.append(
             dict(
                 batch=batch,
+                temperature=temperature,
                 mean_context_tokens=mean_context / batch,
                 step_ms=median_step,
                 forward_ms=forward_ms,
@@ -161,7 +165,7 @@ def bench_prefill(engine: LLMEngine, peak_tflops: float, lengths: list[int]) -> 
 
 
 def bench_offline(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> dict:
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0)
     engine.generate(prompts[:8], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm up
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -244,6 +248,7 @@ def main() -> None:
         print(json.dumps({k: results[k] for k in ("engine_start_s", "kv_slots")}), flush=True)
         if "decode" in parts:
             results["decode"] = bench_decode(engine, copy_bw, [1, 32, 128, 256], 512)
+            results["decode_sampled"] = bench_decode(engine, copy_bw, [1, 128], 512, 1.0)
         if "prefill" in parts:
             results["prefill"] = bench_prefill(engine, peak, [1024, 2048, 4096, 8192])
         if "offline" in parts:

@@ -11,24 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2**31, so (x < 2**32) * C never overflows int64.
-_MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer mix (xorshift-multiply), on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK32
-    return x ^ (x >> 15)
+from kernels.exponential_race import MASK32, exponential_race, hash32
 
 
 def seed_to_key(seed: int) -> int:
     """Fold an arbitrary Python int seed into a 32-bit key."""
-    low = torch.tensor(seed & _MASK32, dtype=torch.int64)
-    high = torch.tensor((seed >> 32) & _MASK32, dtype=torch.int64)
+    low = torch.tensor(seed & MASK32, dtype=torch.int64)
+    high = torch.tensor((seed >> 32) & MASK32, dtype=torch.int64)
     return int(hash32(low ^ hash32(high ^ 0x9E3779B9)))
 
 
@@ -78,7 +67,6 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
-        self._vocab_hash = hash32(torch.arange(vocab_size, dtype=torch.int64, device=device))
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Choose one token per row of ``logits`` [B, V]; no host sync."""
@@ -101,22 +89,18 @@ class Sampler:
         return SamplerOutput(tokens, chosen, top_ids, top_logprobs)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        temperatures = torch.where(batch.temperatures == 0, 1.0, batch.temperatures)
-        logits = logits / temperatures[:, None]
-        if batch.uses_top_k_or_p:
-            logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
-        probs = logits.softmax(dim=-1)
-        if batch.uses_min_p:
-            floor = batch.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
-        return (probs / self._exponential_noise(batch)).argmax(dim=-1)
-
-    def _exponential_noise(self, batch: SamplingBatch) -> torch.Tensor:
-        step_keys = hash32(batch.keys ^ hash32(batch.steps & _MASK32))  # (B,)
-        bits = hash32(step_keys[:, None] ^ self._vocab_hash[None, :])  # (B, V)
-        # 24 random bits -> uniform in (0, 1), never 0 or 1 -> Exp(1) noise
-        uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
-        return -torch.log(uniform)
+        inv_temperatures = 1.0 / torch.where(batch.temperatures == 0, 1.0, batch.temperatures)
+        if batch.uses_top_k_or_p or batch.uses_min_p:
+            # The masks need the tempered distribution: apply the temperature first.
+            logits = logits * inv_temperatures[:, None]
+            inv_temperatures = torch.ones_like(inv_temperatures)
+            if batch.uses_top_k_or_p:
+                logits = _mask_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+            if batch.uses_min_p:
+                probs = logits.softmax(dim=-1)
+                floor = batch.min_ps[:, None] * probs.max(dim=-1, keepdim=True).values
+                logits = logits.masked_fill(probs < floor, float("-inf"))
+        return exponential_race(logits, inv_temperatures, batch.keys, batch.steps)
 
     def _apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         history = batch.token_history.long()  # (B, L)

@@ -22,21 +22,24 @@ class DecodeLaunch:
     num_stages: int = 2
 
 
-# Enough programs to fill every SM several times over (an H100 has 132).
-_TARGET_PROGRAMS = 1024
+# Programs to aim for: about two per SM of an H100 (132 SMs). More splits than
+# that only add partial results to merge (bench/attention_bench.py --sweep).
+_TARGET_PROGRAMS = 256
 _MAX_SPLITS = 32
 
 
 def decode_launch(num_reqs: int, num_kv_heads: int, max_seq_len: int) -> DecodeLaunch:
     """Splits per request: more when the batch alone would leave SMs idle, never more
-    than the longest context has tiles. The grid depends on ``max_seq_len`` only
-    through this bound, so a CUDA graph captured with the longest allowed context
-    serves every shorter one (the extra splits return at once)."""
-    block_n = 64
+    than the longest context has tiles; long splits take wider tiles. The grid
+    depends on ``max_seq_len`` only through these bounds, so a CUDA graph captured
+    with the longest allowed context serves every shorter one (the extra splits
+    return at once)."""
     programs = max(num_reqs * num_kv_heads, 1)
     wanted = triton.cdiv(_TARGET_PROGRAMS, programs)
-    num_splits = max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max(max_seq_len, 1), block_n)))
-    return DecodeLaunch(num_splits=triton.next_power_of_2(num_splits), block_n=block_n)
+    num_splits = max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max(max_seq_len, 1), 64)))
+    num_splits = triton.next_power_of_2(num_splits)
+    block_n = 128 if num_splits > 1 and max_seq_len // num_splits >= 1024 else 64
+    return DecodeLaunch(num_splits=num_splits, block_n=block_n)
 
 
 def decode_attention_reference(

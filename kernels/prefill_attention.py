@@ -24,8 +24,8 @@ class PrefillLaunch:
 
     block_m: int = 128
     block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
+    num_warps: int = 4
+    num_stages: int = 4
 
 
 def prefill_launch(dtype: torch.dtype, head_dim: int) -> PrefillLaunch:
