@@ -122,9 +122,12 @@ class StreamClient:
                 text = (choice.get("delta") or {}).get("content")
             else:
                 text = choice.get("text")
-            if text:
+            # A chunk with text is output; so is the one that ends the choice, even
+            # without text (its token may be invisible, e.g. a special one). The first
+            # chat chunk names the role only and is sent before any token: not output.
+            if text or choice.get("finish_reason"):
                 record.chunk_times_s.append(now)
-                texts.append(text)
+                texts.append(text or "")
         usage = chunk.get("usage")
         if usage:
             record.usage_reported = True

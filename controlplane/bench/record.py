@@ -9,7 +9,8 @@ class RequestRecord:
     start of the run, the others from the moment the request was sent.
 
     ``chunk_times_s`` holds the arrival time of every streamed chunk that carried
-    output text (or tokens), so TTFT is its first entry and ITL its gaps.
+    output (text, or the end of the choice), so TTFT is its first entry and ITL
+    its gaps.
     """
 
     index: int  # position in the run's schedule

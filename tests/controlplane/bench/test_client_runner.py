@@ -88,6 +88,17 @@ def test_errors_are_recorded_with_the_servers_message():
     assert record.error == "the response streamed no output"
 
 
+def test_a_final_chunk_without_text_still_marks_the_output():
+    # One token that decodes to nothing (a special token): only the finish chunk comes.
+    body = sse(
+        {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
+        "[DONE]",
+    )
+    record, _ = send(COMPLETIONS, httpx.Response(200, content=body))
+    assert record.ok and record.output_tokens == 1 and len(record.chunk_times_s) == 1
+
+
 class FakeClient:
     """Answers after a short wait; remembers prompts and the most requests in flight."""
 
