@@ -37,6 +37,7 @@ from common.tiny import write_tiny_checkpoint
 from common.tokenizer import load_tokenizer
 from controlplane.bench.client import ClientConfig, StreamClient
 from controlplane.bench.metrics import percentile, summarize
+from controlplane.bench.plots import pyplot, save
 from controlplane.bench.record import RequestRecord
 from controlplane.bench.runner import LoadSpec, Runner
 from controlplane.bench.workload import TokenPrompts, WorkloadSpec, build_workload
@@ -175,11 +176,7 @@ async def saturation(args, direct, http, source, pids: dict[str, int]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
     records = {k: [RequestRecord.from_json(r) for r in v] for k, v in result["records"].items()}
     for ax, (title, get) in zip(
@@ -193,9 +190,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

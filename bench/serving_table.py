@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from controlplane.bench.metrics import Summary
+from controlplane.bench.plots import pyplot, save
 from controlplane.bench.report import load_result
 
 COLUMNS = (
@@ -71,11 +72,7 @@ def markdown(runs: dict[str, dict[str, tuple[Summary, dict]]]) -> str:
 
 
 def plot(runs: dict[str, dict[str, tuple[Summary, dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rates = list(runs)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=80)
     panels = (
@@ -95,9 +92,7 @@ def plot(runs: dict[str, dict[str, tuple[Summary, dict]]], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

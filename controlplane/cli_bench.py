@@ -116,7 +116,8 @@ def bench(
     finally:
         progress.stop()
     summary = summarize(records, slo=slo_ms)
-    console.print(report.summary_table(summary, f"{label}: {name} at {client_config.url}"))
+    console.print(f"{label}: {name} at {client_config.url}", highlight=False)
+    console.print(report.summary_table(summary))
     first_error = next((r.error for r in records if r.error), None)
     if first_error:
         console.print(f"[red]{summary.num_errors} errors[/red]; the first: {first_error}")

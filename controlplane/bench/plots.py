@@ -6,13 +6,23 @@ from controlplane.bench.metrics import inter_token_latencies, timeline, tpot
 from controlplane.bench.record import RequestRecord
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display needed)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig, path: Path, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
 
 
 def latency_samples(records: list[RequestRecord]) -> dict[str, list[float]]:
@@ -28,27 +38,28 @@ def latency_samples(records: list[RequestRecord]) -> dict[str, list[float]]:
 
 
 def plot_latency_cdfs(records: list[RequestRecord], path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
+    from matplotlib import ticker
+
     fig, axes = plt.subplots(2, 2, figsize=(8, 6), dpi=80)
     for ax, (name, values) in zip(axes.flat, latency_samples(records).items(), strict=True):
-        ordered = sorted(values)
+        ordered = sorted(v for v in values if v > 0)  # log axis: tails stay readable
         if ordered:
             fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
             ax.step(ordered, fractions, where="post")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"{name} ({len(ordered)} samples)")
-        ax.set_xlabel("ms")
+        ax.set_xlabel("ms (log scale)")
         ax.set_ylabel("fraction")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path, title)
 
 
 def plot_throughput(records: list[RequestRecord], path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     series = timeline(records)
     rows = (
         ("output_tokens_per_s", "output tok/s"),
@@ -64,11 +75,7 @@ def plot_throughput(records: list[RequestRecord], path: Path, title: str) -> Pat
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel(f"time since start (s), buckets of {bucket:g} s")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path, title)
 
 
 def write_plots(records: list[RequestRecord], directory: Path, name: str) -> list[Path]:

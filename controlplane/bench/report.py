@@ -48,8 +48,8 @@ def _fmt(value: float, fmt: str) -> str:
     return format(value, fmt)
 
 
-def summary_table(summary: Summary, title: str) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+def summary_table(summary: Summary) -> Table:
+    table = Table(show_header=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for label, value, fmt in _rows(summary):
@@ -58,7 +58,7 @@ def summary_table(summary: Summary, title: str) -> Table:
 
 
 def compare_table(a: Summary, b: Summary, name_a: str, name_b: str) -> Table:
-    table = Table(title="Comparison", title_justify="left")
+    table = Table()
     table.add_column("metric")
     table.add_column(name_a, justify="right")
     table.add_column(name_b, justify="right")
