@@ -6,16 +6,24 @@
 
 Starts an embedded Redis, the control plane, one prefill and one decode node (on
 the same device; on a GPU they share it), waits until both nodes are registered,
-runs COMMAND with ``LIGHTPD_BENCH_URL`` and ``OPENAI_API_KEY`` set, stops
-everything and exits with COMMAND's status. This is the test suite's LocalFleet
-with a device, per-role node options and log files.
+runs COMMAND with ``LIGHTPD_BENCH_URL``, ``OPENAI_API_KEY`` and
+``LIGHTPD_BENCH_PIDS`` set, stops everything and exits with COMMAND's status.
+This is the test suite's LocalFleet with a device, per-role node options and
+log files.
+
+    python3 bench/serving_fleet.py --cpu-of "$LIGHTPD_BENCH_PIDS"
+
+prints the CPU seconds each fleet process has used so far, as JSON (take two
+and subtract, to see which process a run kept busy).
 """
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,15 +76,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_report(pids: str) -> dict:
+    """``"part=pid,..."`` -> the time now and each part's CPU seconds so far."""
+    parts = dict(item.split("=") for item in pids.split(","))
+    return {"time": time.time(), "cpu_s": {k: cpu_seconds(int(v)) for k, v in parts.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--cpu-of", help="print the CPU seconds of these fleet processes")
+    parser.add_argument("--model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prefill-args", default="", help="extra prefill node options")
     parser.add_argument("--decode-args", default="", help="extra decode node options")
     parser.add_argument("--logs", type=Path, help="folder for the nodes' logs")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
+    if args.cpu_of:
+        print(json.dumps(cpu_report(args.cpu_of)))
+        return
+    if not args.model:
+        parser.error("--model is needed to start a fleet")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
@@ -93,7 +113,13 @@ def main() -> None:
     try:
         fleet.start()
         print(f"fleet up at {fleet.url}: {fleet.pids()}", flush=True)
-        env = {**os.environ, "LIGHTPD_BENCH_URL": fleet.url, "OPENAI_API_KEY": API_KEY}
+        pids = ",".join(f"{part}={pid}" for part, pid in fleet.pids().items())
+        env = {
+            **os.environ,
+            "LIGHTPD_BENCH_URL": fleet.url,
+            "OPENAI_API_KEY": API_KEY,
+            "LIGHTPD_BENCH_PIDS": pids,
+        }
         status = subprocess.run(command, env=env).returncode
     finally:
         fleet.stop()

@@ -65,9 +65,12 @@ if has fleet; then
   inner='for i in "${!rates[@]}"; do
     r=${rates[$i]}; n=${counts[$i]}
     echo "== $(date +%T) fleet: rate $r, $n requests"
+    before=$(python3 -m bench.serving_fleet --cpu-of "$LIGHTPD_BENCH_PIDS")
     python3 -m controlplane.cli_bench --base-url "$LIGHTPD_BENCH_URL" --endpoint completions \
       --tokenizer "$MODEL_DIR" --request-rate "$r" --num-requests "$n" "${workload[@]}" \
       --label "fleet_rate$r" --out "$WORK/fleet_rate$r.json" --plots "$WORK/plots" || exit 1
+    after=$(python3 -m bench.serving_fleet --cpu-of "$LIGHTPD_BENCH_PIDS")
+    echo "{\"before\": $before, \"after\": $after}" > "$WORK/cpu_rate$r.json"
     tar -czf "$OUT/serving.tar.gz" -C "$WORK" . 2>/dev/null
   done'
   export MODEL_DIR WORK="$work" OUT="$out"

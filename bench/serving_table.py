@@ -9,6 +9,7 @@ the fleet's figure over the engine's for each latency and throughput.
 """
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _rate_key(name: str) -> float:
 def load_runs(folder: Path) -> dict[str, dict[str, tuple[Summary, dict]]]:
     """{rate: {"fleet" | "engine": (summary, config)}}"""
     runs: dict[str, dict[str, tuple[Summary, dict]]] = {}
-    for path in sorted(folder.glob("*_rate*.json")):
+    for path in sorted([*folder.glob("fleet_rate*.json"), *folder.glob("engine_rate*.json")]):
         kind, rate = path.stem.split("_rate", 1)
         result = load_result(path)
         runs.setdefault(rate, {})[kind] = (Summary.from_json(result["summary"]), result["config"])
@@ -95,6 +96,27 @@ def plot(runs: dict[str, dict[str, tuple[Summary, dict]]], path: Path) -> None:
     save(fig, path)
 
 
+def cpu_lines(folder: Path, runs: dict) -> list[str]:
+    """Which fleet process each run kept busy (``cpu_rate{R}.json`` from serving_gpu.sh):
+    CPU seconds over the run (warm-up and the client's start included), and per request."""
+    lines = []
+    for rate in runs:
+        path = folder / f"cpu_rate{rate}.json"
+        if not path.is_file() or "fleet" not in runs[rate]:
+            continue
+        cpu = json.loads(path.read_text())
+        wall = cpu["after"]["time"] - cpu["before"]["time"]
+        used = {k: v - cpu["before"]["cpu_s"][k] for k, v in cpu["after"]["cpu_s"].items()}
+        summary, config = runs[rate]["fleet"]
+        num = summary.num_requests + int(config.get("warmup") or 0)
+        parts = ", ".join(
+            f"{part} {s:.1f} s ({s / wall:.0%} of a core, {1000 * s / num:.1f} ms/request)"
+            for part, s in used.items()
+        )
+        lines.append(f"- rate {rate}, {wall:.0f} s: {parts}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
@@ -104,6 +126,9 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no fleet_rate*.json or engine_rate*.json in {args.folder}")
     print(markdown(runs))
+    cpu = cpu_lines(args.folder, runs)
+    if cpu:
+        print("\nCPU of the fleet's processes during each fleet run:\n" + "\n".join(cpu))
     if args.plot:
         plot(runs, args.plot)
 
