@@ -71,6 +71,7 @@ class Dispatcher:
         first_token_at: float | None = None
         num_tokens = 0
         state = "failed"
+        ended = False  # the event that ends the request went out
         error: str | None = None
         tried: set[str] = set()
         self.timeseries.count("started")
@@ -94,18 +95,15 @@ class Dispatcher:
                         self.timeseries.count("tokens", len(event.token_ids))
                         if event.finish_reason is not None:
                             state, error = _terminal_state(event)
+                            ended = True
                         yield event
                     return
                 except NodeDown as exc:
                     logger.warning("request %s: %s", request_id, exc)
                     tried.add(exc.node.node_id)
                     if first_token_at is not None:  # output already streamed: cannot redo
-                        error = str(exc)
-                        yield TokenEvent(
-                            request_id=request_id,
-                            finish_reason="error",
-                            error=f"{exc}; the request was interrupted",
-                        )
+                        error, ended = f"{exc}; the request was interrupted", True
+                        yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
                         return
             error = f"no node could serve the request after {self.settings.max_attempts} attempts"
             raise NoCapacityError(error)
@@ -113,7 +111,8 @@ class Dispatcher:
             error = str(exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            state = "aborted"
+            if not ended:  # the caller left first (a disconnect, a stop string)
+                state = "aborted"
             raise
         finally:
             elapsed = time.monotonic() - started

@@ -94,7 +94,7 @@ async function poll() {
   const windowS = Number($("window").value);
   const step = windowS > 300 ? 2 : 1;
   try {
-    const overview = await admin("GET", `/admin/overview?window=${windowS}&step=${step}&requests=50`);
+    const overview = await admin("GET", `/admin/overview?window=${windowS}&step=${step}&requests=30`);
     state.polls += 1;
     if (started > lastAction) {  // an older read would undo what an action just showed
       state.overview = overview;

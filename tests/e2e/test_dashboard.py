@@ -1,0 +1,211 @@
+"""The admin dashboard in a real headless Chromium (Debian's, through Playwright)
+against a real fleet on CPU: sign-in, live nodes and charts under load, drain and
+remove with confirmation, a dead node and a failed request, a wrong token."""
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from common.tiny import write_tiny_checkpoint
+from tests.e2e.fleet import ADMIN_TOKEN, LocalFleet
+from tests.e2e.test_fleet_ops import Traffic, chat, run_lightctl
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+RUNNING_STATES = ("queued", "prefilling", "transferring", "decoding")
+
+
+@pytest.fixture
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"Debian's Chromium is missing ({CHROMIUM}); `make test` installs it, or run "
+            "`apt-get install chromium` (Playwright's own browsers are not used)"
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    model = str(write_tiny_checkpoint(tmp_path / "tiny", "llama"))
+    fleet = LocalFleet(model, node_ttl_s=2.0, node_args=("--num-kv-slots", "8192"))
+    fleet.start(prefill=1, decode=2)
+    yield fleet
+    fleet.stop()
+
+
+def chart_sum(page: Page, chart: str) -> float:
+    """The sum of a chart's first series over its window, as uPlot holds it."""
+    return page.evaluate(
+        "c => window.lightpd.charts.plots[c].data[1].reduce((s, v) => s + (v ?? 0), 0)", chart
+    )
+
+
+def last_point(page: Page, chart: str) -> float:
+    return page.evaluate("c => window.lightpd.charts.plots[c].data[0].at(-1)", chart)
+
+
+def sign_in(page: Page, token: str) -> None:
+    page.fill("#token", token)
+    page.click("#signin button[type=submit]")
+
+
+def confirm(page: Page, row, action: str, answer: str) -> None:
+    row.locator(f'button[data-action="{action}"]').click()
+    expect(page.locator("#confirm")).to_be_visible()
+    expect(page.locator("#confirm-text")).to_contain_text(row.get_attribute("data-node-id"))
+    page.click(f"#confirm button[value={answer}]")
+    expect(page.locator("#confirm")).to_be_hidden()
+
+
+def decoding_since(fleet: LocalFleet, since: float) -> int:
+    requests = fleet.admin("GET", "/admin/requests?running=true").json()
+    return sum(r["state"] == "decoding" and r["timeline"][0]["at"] > since for r in requests)
+
+
+def node_list(fleet: LocalFleet) -> str:
+    listing = run_lightctl(fleet, "node", "list", "--control-plane", fleet.url)
+    assert listing.returncode == 0, listing.stderr
+    return listing.stdout
+
+
+def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser):
+    page = browser.new_page(viewport={"width": 1440, "height": 1250})
+    problems: list[str] = []  # script errors and CSP violations fail the test
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on(
+        "console",
+        lambda m: m.type == "error" and "status of 401" not in m.text and problems.append(m.text),
+    )
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    prefill, first_decode, second_decode = (n.node_id for n in fleet.nodes)
+
+    # A wrong token is refused: the page stays the sign-in form, the data stays 401.
+    assert page.goto(f"{fleet.url}/dashboard").status == 401
+    sign_in(page, "not-the-admin-token")
+    expect(page.locator("#signin-error")).to_have_text("Wrong admin token.")
+    assert page.evaluate("fetch('/admin/overview').then(r => r.status)") == 401
+    assert httpx.get(f"{fleet.url}/admin/nodes", headers={"Authorization": "Bearer x"}).is_error
+
+    # Signed in, the page lists every node with live figures, and loads in under a second.
+    sign_in(page, ADMIN_TOKEN)
+    rows = page.locator("#nodes tbody tr")
+    expect(rows).to_have_count(3)
+    page.reload()
+    expect(rows).to_have_count(3)
+    load_ms = page.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd")
+    assert 0 < load_ms < 1000, f"the page took {load_ms:.0f} ms to load"
+    for node_id in (prefill, first_decode, second_decode):
+        row = page.locator(f'#nodes tr[data-node-id="{node_id}"]')
+        expect(row.locator(".status")).to_have_text("ready")
+        expect(row.locator(".kvtext")).to_have_text(re.compile(r"^\d+/8192 · \d+$"))
+        expect(row.locator("td").nth(9)).to_have_text(re.compile(r"^\d+\.\d s ago$"))
+    ids = sorted((prefill, first_decode, second_decode))
+    page.click('#nodes th[data-sort="node_id"]')  # sorted by id already: now descending
+    expect(page.locator('#nodes th[aria-sort="descending"]')).to_have_text("Node")
+    expect(rows.locator("td:first-child")).to_have_text(ids[::-1])
+    page.click('#nodes th[data-sort="role"]')
+    expect(rows.locator("td:nth-child(2)")).to_have_text(["decode", "decode", "prefill"])
+    polls = page.evaluate("window.lightpd.polls")
+    expect(page.locator("#live")).to_have_text(re.compile(r"^live · "))
+    assert chart_sum(page, "tokens") == 0 and chart_sum(page, "requests") == 0
+
+    # Under load the charts move, the nodes show work, the requests their states.
+    traffic = Traffic(fleet, workers=4)
+    traffic.start()
+    try:
+        page.wait_for_function(
+            "() => ['tokens', 'requests', 'ttft'].every(c => window.lightpd.charts.plots[c]"
+            ".data[1].some(v => v > 0))",
+            timeout=20_000,
+        )
+        moved_from = last_point(page, "tokens")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#requests tbody tr[data-state]')]"
+            ".some(r => r.dataset.state !== 'finished' && r.dataset.state !== 'failed')",
+            timeout=10_000,
+        )
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#nodes tbody tr')]"
+            ".some(r => parseFloat(r.cells[8].textContent) > 0)",
+            timeout=10_000,
+        )
+        page.select_option("#window", "60")  # the last minute: the load fills the charts
+        page.wait_for_timeout(5000)
+        assert last_point(page, "tokens") > moved_from  # the window slid on
+        assert page.evaluate("window.lightpd.charts.plots.tokens.data[0].length") == 60
+        assert chart_sum(page, "tokens") > 0
+        assert page.evaluate("window.lightpd.polls") > polls
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+
+        # Drain, with a confirmation: cancelled first, then confirmed.
+        victim = page.locator(f'#nodes tr[data-node-id="{first_decode}"]')
+        confirm(page, victim, "drain", "cancel")
+        expect(victim.locator(".status")).to_have_text("ready")
+        confirm(page, victim, "drain", "ok")
+        expect(victim.locator(".status")).to_have_text("draining", timeout=1000)
+        expect(page.locator("#toast")).to_have_text(f"{first_decode}: draining")
+        line = next(r for r in node_list(fleet).splitlines() if r.startswith(first_decode))
+        assert "draining" in line
+        expect(victim.locator('button[data-action="drain"]')).to_be_disabled()
+    finally:
+        traffic.done.set()
+        traffic.join(timeout=120)
+    assert traffic.replies and all(r.status_code == 200 for r in traffic.replies)
+
+    # Long requests on the one ready decode node, which dies: it shows as dead, and
+    # the requests it held as failed with their error.
+    failed: list[list[str]] = []
+    long_ones = [
+        threading.Thread(target=lambda: failed.append(chat(fleet, 1500, stream=True)))
+        for _ in range(3)
+    ]
+    started = time.time()
+    for thread in long_ones:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while decoding_since(fleet, started) != 3:  # all past their first token: no retry
+        assert time.monotonic() < deadline, "the long requests did not start decoding"
+        time.sleep(0.2)
+    next(n for n in fleet.nodes if n.node_id == second_decode).kill()
+    survivor = page.locator(f'#nodes tr[data-node-id="{second_decode}"]')
+    expect(survivor.locator(".status")).to_have_text("dead", timeout=15_000)
+    interrupted = (
+        f"error: decode node {second_decode} left the registry; the request was interrupted"
+    )
+    expect(page.locator("#requests tr.error-row")).to_have_text([interrupted] * 3, timeout=15_000)
+    expect(page.locator("#requests tr[data-state=failed]")).to_have_count(3)
+    for thread in long_ones:
+        thread.join(timeout=60)
+    assert len(failed) == 3 and all("interrupted" in "".join(lines) for lines in failed)
+
+    # Remove the dead node, with a confirmation: gone from the page and from lightctl.
+    confirm(page, survivor, "remove", "ok")
+    expect(survivor).to_have_count(0, timeout=1000)
+    expect(page.locator("#toast")).to_have_text(f"{second_decode}: removed")
+    listing = node_list(fleet)
+    assert second_decode not in listing and first_decode in listing
+
+    assert not any(ADMIN_TOKEN in url for url in urls), "the admin token went into a URL"
+    assert not problems, problems
