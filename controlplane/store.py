@@ -197,20 +197,27 @@ class Store:
     async def requests(self, limit: int = 100, running_only: bool = False) -> list[RequestPublic]:
         """The latest requests first; with ``running_only``, those not yet ended."""
         if running_only:
-            ids = [m.decode() for m in await self.redis.smembers(_RUNNING)]
+            running = [m.decode() for m in await self.redis.smembers(_RUNNING)]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for request_id in running:
+                    pipe.zscore(_REQUESTS, request_id)
+                queued_at = await pipe.execute()
+            latest = sorted(zip(queued_at, running, strict=True), key=lambda p: -(p[0] or 0))
+            ids = [request_id for _, request_id in latest[:limit]]
         else:
             ids = [m.decode() for m in await self.redis.zrevrange(_REQUESTS, 0, limit - 1)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id in ids:
                 pipe.hgetall(_request_key(request_id))
             records = await pipe.execute()
-        requests = [
+        return [
             _request_public(rid, {k.decode(): v.decode() for k, v in record.items()})
             for rid, record in zip(ids, records, strict=True)
             if record
         ]
-        requests.sort(key=lambda r: r.timeline[0].at if r.timeline else 0.0, reverse=True)
-        return requests[:limit]
+
+    async def num_running(self) -> int:
+        return await self.redis.scard(_RUNNING)
 
     # ---- API keys ----
 

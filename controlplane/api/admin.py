@@ -57,9 +57,7 @@ async def list_requests(
 
 @router.get("/stats")
 async def cluster_stats(state: State) -> dict:
-    nodes = await state.store.nodes()
-    running = await state.store.requests(1000, running_only=True)
-    return _stats(state, nodes, len(running))
+    return _stats(state, await state.store.nodes(), await state.store.num_running())
 
 
 @router.get("/timeseries")
@@ -84,15 +82,16 @@ async def overview(
     """Everything the dashboard shows, in one reply (it polls this once a second): the
     nodes, cluster figures, running and recent requests, and the time series."""
     nodes = await state.store.nodes()
-    running = await state.store.requests(1000, running_only=True)
+    running = await state.store.requests(requests, running_only=True) if requests else []
     recent = await state.store.requests(requests) if requests else []
     seen = {r.request_id for r in running}
+    listed = (running + [r for r in recent if r.request_id not in seen])[:requests]
     return {
         "now": await state.store.now(),
         "node_ttl_s": state.settings.node_ttl_s,
         "nodes": nodes,
-        "stats": _stats(state, nodes, len(running)),
-        "requests": running[:requests] + [r for r in recent if r.request_id not in seen],
+        "stats": _stats(state, nodes, await state.store.num_running()),
+        "requests": listed,
         "timeseries": await state.timeseries.read(window, step),
     }
 

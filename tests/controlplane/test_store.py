@@ -102,6 +102,8 @@ def test_request_records_carry_a_typed_timeline(redis_url):
         await store.record_request("r2", "queued", prompt_tokens=3)
         [running_r2, running_r1] = await store.requests(10, running_only=True)
         assert (running_r2.request_id, running_r1.request_id) == ("r2", "r1")
+        assert [r.request_id for r in await store.requests(1, running_only=True)] == ["r2"]
+        assert await store.num_running() == 2
         assert [s.state for s in running_r1.timeline] == ["queued", "prefilling"]
         assert running_r1.prefill_node == "p2" and running_r1.max_tokens == 16
 
