@@ -39,6 +39,10 @@ class BenchFleet(LocalFleet):
     log_dir: Path | None = None
     node_start_timeout_s: float = 900.0  # a GPU node loads weights and captures graphs
 
+    def __post_init__(self) -> None:
+        if self.log_dir is not None:
+            self.control_plane_log = self.log_dir / "controlplane.log"
+
     def add_node(self, role: str) -> NodeProcess:
         os.environ["LIGHTPD_CLUSTER_TOKEN"] = CLUSTER_TOKEN
         args = self.prefill_args if role == "prefill" else self.decode_args

@@ -5,10 +5,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as redis
-from fastapi import FastAPI, Request
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.responses import Response
+from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.kv_transfer import model_fingerprint
 from common.node_client import NodeClient
@@ -25,20 +25,29 @@ from controlplane.store import Store
 from controlplane.timeseries import Timeseries
 
 
-class RequireJson(BaseHTTPMiddleware):
-    """Request bodies are JSON; anything else is refused before parsing (415)."""
+class RequireJson:
+    """Request bodies are JSON; anything else is refused before parsing (415).
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        has_body = request.headers.get("content-length", "0") != "0" or (
-            "transfer-encoding" in request.headers
-        )
-        if request.method in ("POST", "PUT") and has_body:
-            content_type = request.headers.get("content-type", "")
-            if content_type.split(";")[0].strip().lower() != "application/json":
-                return error_response(
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would relay every
+    server-sent event of a stream through an extra task and queue, and wrap the
+    ``receive`` that streaming responses listen on for the client's disconnect.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            headers = Headers(scope=scope)
+            has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+            content_type = headers.get("content-type", "")
+            if has_body and content_type.split(";")[0].strip().lower() != "application/json":
+                response = error_response(
                     415, f"Content-Type must be application/json, got {content_type or 'none'}"
                 )
-        return await call_next(request)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:

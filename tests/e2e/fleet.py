@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -25,6 +26,7 @@ class LocalFleet:
     control_plane: subprocess.Popen | None = None
     nodes: list[NodeProcess] = field(default_factory=list)
     url: str = ""
+    control_plane_log: Path | None = None  # None: the control plane writes to ours
 
     @property
     def env(self) -> dict[str, str]:
@@ -44,8 +46,12 @@ class LocalFleet:
         self.redis = EmbeddedRedis().start()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        output = None if self.control_plane_log is None else self.control_plane_log.open("ab")
         self.control_plane = subprocess.Popen(
-            [sys.executable, "-m", "controlplane"], env={**self.env, "LIGHTPD_PORT": str(port)}
+            [sys.executable, "-m", "controlplane"],
+            env={**self.env, "LIGHTPD_PORT": str(port)},
+            stdout=output,
+            stderr=None if output is None else subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while True:
