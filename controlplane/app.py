@@ -58,7 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint)
         metrics = Metrics(fleet.cached_nodes)
-        timeseries = Timeseries(client, fleet.nodes)
+        # The flusher reads the registry itself: routing's cache keeps its own timing.
+        timeseries = Timeseries(client, store.nodes)
         async with NodeClient(settings.host) as node_client:
             app.state.lightpd = AppState(
                 settings=settings,

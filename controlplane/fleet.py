@@ -9,6 +9,7 @@ since their last heartbeat counted it. Draining and dead nodes get nothing new.
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from controlplane.schemas import NodePublic, NodeRole
 from controlplane.store import Store
@@ -24,9 +25,11 @@ class Fleet:
         self._lock = asyncio.Lock()
         self.inflight_tokens: Counter[str] = Counter()
 
-    async def nodes(self) -> list[NodePublic]:
+    async def nodes(self, max_age_s: float | None = None) -> list[NodePublic]:
+        """The registry as read at most ``max_age_s`` (default ``refresh_s``) ago."""
+        max_age_s = self.refresh_s if max_age_s is None else max_age_s
         async with self._lock:
-            if time.monotonic() - self._fetched_at > self.refresh_s:
+            if time.monotonic() - self._fetched_at > max_age_s:
                 self._nodes = {n.node_id: n for n in await self.store.nodes()}
                 self._fetched_at = time.monotonic()
         return list(self._nodes.values())
@@ -42,18 +45,23 @@ class Fleet:
 
     async def max_model_len(self) -> int | None:
         """The context every ready node can serve, or None when no node is ready."""
-        ready = [n for n in await self.nodes() if n.status == "ready"]
+        ready = await self._ready(lambda n: True)
         return min((n.max_model_len for n in ready), default=None)
 
     async def pick(self, role: NodeRole, exclude: set[str]) -> NodePublic | None:
-        candidates = [
-            n
-            for n in await self.nodes()
-            if n.role == role and n.status == "ready" and n.node_id not in exclude
-        ]
+        candidates = await self._ready(lambda n: n.role == role and n.node_id not in exclude)
         if not candidates:
             return None
         return max(candidates, key=self._score_decode if role == "decode" else self._score_prefill)
+
+    async def _ready(self, wanted: Callable[[NodePublic], bool]) -> list[NodePublic]:
+        """Ready nodes that are ``wanted``; when none, the registry is read afresh once,
+        so a node that joined since the last read is not missed."""
+        for max_age_s in (None, 0.0):
+            nodes = [n for n in await self.nodes(max_age_s) if n.status == "ready" and wanted(n)]
+            if nodes:
+                return nodes
+        return []
 
     def _score_decode(self, node: NodePublic) -> float:
         free = node.stats.num_free_slots if node.stats else node.num_slots

@@ -37,7 +37,7 @@ function kvBar(row) {
 export class NodesTable {
   constructor(table, { confirm, act }) {
     this.tbody = table.tBodies[0];
-    this.rows = new Map(); // node id -> <tr>
+    this.rows = new Map(); // node id -> {tr, cells, drain}
     this.sortKey = "node_id";
     this.ascending = true;
     this.confirm = confirm;
@@ -77,17 +77,17 @@ export class NodesTable {
     const seen = new Set();
     for (const row of rows) {
       seen.add(row.node_id);
-      let tr = this.rows.get(row.node_id);
-      if (!tr) {
-        tr = this.newRow(row.node_id);
-        this.rows.set(row.node_id, tr);
+      let entry = this.rows.get(row.node_id);
+      if (!entry) {
+        entry = this.newRow(row.node_id);
+        this.rows.set(row.node_id, entry);
       }
-      this.fill(tr, row);
-      this.tbody.append(tr); // moves it into sorted place
+      this.fill(entry, row);
+      this.tbody.append(entry.tr); // moves it into sorted place
     }
-    for (const [id, tr] of this.rows) {
+    for (const [id, entry] of this.rows) {
       if (!seen.has(id)) {
-        tr.remove();
+        entry.tr.remove();
         this.rows.delete(id);
       }
     }
@@ -104,13 +104,10 @@ export class NodesTable {
     );
     const cells = Array.from({ length: 10 }, () => h("td"));
     const tr = h("tr", { dataset: { nodeId } }, cells, h("td", { class: "actions" }, drain, remove));
-    tr.cells_ = cells;
-    tr.drain_ = drain;
-    return tr;
+    return { tr, cells, drain };
   }
 
-  fill(tr, row) {
-    const c = tr.cells_;
+  fill({ tr, cells: c, drain }, row) {
     c[0].replaceChildren(h("code", {}, row.node_id));
     c[1].textContent = row.role;
     c[2].textContent = row.model_name;
@@ -124,7 +121,7 @@ export class NodesTable {
     c[9].textContent = age(row.heartbeat_age);
     c[9].className = "num";
     tr.className = row.status;
-    tr.drain_.disabled = row.status !== "ready";
+    drain.disabled = row.status !== "ready";
   }
 
   async ask(nodeId, action, question) {
