@@ -50,10 +50,21 @@ class RequireJson:
         await self.app(scope, receive, send)
 
 
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client whose callers wait for a free connection rather than fail: a burst of
+    requests larger than the pool queues for Redis instead of erroring."""
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_wait_s,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         store = Store(client, settings.node_ttl_s)
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint)

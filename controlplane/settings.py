@@ -11,6 +11,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIGHTPD_", frozen=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Connections to Redis at most; a request that finds them all busy waits for one
+    # (up to redis_wait_s) instead of failing, so a burst of requests queues, not errors.
+    redis_max_connections: int = 64
+    redis_wait_s: float = 30.0
     host: str = "127.0.0.1"
     port: int = 8000
     # The fleet's model: its tokenizer and chat template are used here, and nodes
