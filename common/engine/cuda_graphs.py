@@ -53,7 +53,7 @@ def decode_step(
 
 
 class DecodeGraphs:
-    """Captured decode steps for every size of ``graph_batch_sizes(max_batch_size)``.
+    """Captured decode steps, one for each of ``batch_sizes`` (ascending).
 
     The padding request lives in the table's padding row and the pool's padding
     slot, which are never handed out. ``max_seq_len`` bounds the contexts it will
@@ -65,7 +65,7 @@ class DecodeGraphs:
         model: nn.Module,
         pool: TokenKVPool,
         table: RequestTable,
-        max_batch_size: int,
+        batch_sizes: list[int],
         max_seq_len: int,
         vocab_size: int,
         dtype: torch.dtype,
@@ -73,7 +73,8 @@ class DecodeGraphs:
         device = pool.device
         self.model, self.pool, self.table = model, pool, table
         self.max_seq_len = max_seq_len
-        self.batch_sizes = graph_batch_sizes(max_batch_size)
+        self.batch_sizes = batch_sizes
+        max_batch_size = batch_sizes[-1]
         # The padding request: one token at position 0, in the pool's padding slot.
         self.dummy_row = table.padding_row
         table.req_to_token[self.dummy_row, 0] = pool.padding_slot
@@ -99,11 +100,6 @@ class DecodeGraphs:
                 self.memory_pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.pool.device)
-
-    def release(self) -> None:
-        """Drop the graphs; their memory goes back to the allocator."""
-        self.graphs.clear()
-        self.memory_pool = None
 
     @property
     def max_batch_size(self) -> int:

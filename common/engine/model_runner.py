@@ -6,7 +6,7 @@ import torch
 
 from common.context import ForwardContext, forward_context
 from common.engine.config import EngineConfig
-from common.engine.cuda_graphs import DecodeGraphs
+from common.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from common.engine.memory_plan import MemoryPlan, measure_peak_bytes, sampler_bytes
 from common.engine.sampling_inputs import SamplingInputs
 from common.engine.scheduler import ScheduledBatch
@@ -54,7 +54,7 @@ class ModelRunner:
         self.pool, self.table = self._make_pool_and_table(num_slots, self.max_model_len)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
-            self.graphs = self._capture_graphs(self.pool, self.table)
+            self.graphs = self._capture_graphs(graph_batch_sizes(self.graph_max_batch))
 
     def _make_pool_and_table(
         self, num_slots: int, max_model_len: int
@@ -67,13 +67,14 @@ class ModelRunner:
         table = RequestTable(self.config.max_num_reqs, max_model_len + 1, self.device)
         return pool, table
 
-    def _capture_graphs(self, pool: TokenKVPool, table: RequestTable) -> DecodeGraphs:
+    def _capture_graphs(self, batch_sizes: list[int]) -> DecodeGraphs:
+        """Decode graphs over the current pool and table, for contexts up to the table's width."""
         graphs = DecodeGraphs(
             self.model,
-            pool,
-            table,
-            self.graph_max_batch,
-            table.max_context_len - 1,
+            self.pool,
+            self.table,
+            batch_sizes,
+            self.table.max_context_len - 1,
             self.model_config.vocab_size,
             self.dtype,
         )
@@ -101,18 +102,7 @@ class ModelRunner:
             self.prompt_logits([[0] * num_tokens])
 
         def capture() -> None:
-            graphs = DecodeGraphs(
-                self.model,
-                self.pool,
-                self.table,
-                self.graph_max_batch,
-                num_tokens,
-                self.model_config.vocab_size,
-                self.dtype,
-            )
-            graphs.batch_sizes = [graphs.max_batch_size]
-            graphs.capture()
-            graphs.release()
+            self._capture_graphs([self.graph_max_batch])  # dropped on return
 
         try:
             prefill_peak = measure_peak_bytes(self.device, prefill)
