@@ -14,6 +14,7 @@ import asyncio
 import statistics
 import subprocess
 import sys
+import secrets
 import tempfile
 import time
 
@@ -99,8 +100,9 @@ async def added_ttft(token_counts: list[int], repeats: int) -> None:
     )
     model = str(write_tiny_checkpoint(tempfile.mkdtemp(), "llama", overrides=overrides))
     args = ("--num-kv-slots", str(max(token_counts) * 2), "--max-prefill-tokens", "2048")
-    prefill = start_node("prefill", model, *args)
-    decode = start_node("decode", model, *args)
+    token = secrets.token_hex(16)
+    prefill = start_node("prefill", model, *args, cluster_token=token)
+    decode = start_node("decode", model, *args, cluster_token=token)
     engine = LLMEngine(
         EngineConfig(
             model=model, device="cpu", num_kv_slots=max(token_counts) * 2, max_prefill_tokens=2048
@@ -111,7 +113,7 @@ async def added_ttft(token_counts: list[int], repeats: int) -> None:
     print("| prompt tokens | in-process engine | prefill node -> decode node | added |")
     print("| --- | --- | --- | --- |")
     try:
-        async with NodeClient() as client:
+        async with NodeClient(token) as client:
             for num_tokens in token_counts:
                 prompt = [(i * 7919) % 390 + 3 for i in range(num_tokens)]
                 local, remote = [], []

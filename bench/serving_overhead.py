@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.serving_fleet import BenchFleet, cpu_seconds, pin
+from bench.serving_fleet import CLUSTER_TOKEN, BenchFleet, cpu_seconds, pin
 from common.node_client import NodeClient, NodeError
 from common.protocol import KVTarget
 from common.sampling_params import SamplingParams
@@ -116,7 +116,7 @@ async def measure(args: argparse.Namespace, fleet: BenchFleet, tokenizer) -> dic
     name = Path(fleet.model).name  # the control plane serves the folder's name
     config = ClientConfig(fleet.url, name, "completions", API_KEY, ignore_eos=True)
     result: dict = {"rounds": []}
-    async with NodeClient() as nodes:
+    async with NodeClient(CLUSTER_TOKEN) as nodes:
         direct = DirectClient(nodes, prefill, decode)
         http = StreamClient(config)
         try:

@@ -1,4 +1,10 @@
-"""What both node servers share: sockets, replies to clients, token events, stats."""
+"""What both node servers share: sockets, replies to clients, token events, stats.
+
+No send on a serving loop may block: every reply and token message goes out with
+NOBLOCK through a ROUTER in mandatory mode, so a peer that is gone or has stopped
+reading (its queue reached the high-water mark) makes the send fail at once
+instead of hanging the loop; the requests of that peer are then aborted.
+"""
 
 import logging
 import os
@@ -10,6 +16,7 @@ from collections.abc import Callable
 import zmq
 
 from common.engine.request import RequestOutput, TokenLogprob
+from common.node_auth import FleetKeys
 from common.protocol import (
     Error,
     Message,
@@ -26,6 +33,25 @@ logger = logging.getLogger(__name__)
 
 def default_node_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+# Messages queued to one peer before it counts as not reading (ROUTER, per peer).
+SEND_HWM = 4096
+# Largest control message accepted (a prompt of MAX_PROMPT_TOKENS packs in about 5 MiB).
+MAX_CONTROL_MESSAGE_BYTES = 16 << 20
+
+
+def serving_socket(
+    ctx: zmq.Context, keys: FleetKeys, max_message_bytes: int = MAX_CONTROL_MESSAGE_BYTES
+) -> zmq.Socket:
+    """A ROUTER that only fleet members reach, whose sends never block."""
+    sock = ctx.socket(zmq.ROUTER)
+    keys.serve(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    return sock
 
 
 def bind(sock: zmq.Socket, host: str, port: int) -> str:
@@ -58,31 +84,26 @@ class RateMeter:
 
 
 class Publisher:
-    """Token events to the control planes, one message per destination per flush."""
+    """Token events back to the control planes over the connections their requests
+    came in on: one message per control plane per flush, never blocking."""
 
-    def __init__(self, ctx: zmq.Context, node_id: str) -> None:
-        self.ctx = ctx
+    def __init__(self, sock: zmq.Socket, node_id: str) -> None:
+        self.sock = sock
         self.node_id = node_id
-        self._sockets: dict[str, zmq.Socket] = {}
-        self._pending: dict[str, list[TokenEvent]] = {}
+        self._pending: dict[bytes, list[TokenEvent]] = {}
 
-    def add(self, reply_to: str, event: TokenEvent) -> None:
-        self._pending.setdefault(reply_to, []).append(event)
+    def add(self, origin: bytes, event: TokenEvent) -> None:
+        self._pending.setdefault(origin, []).append(event)
 
-    def flush(self) -> None:
-        for reply_to, events in self._pending.items():
-            sock = self._sockets.get(reply_to)
-            if sock is None:
-                sock = self.ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 1000)
-                sock.connect(reply_to)
-                self._sockets[reply_to] = sock
-            sock.send(encode(Tokens(node_id=self.node_id, events=events)))
+    def flush(self) -> list[bytes]:
+        """Send what is pending; returns the origins that could not take it (gone,
+        or not reading), whose requests the caller should abort."""
+        lost = []
+        for origin, events in self._pending.items():
+            if not send(self.sock, origin, Tokens(node_id=self.node_id, events=events)):
+                lost.append(origin)
         self._pending.clear()
-
-    def close(self) -> None:
-        for sock in self._sockets.values():
-            sock.close()
+        return lost
 
 
 def wire_logprobs(logprob: TokenLogprob) -> TokenLogprobs:
@@ -104,8 +125,8 @@ def token_event(output: RequestOutput) -> TokenEvent:
     )
 
 
-def error_event(request_id: str, message: str) -> TokenEvent:
-    return TokenEvent(request_id=request_id, finish_reason="error", error=message)
+def error_event(request_id: str, message: str, retry: bool = False) -> TokenEvent:
+    return TokenEvent(request_id=request_id, finish_reason="error", error=message, retry=retry)
 
 
 def engine_logprobs(logprobs: TokenLogprobs | None) -> list[TokenLogprob] | None:
@@ -138,9 +159,50 @@ def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]],
         if not sock.poll(0, zmq.POLLIN):
             return
         received = receive(sock)
-        if received is not None:
+        if received is None:
+            continue
+        identity, message, _ = received
+        try:
             handler(*received)
+        except Exception as exc:  # one message's fault is that message's, not the node's
+            logger.exception("handling a %s failed", type(message).__name__)
+            reply(
+                sock,
+                identity,
+                Error(
+                    call_id=getattr(message, "call_id", None),
+                    request_id=getattr(message, "request_id", None),
+                    code="invalid",
+                    message=f"the node could not handle this {type(message).__name__}: {exc}",
+                ),
+            )
+
+
+def send(sock: zmq.Socket, identity: bytes, message: Message) -> bool:
+    """Send to one peer of a mandatory ROUTER without blocking; False if the peer
+    is gone or its queue is full."""
+    try:
+        sock.send_multipart([identity, encode(message)], flags=zmq.NOBLOCK)
+    except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+        logger.warning("cannot send %s to a peer: %s", type(message).__name__, exc)
+        return False
+    return True
 
 
 def reply(sock: zmq.Socket, identity: bytes, message: Message) -> None:
-    sock.send_multipart([identity, encode(message)])
+    send(sock, identity, message)
+
+
+class LoopClock:
+    """When the serving loop last made progress; read by the heartbeat thread, so
+    a loop that is stuck shows as stuck however healthy the process looks."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+
+    def tick(self) -> None:
+        self._last = time.monotonic()
+
+    @property
+    def age_s(self) -> float:
+        return time.monotonic() - self._last

@@ -1,12 +1,16 @@
 """Asyncio client of the nodes: reserve, prefill, abort, health, and token streams.
 
-One PULL socket (``reply_to``) receives the Tokens of every request this client
-started; calls go over one DEALER per node and their replies are matched by
-``call_id``. Used by the control plane and by tests.
+One DEALER per node, keyed with the fleet's CURVE keys, carries the calls and
+brings back both their replies (matched by ``call_id``) and the Tokens of the
+requests sent there: a request's events are accepted only from the nodes it was
+sent to. Each request gets a secret that its KV, first token and abort carry.
+Used by the control plane and by tests.
 """
 
 import asyncio
 import itertools
+import logging
+import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from common.node_auth import FleetKeys, new_secret
 from common.protocol import (
     Abort,
     Accepted,
@@ -44,6 +49,10 @@ class NodeRefused(NodeError):
     """The node answered with an Error; the message is the node's."""
 
 
+class NodeBusy(NodeRefused):
+    """The node cannot take the request now (queue full, or no room freed in time)."""
+
+
 class NodeTimeout(NodeError):
     """The node did not answer in time (it may be down)."""
 
@@ -56,21 +65,32 @@ class Generation:
     error: str | None = None
 
 
+logger = logging.getLogger(__name__)
+# How long past the node's own queue timeout a Reserve call waits for its answer.
+RESERVE_GRACE_S = 10.0
+SEND_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _Stream:
+    secret: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sources: set[str] = field(default_factory=set)  # endpoints it was sent to
+
+
 class NodeClient:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, cluster_token: str) -> None:
+        self.keys = FleetKeys.from_token(cluster_token)
         self.ctx = zmq.asyncio.Context()
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        port = self.inbox.bind_to_random_port(f"tcp://{host}")
-        self.reply_to = f"tcp://{host}:{port}"
+        # Kept across reconnects, so nodes can still route this client's tokens.
+        self.identity = b"cp-" + os.urandom(12).hex().encode()
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
         self._calls: dict[int, asyncio.Future] = {}
-        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._call_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
 
     async def __aenter__(self) -> "NodeClient":
-        self._tasks.append(asyncio.create_task(self._read_inbox()))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -93,19 +113,23 @@ class NodeClient:
         request_id: str,
         prompt: list[int],
         params: SamplingParams,
+        queue_timeout_s: float = 180.0,
         kv_timeout_s: float = 30.0,
-        timeout: float = 60.0,
     ) -> Reserved:
-        """Hold slots on a decode node; returns once they are granted."""
+        """Hold slots on a decode node; returns once they are granted. The node
+        queues the request for up to ``queue_timeout_s``, then refuses it "busy"."""
+        stream = self._stream(request_id)
+        stream.sources.add(endpoint)
         message = Reserve(
             call_id=self._next_call(),
             request_id=request_id,
+            secret=stream.secret,
             prompt_token_ids=prompt,
             params=params,
-            reply_to=self.reply_to,
+            queue_timeout_s=queue_timeout_s,
             kv_timeout_s=kv_timeout_s,
         )
-        return await self._call(endpoint, message, timeout)
+        return await self._call(endpoint, message, queue_timeout_s + RESERVE_GRACE_S)
 
     async def prefill(
         self,
@@ -117,19 +141,32 @@ class NodeClient:
         ack_timeout_s: float = 30.0,
         timeout: float = 10.0,
     ) -> Accepted:
+        stream = self._stream(request_id)
+        stream.sources.add(endpoint)
         message = Prefill(
             call_id=self._next_call(),
             request_id=request_id,
+            secret=stream.secret,
             prompt_token_ids=prompt,
             params=params,
-            reply_to=self.reply_to,
             target=target,
             ack_timeout_s=ack_timeout_s,
         )
         return await self._call(endpoint, message, timeout)
 
     async def abort(self, endpoint: str, request_id: str) -> None:
-        await self._dealer(endpoint).send(encode(Abort(request_id=request_id)))
+        """Ask a node to stop a request this client sent it (never blocks for long)."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        message = Abort(request_id=request_id, secret=stream.secret)
+        try:
+            await asyncio.wait_for(self._dealer(endpoint).send(encode(message)), SEND_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("could not send an abort of %s to %s", request_id, endpoint)
+
+    def secret(self, request_id: str) -> str:
+        return self._stream(request_id).secret
 
     def _next_call(self) -> int:
         return next(self._call_ids)
@@ -138,13 +175,16 @@ class NodeClient:
         future = asyncio.get_running_loop().create_future()
         self._calls[message.call_id] = future
         try:
-            await self._dealer(endpoint).send(encode(message))
-            reply = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await self._dealer(endpoint).send(encode(message))
+                reply = await future
         except TimeoutError as exc:
             raise NodeTimeout(f"no answer from {endpoint} within {timeout:g} s") from exc
         finally:
             self._calls.pop(message.call_id, None)
         if isinstance(reply, Error):
+            if reply.code == "busy":
+                raise NodeBusy(reply.message)
             raise NodeRefused(reply.message)
         return reply
 
@@ -152,41 +192,47 @@ class NodeClient:
         sock = self._dealers.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
+            self.keys.connect_as_member(sock)
+            sock.setsockopt(zmq.ROUTING_ID, self.identity)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
             self._dealers[endpoint] = sock
-            self._tasks.append(asyncio.create_task(self._read_replies(sock)))
+            self._tasks.append(asyncio.create_task(self._read(endpoint, sock)))
         return sock
 
-    async def _read_replies(self, sock: zmq.asyncio.Socket) -> None:
+    async def _read(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart()
             try:
-                reply = decode(frames[0])
-            except ProtocolError:
+                message = decode(frames[0])
+            except ProtocolError as exc:
+                logger.warning("bad message from %s: %s", endpoint, exc)
                 continue
-            future = self._calls.get(getattr(reply, "call_id", None))
+            if isinstance(message, Tokens):
+                self._deliver(endpoint, message)
+                continue
+            future = self._calls.get(getattr(message, "call_id", None))
             if future is not None and not future.done():
-                future.set_result(reply)
+                future.set_result(message)
 
     # ---- token streams ----
 
-    async def _read_inbox(self) -> None:
-        while True:
-            frame = await self.inbox.recv()
-            try:
-                message = decode(frame)
-            except ProtocolError:
-                continue
-            if isinstance(message, Tokens):
-                for event in message.events:
-                    queue = self._streams.get(event.request_id)
-                    if queue is not None:
-                        queue.put_nowait(event)
+    def _deliver(self, endpoint: str, message: Tokens) -> None:
+        for event in message.events:
+            stream = self._streams.get(event.request_id)
+            # Only the nodes a request was sent to may speak for it.
+            if stream is not None and endpoint in stream.sources:
+                stream.queue.put_nowait(event)
+
+    def _stream(self, request_id: str) -> _Stream:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            stream = self._streams[request_id] = _Stream(new_secret())
+        return stream
 
     def open_stream(self, request_id: str) -> None:
         """Start collecting a request's events; open it before the request is sent."""
-        self._streams[request_id] = asyncio.Queue()
+        self._stream(request_id)
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -194,13 +240,13 @@ class NodeClient:
     async def next_event(self, request_id: str, timeout: float) -> TokenEvent | None:
         """The request's next event, or None if none came within ``timeout``."""
         try:
-            return await asyncio.wait_for(self._streams[request_id].get(), timeout)
+            return await asyncio.wait_for(self._streams[request_id].queue.get(), timeout)
         except TimeoutError:
             return None
 
     async def events(self, request_id: str, timeout: float = 60.0) -> AsyncIterator[TokenEvent]:
         """A request's events up to and including the one that finishes it."""
-        queue = self._streams[request_id]
+        queue = self._streams[request_id].queue
         try:
             while True:
                 try:
@@ -231,8 +277,8 @@ class NodeClient:
             target = KVTarget(reserved.kv_endpoint, reserved.layout)
             await self.prefill(prefill_endpoint, request_id, prompt, params, target)
         except NodeError:
-            self._streams.pop(request_id, None)
             await self.abort(decode_endpoint, request_id)
+            self._streams.pop(request_id, None)
             raise
         result = Generation()
         async for event in self.events(request_id, timeout):

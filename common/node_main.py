@@ -2,8 +2,10 @@
 
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -60,7 +62,11 @@ def engine_config(
     )
 
 
-def serve(server: Any, role: str, control_plane: str | None, cluster_token: str | None) -> None:
+# After SIGTERM, a node that has not stopped within this many seconds exits anyway.
+STOP_GRACE_S = 5.0
+
+
+def serve(server: Any, role: str, control_plane: str | None, cluster_token: str) -> None:
     """Print one JSON line saying where the node listens, register with the control
     plane if one is given, then serve until SIGTERM/SIGINT or removal."""
     exit_code = 0
@@ -71,13 +77,13 @@ def serve(server: Any, role: str, control_plane: str | None, cluster_token: str 
         if reason:
             print(("error: " if code else "") + reason, file=sys.stderr, flush=True)
         server.stop()
+        # Whatever the loop is doing, the process ends within the grace period.
+        threading.Timer(STOP_GRACE_S, lambda: os._exit(exit_code or 0)).start()
 
     signal.signal(signal.SIGTERM, lambda *_: stop())
     signal.signal(signal.SIGINT, lambda *_: stop())
     registrar = None
     if control_plane:
-        if not cluster_token:
-            raise ValueError("--cluster-token (or LIGHTPD_CLUSTER_TOKEN) is needed to join a fleet")
         registrar = Registrar(
             control_plane, cluster_token, _registration(server, role), lambda: _stats(server), stop
         )
@@ -125,6 +131,9 @@ def _stats(server: Any) -> dict:
         "num_queued": h.num_queued,
         "num_queued_tokens": h.num_queued_tokens,
         "tokens_per_s": h.tokens_per_s,
+        # How long ago the serving loop last went round: a stuck loop shows here
+        # even while this thread keeps the heartbeat going.
+        "loop_age_s": server.clock.age_s,
     }
 
 

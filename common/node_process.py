@@ -38,10 +38,14 @@ def start_node(
     device: str = "cpu",
     timeout: float = 120.0,
     log: Path | None = None,
+    cluster_token: str | None = None,
 ) -> NodeProcess:
-    """Run ``python -m {role}_node`` and return once it prints its ready line."""
+    """Run ``python -m {role}_node`` and return once it prints its ready line. The
+    node keys its sockets with ``cluster_token`` (default: LIGHTPD_CLUSTER_TOKEN)."""
     command = [sys.executable, "-m", f"{role}_node", "--model", model, "--device", device, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cluster_token is not None:
+        env["LIGHTPD_CLUSTER_TOKEN"] = cluster_token
     stderr = open(log, "ab") if log is not None else None  # noqa: SIM115 (the child keeps it)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     selector = selectors.DefaultSelector()

@@ -3,16 +3,37 @@
 Every message is a msgspec Struct sent as msgpack in the first ZeroMQ frame; the
 ``type`` tag selects the Struct and ``version`` must equal PROTOCOL_VERSION.
 Tensors (KV layers) travel as raw frames after the header. Nothing is pickled.
-Decoding validates types and values (SamplingParams checks itself), so a bad
-message becomes a ProtocolError that the receiver answers with an ``Error``.
+Decoding validates types, values and sizes (SamplingParams checks itself), so
+a bad message becomes a ProtocolError that the receiver answers with an
+``Error``. Every field that arrives over the network is bounded here.
+
+Replies and token events go back over the connection the request came in on
+(the control plane's DEALER to the node's ROUTER): no message names a reply
+address, so no node ever connects to an address a message gave it, except the
+KV target of a Prefill, which the control plane read from the registry.
 """
+
+from typing import Annotated
 
 import msgspec
 
 from common.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_QUEUE_TIMEOUT_S = 3600.0
+MAX_KV_TIMEOUT_S = 600.0
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+CallId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+Count = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=64)]
+Endpoint = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^tcp://[^\s/]+:[0-9]{1,5}$")]
+Text = Annotated[str, msgspec.Meta(max_length=1 << 16)]
+Prompt = Annotated[list[TokenId], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+QueueTimeout = Annotated[float, msgspec.Meta(ge=0, le=MAX_QUEUE_TIMEOUT_S)]
+KVTimeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_KV_TIMEOUT_S)]
 
 
 class ProtocolError(ValueError):
@@ -26,11 +47,11 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fie
 class KVLayout(msgspec.Struct, frozen=True):
     """What a KV byte stream means; sender and receiver must agree on all of it."""
 
-    model_fingerprint: str
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    model_fingerprint: Annotated[str, msgspec.Meta(max_length=64)]
+    dtype: Annotated[str, msgspec.Meta(max_length=16)]
+    num_layers: Count
+    num_kv_heads: Count
+    head_dim: Count
 
     def describe_mismatch(self, other: "KVLayout") -> str | None:
         diffs = [
@@ -42,29 +63,34 @@ class KVLayout(msgspec.Struct, frozen=True):
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
-    token_id: int
+    token_id: TokenId
     logprob: float
-    top: list[tuple[int, float]] = []
+    top: Annotated[list[tuple[TokenId, float]], msgspec.Meta(max_length=20)] = []
 
 
 # ---- control plane -> decode node ----
 
 
 class Reserve(Message, tag="reserve"):
-    """Hold KV slots for a request's prompt; answered by Reserved once admitted."""
+    """Hold KV slots for a request's prompt; answered by Reserved once admitted.
 
-    call_id: int
-    request_id: str
-    prompt_token_ids: list[int]
+    The request waits in the node's queue, in order, for up to ``queue_timeout_s``;
+    once admitted, its KV must be complete within ``kv_timeout_s``. Its KV, first
+    token and abort must carry ``secret``. Its tokens go back to the sender."""
+
+    call_id: CallId
+    request_id: Id
+    secret: Secret
+    prompt_token_ids: Prompt
     params: SamplingParams
-    reply_to: str  # ZeroMQ endpoint that receives this request's Tokens
-    kv_timeout_s: float = 30.0  # release the slots if no complete KV by then
+    queue_timeout_s: QueueTimeout = 180.0
+    kv_timeout_s: KVTimeout = 30.0
 
 
 class Reserved(Message, tag="reserved"):
-    call_id: int
-    request_id: str
-    kv_endpoint: str
+    call_id: CallId
+    request_id: Id
+    kv_endpoint: Endpoint
     layout: KVLayout
 
 
@@ -72,23 +98,26 @@ class Reserved(Message, tag="reserved"):
 
 
 class KVTarget(msgspec.Struct, frozen=True):
-    endpoint: str
+    endpoint: Endpoint
     layout: KVLayout
 
 
 class Prefill(Message, tag="prefill"):
-    call_id: int
-    request_id: str
-    prompt_token_ids: list[int]
+    """Compute the prompt's KV and send it to ``target`` under ``secret`` (the
+    reservation's); the same secret aborts it here."""
+
+    call_id: CallId
+    request_id: Id
+    secret: Secret
+    prompt_token_ids: Prompt
     params: SamplingParams  # seed must be set, so decode continues the same stream
-    reply_to: str
     target: KVTarget
-    ack_timeout_s: float = 30.0  # free the KV if the decode node never acknowledges
+    ack_timeout_s: KVTimeout = 30.0  # free the KV if the decode node never acknowledges
 
 
 class Accepted(Message, tag="accepted"):
-    call_id: int
-    request_id: str
+    call_id: CallId
+    request_id: Id
 
 
 # ---- prefill node -> decode node (kv socket) ----
@@ -98,61 +127,67 @@ class KVLayer(Message, tag="kv_layer"):
     """Header of one layer's K and V for positions [start, start + num_tokens);
     followed by two raw frames, K then V, each [num_tokens, num_kv_heads, head_dim]."""
 
-    request_id: str
+    request_id: Id
+    secret: Secret
     layout: KVLayout
-    layer: int
-    start: int
-    num_tokens: int
+    layer: Count
+    start: Count
+    num_tokens: Count
 
 
 class PrefillDone(Message, tag="prefill_done"):
     """All layers sent; the first generated token."""
 
-    request_id: str
+    request_id: Id
+    secret: Secret
     layout: KVLayout
-    num_prompt_tokens: int
-    first_token: int
+    num_prompt_tokens: Count
+    first_token: TokenId
     logprobs: TokenLogprobs | None = None
 
 
 class KVAck(Message, tag="kv_ack"):
-    request_id: str
-    error: str | None = None
+    request_id: Id
+    error: Text | None = None
 
 
-# ---- nodes -> control plane (reply_to) ----
+# ---- nodes -> control plane (back over the request's own connection) ----
 
 
 class TokenEvent(msgspec.Struct, kw_only=True):
-    request_id: str
-    token_ids: list[int] = []
+    request_id: Id
+    token_ids: list[TokenId] = []
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # stop | length | abort | error
-    error: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
+    error: Text | None = None
+    # For errors before the first token: whether another node may succeed (the KV
+    # transfer failed) or the request itself is at fault (it would fail anywhere).
+    retry: bool = False
+    num_prompt_tokens: Count = 0
+    num_output_tokens: Count = 0
 
 
 class Tokens(Message, tag="tokens"):
     """One step's news for all requests of one destination."""
 
-    node_id: str
-    events: list[TokenEvent]
+    node_id: Id
+    events: Annotated[list[TokenEvent], msgspec.Meta(max_length=1 << 16)]
 
 
-# ---- any -> any node ----
+# ---- control plane -> any node ----
 
 
 class Abort(Message, tag="abort"):
-    request_id: str
+    request_id: Id
+    secret: Secret
 
 
 class HealthCheck(Message, tag="health_check"):
-    call_id: int
+    call_id: CallId
 
 
 class Health(Message, tag="health"):
-    call_id: int
+    call_id: CallId
     node_id: str
     role: str
     model: str
@@ -169,9 +204,14 @@ class Health(Message, tag="health"):
 
 
 class Error(Message, tag="error", kw_only=True):
-    call_id: int | None = None
-    request_id: str | None = None
-    message: str
+    """A refusal. ``code`` says what the caller may do: "busy" (the node's queue is
+    full or the wait ran out: try elsewhere or later), "invalid" (the request
+    itself is wrong: do not retry), or None (an error about the message)."""
+
+    call_id: CallId | None = None
+    request_id: Id | None = None
+    code: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    message: Text
 
 
 AnyMessage = (
@@ -207,16 +247,7 @@ def decode(frame: bytes | memoryview) -> Message:
         raise ProtocolError(f"malformed message: {exc}") from exc
     if message.version != PROTOCOL_VERSION:
         raise ProtocolError(_version_error(message.version))
-    if isinstance(message, Reserve | Prefill):
-        _check_prompt(message.prompt_token_ids)
     return message
-
-
-def _check_prompt(prompt: list[int]) -> None:
-    if not prompt:
-        raise ProtocolError("malformed message: the prompt is empty")
-    if len(prompt) > MAX_PROMPT_TOKENS:
-        raise ProtocolError(f"malformed message: prompt longer than {MAX_PROMPT_TOKENS} tokens")
 
 
 def _version_error(version: object) -> str:

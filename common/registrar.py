@@ -4,9 +4,14 @@ Runs in a thread beside the node's serving loop. A refusal (wrong cluster token,
 another model) is fatal and its reason is printed; a control plane that is down
 is retried; a node whose registration expired registers again; a node removed
 by an admin stops.
+
+Each registration carries a random session secret, and every heartbeat presents
+it: a process that knows the cluster token still cannot take over or rewrite the
+record of a live node it is not.
 """
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +20,7 @@ import httpx
 
 logger = logging.getLogger(__name__)
 STARTUP_RETRY_S = 30.0
+SESSION_HEADER = "X-Lightpd-Node-Session"
 
 
 class Registrar(threading.Thread):
@@ -28,10 +34,14 @@ class Registrar(threading.Thread):
     ) -> None:
         super().__init__(name="registrar", daemon=True)
         self.base = control_plane.rstrip("/")
-        self.registration = registration
+        session = secrets.token_hex(16)
+        self.registration = {**registration, "session": session}
         self.stats = stats
         self.stop_node = stop_node  # (exit code, reason)
-        self.http = httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {cluster_token}"})
+        self.http = httpx.Client(
+            timeout=5.0,
+            headers={"Authorization": f"Bearer {cluster_token}", SESSION_HEADER: session},
+        )
         self.heartbeat_s = 1.0
         self.registered = threading.Event()
         self._stopped = threading.Event()
@@ -79,6 +89,9 @@ class Registrar(threading.Thread):
             return
         if reply.status_code == 410:
             self.stop_node(0, f"removed from the fleet: {_reason(reply)}")
+            self.stop()
+        elif reply.status_code == 409:
+            self.stop_node(2, f"another node holds this node id: {_reason(reply)}")
             self.stop()
         elif reply.status_code == 404:
             logger.warning("registration lapsed; registering again")

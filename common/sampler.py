@@ -103,18 +103,21 @@ class Sampler:
         return exponential_race(logits, inv_temperatures, batch.keys, batch.steps)
 
     def _apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        history = batch.token_history.long()  # (B, L)
-        positions = torch.arange(history.shape[1], device=logits.device)[None, :]
-        in_history = positions < batch.history_lens[:, None]
+        vocab = self.vocab_size
+        history = batch.token_history.long()  # (B, L), any L: it may exceed the vocabulary
+        positions = torch.arange(history.shape[1], device=logits.device)[None, :]  # (1, L)
+        # Ids outside the vocabulary cannot be penalized; they must not index out of range.
+        in_history = (positions < batch.history_lens[:, None]) & (history >= 0) & (history < vocab)
         in_output = in_history & (positions >= batch.prompt_lens[:, None])
-        dump = self.vocab_size  # an extra column collects the padding
+        # Padding goes to an extra column, dropped afterwards.
+        ids = torch.where(in_history, history, vocab)  # (B, L)
         num_rows = logits.shape[0]
-        counts = torch.zeros((num_rows, dump + 1), device=logits.device)
-        counts.scatter_add_(1, torch.where(in_output, history, dump), torch.ones_like(counts))
-        counts = counts[:, :dump]  # (B, V) times each token was generated
-        seen = torch.zeros((num_rows, dump + 1), dtype=torch.bool, device=logits.device)
-        seen.scatter_(1, torch.where(in_history, history, dump), True)
-        seen = seen[:, :dump]  # (B, V) token occurs in prompt or output
+        counts = torch.zeros((num_rows, vocab + 1), device=logits.device)
+        counts.scatter_add_(1, ids, in_output.float())
+        counts = counts[:, :vocab]  # (B, V) times each token was generated
+        seen = torch.zeros((num_rows, vocab + 1), dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, ids, True)
+        seen = seen[:, :vocab]  # (B, V) token occurs in prompt or output
         # Repetition penalty as in transformers (CTRL paper), over prompt and output.
         rep = batch.repetition_penalties[:, None]
         penalized = torch.where(logits > 0, logits / rep, logits * rep)

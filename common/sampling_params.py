@@ -2,6 +2,10 @@
 
 import msgspec
 
+INT32_LIMIT = 1 << 31
+SEED_LIMIT = 1 << 63
+MAX_STOP_TOKEN_IDS = 256
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """OpenAI-style sampling settings plus the usual vLLM/SGLang extras.
@@ -59,7 +63,22 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be between 0 and 20, got {self.logprobs}",
             ),
-            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
+            (
+                self.max_new_tokens < INT32_LIMIT and self.top_k < INT32_LIMIT,
+                f"max_new_tokens and top_k must be below {INT32_LIMIT}",
+            ),
+            (
+                self.seed is None or -SEED_LIMIT <= self.seed < SEED_LIMIT,
+                f"seed must be a 64-bit signed integer, got {self.seed}",
+            ),
+            (
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
+            ),
+            (
+                all(0 <= t < INT32_LIMIT for t in self.stop_token_ids),
+                f"stop_token_ids must be in [0, {INT32_LIMIT})",
+            ),
         ]
         for ok, message in checks:
             if not ok:

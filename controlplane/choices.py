@@ -32,6 +32,7 @@ class Choice:
     prompt: list[int]
     params: SamplingParams
     stops: list[str]
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)  # holds decode slots
 
 
 async def run_choice(
@@ -40,7 +41,7 @@ async def run_choice(
     """Deltas of one choice, the last with a finish_reason (stop, length, abort or error).
     Leaving early (a stop string, a disconnect) aborts the request on its nodes."""
     text = TextStream(tokenizer, choice.stops)
-    events = dispatcher.generate(choice.request_id, choice.prompt, choice.params)
+    events = dispatcher.generate(choice.request_id, choice.prompt, choice.params, choice.admitted)
     async with aclosing(events):
         async for event in events:
             if event.finish_reason == "error":

@@ -1,10 +1,20 @@
 """One generation through the fleet: reserve on a decode node, prefill, stream tokens.
 
-A request whose nodes fail before its first token is tried again on other nodes
-(up to ``max_attempts``); one that fails after it ends with an error event. A
-node counts as failed when the registry loses it or marks it dead (no heartbeat
-for the TTL) or a call to it times out. The caller closing the stream aborts the
-request on both nodes.
+A request waits, in order, in its decode node's queue until slots free up (up to
+``queue_timeout_s``); past that bound, or when ``max_queued`` requests of this
+control plane already wait, it gets a 503 with Retry-After. Its caller learns
+through ``admitted`` when it holds slots, so a streaming response starts only
+then and never carries an error for a request that never ran.
+
+A request whose KV hand-off fails before its first token is tried again on
+other nodes (up to ``max_attempts``); so is one whose node dies then, but only
+once: a request that was on two nodes that died is failed, since it may be
+what killed them. A request that a node failed for its own sake (it would fail
+anywhere) is failed with the node's reason, not retried. One that fails after
+its first token ends with an error event. A node counts as failed when the
+registry loses it or marks it dead (no heartbeat for the TTL, or a stuck
+serving loop) or a call to it times out. The caller closing the stream aborts
+the request on both nodes.
 
 Each request's timeline goes to Redis at its transitions: queued (waiting for a
 decode node's reservation), prefilling (the prefill node has the prompt),
@@ -18,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from common.node_client import NodeClient, NodeRefused, NodeTimeout
+from common.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
 from common.protocol import KVTarget, TokenEvent
 from common.sampling_params import SamplingParams
 from controlplane.fleet import Fleet
@@ -30,10 +40,15 @@ from controlplane.timeseries import Timeseries
 
 logger = logging.getLogger(__name__)
 LIVENESS_CHECK_S = 1.0
+MAX_NODE_DEATHS = 2  # a request on this many nodes that died is not tried again
 
 
 class NoCapacityError(RuntimeError):
-    """No ready node can take the request (HTTP 503)."""
+    """No ready node can take the request now (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RequestRejected(ValueError):
@@ -41,8 +56,17 @@ class RequestRejected(ValueError):
 
 
 class NodeDown(RuntimeError):
-    def __init__(self, node: NodePublic, reason: str) -> None:
+    """The attempt failed with its node (``died``: the node itself is gone)."""
+
+    def __init__(self, node: NodePublic, reason: str, died: bool = True) -> None:
         super().__init__(f"{node.role} node {node.node_id} {reason}")
+        self.node = node
+        self.died = died
+
+
+class NodeBusyError(RuntimeError):
+    def __init__(self, node: NodePublic, reason: str) -> None:
+        super().__init__(reason)
         self.node = node
 
 
@@ -62,11 +86,17 @@ class Dispatcher:
         self.store = store
         self.metrics = metrics
         self.timeseries = timeseries
+        self.num_queued = 0  # requests of this control plane waiting for slots
 
     async def generate(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        admitted: asyncio.Event | None = None,
     ) -> AsyncIterator[TokenEvent]:
-        """Events of one request until the one that finishes it."""
+        """Events of one request until the one that finishes it. ``admitted`` is set
+        once a decode node holds slots for it."""
         started = time.monotonic()
         first_token_at: float | None = None
         num_tokens = 0
@@ -74,16 +104,24 @@ class Dispatcher:
         ended = False  # the event that ends the request went out
         error: str | None = None
         tried: set[str] = set()
+        deaths = 0
+        admitted = admitted or asyncio.Event()
         self.timeseries.count("started")
-        await self.store.record_request(
-            request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
-        )
         try:
+            await self.store.record_request(
+                request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
+            )
+            if self.num_queued >= self.settings.max_queued:
+                raise NoCapacityError(
+                    f"too many requests are waiting ({self.settings.max_queued}); try again later",
+                    retry_after_s=5,
+                )
+            deadline = time.monotonic() + self.settings.queue_timeout_s
             for attempt in range(self.settings.max_attempts):
-                decode, prefill = await self._pick(tried)
+                decode, prefill = await self._pick(tried, len(prompt))
                 try:
                     async for event in self._attempt(
-                        request_id, attempt, prompt, params, prefill, decode
+                        request_id, attempt, prompt, params, prefill, decode, admitted, deadline
                     ):
                         if event.token_ids and first_token_at is None:
                             first_token_at = time.monotonic()
@@ -98,15 +136,36 @@ class Dispatcher:
                             ended = True
                         yield event
                     return
+                except NodeBusyError as exc:  # its queue is full: another node may have room
+                    logger.info("request %s: %s", request_id, exc)
+                    tried.add(exc.node.node_id)
+                    continue
                 except NodeDown as exc:
                     logger.warning("request %s: %s", request_id, exc)
                     tried.add(exc.node.node_id)
+                    deaths += exc.died
                     if first_token_at is not None:  # output already streamed: cannot redo
                         error, ended = f"{exc}; the request was interrupted", True
                         yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
                         return
-            error = f"no node could serve the request after {self.settings.max_attempts} attempts"
-            raise NoCapacityError(error)
+                    if deaths >= MAX_NODE_DEATHS:
+                        error, ended = (
+                            f"{exc}; {deaths} nodes died while serving this request, "
+                            "so it is not tried again",
+                            True,
+                        )
+                        yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
+                        return
+            if admitted.is_set():  # it ran, and failed on every node it was sent to
+                error, ended = (
+                    f"no node could serve the request after {self.settings.max_attempts} attempts",
+                    True,
+                )
+                yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
+                return
+            raise NoCapacityError(
+                f"no node could take the request after {self.settings.max_attempts} attempts"
+            )
         except (NoCapacityError, RequestRejected) as exc:
             error = str(exc)
             raise
@@ -129,14 +188,19 @@ class Dispatcher:
                 )
             )
 
-    async def _pick(self, tried: set[str]) -> tuple[NodePublic, NodePublic]:
-        decode = await self.fleet.pick("decode", tried)
-        prefill = await self.fleet.pick("prefill", tried)
+    async def _pick(self, tried: set[str], tokens: int) -> tuple[NodePublic, NodePublic]:
+        """A decode and a prefill node, each charged ``tokens`` in flight at once (the
+        attempt gives them back), so a burst spreads before heartbeats catch up."""
+        decode = await self.fleet.pick("decode", tried, tokens)
+        prefill = await self.fleet.pick("prefill", tried, tokens)
         if decode is None or prefill is None:
+            for node in (decode, prefill):
+                if node is not None:
+                    self.fleet.inflight_tokens[node.node_id] -= tokens
             missing = " and ".join(
                 r for r, n in (("decode", decode), ("prefill", prefill)) if not n
             )
-            raise NoCapacityError(f"no ready {missing} node can take the request")
+            raise NoCapacityError(f"no ready {missing} node can take the request", 5)
         return decode, prefill
 
     async def _attempt(
@@ -147,25 +211,39 @@ class Dispatcher:
         params: SamplingParams,
         prefill: NodePublic,
         decode: NodePublic,
+        admitted: asyncio.Event,
+        deadline: float,
     ) -> AsyncIterator[TokenEvent]:
         # A new id per attempt, so late events of a failed attempt cannot mix in.
         attempt_id = f"{request_id}.{attempt}"
-        tokens = len(prompt)
-        self.fleet.inflight_tokens[decode.node_id] += tokens
-        self.fleet.inflight_tokens[prefill.node_id] += tokens
+        tokens = len(prompt)  # charged to both nodes by _pick
         self.client.open_stream(attempt_id)
         finished = False
         try:
-            reserved = await self._watch(
-                self.client.reserve(
-                    decode.control_endpoint,
-                    attempt_id,
-                    prompt,
-                    params,
-                    timeout=self.settings.reserve_timeout_s,
-                ),
-                decode,
-            )
+            self.num_queued += 1
+            try:
+                reserved = await self._watch(
+                    self.client.reserve(
+                        decode.control_endpoint,
+                        attempt_id,
+                        prompt,
+                        params,
+                        queue_timeout_s=max(0.0, deadline - time.monotonic()),
+                        kv_timeout_s=self.settings.kv_timeout_s,
+                    ),
+                    decode,
+                )
+            except NodeBusy as exc:
+                if time.monotonic() >= deadline:
+                    raise NoCapacityError(
+                        f"the request waited {self.settings.queue_timeout_s:g} s for a decode "
+                        "node's KV slots; try again later",
+                        retry_after_s=10,
+                    ) from exc
+                raise NodeBusyError(decode, str(exc)) from exc
+            finally:
+                self.num_queued -= 1
+            admitted.set()
             await self.store.record_request(
                 request_id,
                 "prefilling",
@@ -180,6 +258,7 @@ class Dispatcher:
                     prompt,
                     params,
                     KVTarget(reserved.kv_endpoint, reserved.layout),
+                    ack_timeout_s=self.settings.kv_timeout_s,
                 ),
                 prefill,
             )
@@ -197,8 +276,11 @@ class Dispatcher:
                     self.fleet.inflight_tokens[prefill.node_id] -= tokens
                     self.fleet.inflight_tokens[decode.node_id] -= tokens
                     tokens = 0
-                if event.finish_reason == "error" and before_first_token:
-                    raise NodeDown(decode, f"failed before the first token: {event.error}")
+                if event.finish_reason == "error" and before_first_token and event.retry:
+                    # The hand-off failed, not the request: other nodes may succeed.
+                    raise NodeDown(
+                        decode, f"failed before the first token: {event.error}", died=False
+                    )
                 event.request_id = request_id
                 finished = event.finish_reason is not None
                 yield event
@@ -207,10 +289,13 @@ class Dispatcher:
         finally:
             self.fleet.inflight_tokens[prefill.node_id] -= tokens
             self.fleet.inflight_tokens[decode.node_id] -= tokens
-            self.client.close_stream(attempt_id)
             if not finished:
-                for node in (decode, prefill):
-                    await self.client.abort(node.control_endpoint, attempt_id)
+                await asyncio.shield(self._abort(attempt_id, decode, prefill))
+            self.client.close_stream(attempt_id)
+
+    async def _abort(self, attempt_id: str, *nodes: NodePublic) -> None:
+        for node in nodes:
+            await self.client.abort(node.control_endpoint, attempt_id)
 
     async def _watch(self, call, node: NodePublic):
         """Await a call to ``node``, giving up if the registry loses the node meanwhile."""

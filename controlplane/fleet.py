@@ -48,11 +48,17 @@ class Fleet:
         ready = await self._ready(lambda n: True)
         return min((n.max_model_len for n in ready), default=None)
 
-    async def pick(self, role: NodeRole, exclude: set[str]) -> NodePublic | None:
+    async def pick(self, role: NodeRole, exclude: set[str], tokens: int = 0) -> NodePublic | None:
+        """The best ready node of ``role``, charged ``tokens`` in flight in the same
+        step (no await between choosing and charging), so concurrent picks see
+        each other; the caller gives the tokens back when the hand-off is over."""
         candidates = await self._ready(lambda n: n.role == role and n.node_id not in exclude)
         if not candidates:
             return None
-        return max(candidates, key=self._score_decode if role == "decode" else self._score_prefill)
+        score = self._score_decode if role == "decode" else self._score_prefill
+        node = max(candidates, key=score)
+        self.inflight_tokens[node.node_id] += tokens
+        return node
 
     async def _ready(self, wanted: Callable[[NodePublic], bool]) -> list[NodePublic]:
         """Ready nodes that are ``wanted``; when none, the registry is read afresh once,
@@ -64,7 +70,12 @@ class Fleet:
         return []
 
     def _score_decode(self, node: NodePublic) -> float:
-        free = node.stats.num_free_slots if node.stats else node.num_slots
+        # Free slots net of the reservations queued there (from every control
+        # plane, as of the last heartbeat) and of this process's since.
+        if node.stats is None:
+            free = node.num_slots
+        else:
+            free = node.stats.num_free_slots - node.stats.num_queued_tokens
         return free - self.inflight_tokens[node.node_id]
 
     def _score_prefill(self, node: NodePublic) -> float:

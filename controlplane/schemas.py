@@ -27,6 +27,14 @@ class NodeStats(BaseModel):
     num_queued: int = Field(ge=0)
     num_queued_tokens: int = Field(ge=0)
     tokens_per_s: float = Field(ge=0)
+    loop_age_s: float = Field(0.0, ge=0)  # since the serving loop last went round
+
+
+class NodeJoin(NodeRegistration):
+    """A registration as a node sends it: with the secret of its session, which
+    its heartbeats present (kept hashed, never shown)."""
+
+    session: str = Field(min_length=16, max_length=64)
 
 
 class NodePublic(NodeRegistration):

@@ -9,6 +9,7 @@ request is a hash written at each state transition, never per token, indexed by
 time in ``lightpd:requests``.
 """
 
+import hashlib
 import time
 from typing import get_args
 
@@ -37,18 +38,26 @@ _NUMBERS = ("prompt_tokens", "max_tokens", "output_tokens", "attempts", "ttft_s"
 
 
 # Refresh a live node's stats atomically; a node that is gone, or already dead, is
-# answered nil so that it registers again (the dispatcher has given up on it).
+# answered nil so that it registers again (the dispatcher has given up on it). Only
+# the session that registered the node may refresh it ("conflict" otherwise).
 _HEARTBEAT = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1e6
-local node = redis.call('HMGET', KEYS[1], 'status', 'last_heartbeat')
+local node = redis.call('HMGET', KEYS[1], 'status', 'last_heartbeat', 'session')
 if not node[1] or now - tonumber(node[2]) > tonumber(ARGV[1]) then
   return false
+end
+if (node[3] or '') ~= ARGV[4] then
+  return 'conflict'
 end
 redis.call('HSET', KEYS[1], 'stats', ARGV[2], 'last_heartbeat', tostring(now))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return node[1]
 """
+
+
+def _session_hash(session: str) -> str:
+    return hashlib.sha256(session.encode()).hexdigest() if session else ""
 
 
 def _node_key(node_id: str) -> str:
@@ -86,9 +95,10 @@ def _request_public(request_id: str, fields: dict[str, str]) -> RequestPublic:
 
 
 class Store:
-    def __init__(self, client: redis.Redis, node_ttl_s: float) -> None:
+    def __init__(self, client: redis.Redis, node_ttl_s: float, node_stall_s: float = 30.0) -> None:
         self.redis = client
         self.node_ttl_s = node_ttl_s
+        self.node_stall_s = node_stall_s
         self._heartbeat = client.register_script(_HEARTBEAT)
 
     async def now(self) -> float:
@@ -98,9 +108,15 @@ class Store:
 
     # ---- nodes ----
 
-    async def register(self, registration: NodeRegistration) -> None:
+    async def register(self, registration: NodeRegistration, session: str = "") -> bool:
+        """Register (or re-register) a node. False, and nothing written, when a live
+        node of that id registered under another session: ids cannot be taken over."""
         now = await self.now()
         key = _node_key(registration.node_id)
+        held = await self.redis.hmget(key, "session", "last_heartbeat")
+        live = held[1] is not None and now - float(held[1]) <= self.node_ttl_s
+        if live and (held[0] or b"").decode() != _session_hash(session):
+            return False
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key, _removed_key(registration.node_id))
             pipe.hset(
@@ -110,18 +126,26 @@ class Store:
                     "status": "ready",
                     "registered_at": now,
                     "last_heartbeat": now,
+                    "session": _session_hash(session),
                 },
             )
             pipe.expire(key, DEAD_NODE_MEMORY_S)
             pipe.sadd(_NODES, registration.node_id)
             await pipe.execute()
+        return True
 
-    async def heartbeat(self, node_id: str, stats: NodeStats) -> str | None:
-        """Store fresh stats; returns the node's status, or None if it is not registered
-        (removed, or dead: its heartbeats lapsed, so it must register again)."""
+    async def heartbeat(self, node_id: str, stats: NodeStats, session: str = "") -> str | None:
+        """Store fresh stats; returns the node's status, "conflict" if another session
+        holds the node id, or None if it is not registered (removed, or dead: its
+        heartbeats lapsed, so it must register again)."""
         status = await self._heartbeat(
             keys=[_node_key(node_id)],
-            args=[self.node_ttl_s, stats.model_dump_json(), DEAD_NODE_MEMORY_S],
+            args=[
+                self.node_ttl_s,
+                stats.model_dump_json(),
+                DEAD_NODE_MEMORY_S,
+                _session_hash(session),
+            ],
         )
         return None if status is None else status.decode()
 
@@ -160,13 +184,16 @@ class Store:
                 continue
             fields = {k.decode(): v.decode() for k, v in record.items()}
             registration = NodeRegistration.model_validate_json(fields["registration"])
-            stats = fields.get("stats")
+            stats = NodeStats.model_validate_json(fields["stats"]) if "stats" in fields else None
             last_heartbeat = float(fields["last_heartbeat"])
+            # A node whose serving loop stopped going round is as dead as a silent one.
+            stalled = stats is not None and stats.loop_age_s > self.node_stall_s
+            dead = stalled or now - last_heartbeat > self.node_ttl_s
             nodes.append(
                 NodePublic(
                     **registration.model_dump(),
-                    status="dead" if now - last_heartbeat > self.node_ttl_s else fields["status"],
-                    stats=NodeStats.model_validate_json(stats) if stats else None,
+                    status="dead" if dead else fields["status"],
+                    stats=stats,
                     registered_at=float(fields["registered_at"]),
                     last_heartbeat=last_heartbeat,
                 )

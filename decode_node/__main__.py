@@ -46,6 +46,10 @@ def main(
     from decode_node.server import DecodeNodeConfig, DecodeServer
 
     def start() -> None:
+        if not cluster_token:
+            raise ValueError(
+                "--cluster-token (or LIGHTPD_CLUSTER_TOKEN) is needed: it keys the node plane"
+            )
         config = DecodeNodeConfig(
             engine=engine_config(
                 model,
@@ -58,6 +62,7 @@ def main(
                 gpu_memory_fraction,
             ),
             node_id=node_id or default_node_id("decode"),
+            cluster_token=cluster_token,
             host=host,
             control_port=port,
             kv_port=kv_port,

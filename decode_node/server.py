@@ -3,8 +3,13 @@
 One thread runs everything: it polls the control socket (Reserve, Abort,
 HealthCheck) and the KV socket (KVLayer, PrefillDone from prefill nodes), then
 runs one engine step and publishes that step's tokens, one message per
-destination. Every reservation has a deadline; one whose KV is incomplete by
-then is released and its client told why.
+control plane, back over the connection each request came in on.
+
+A reservation waits in the engine's queue, in order, for up to its queue
+timeout (then its Reserve is answered "busy"); once admitted, its KV must be
+complete within its KV timeout, or it is released and its client told why.
+Only the holder of a reservation's secret can send its KV or abort it. A
+control plane that stops reading loses its requests here, so their KV is freed.
 """
 
 import logging
@@ -15,7 +20,9 @@ import zmq
 
 from common.engine import EngineConfig, LLMEngine, RequestError
 from common.kv_transfer import kv_layout, scatter_layer
+from common.node_auth import FleetKeys, same_secret, start_authenticator
 from common.node_base import (
+    LoopClock,
     Publisher,
     RateMeter,
     bind,
@@ -23,6 +30,7 @@ from common.node_base import (
     engine_logprobs,
     error_event,
     reply,
+    serving_socket,
     token_event,
 )
 from common.protocol import (
@@ -39,24 +47,28 @@ from common.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+_WRONG_SECRET = "the reservation's secret does not match"
 
 
 @dataclass(frozen=True)
 class DecodeNodeConfig:
     engine: EngineConfig
     node_id: str
+    cluster_token: str
     host: str = "127.0.0.1"
     control_port: int = 0  # 0: any free port
     kv_port: int = 0
+    max_queued: int = 4096  # reservations waiting for slots; more are refused "busy"
 
 
 @dataclass
 class Reservation:
-    reply_to: str
-    identity: bytes  # who asked, for the Reserved answer
+    origin: bytes  # the control plane's connection: Reserved and tokens go there
+    secret: str
     call_id: int
-    deadline: float
-    timeout_s: float
+    deadline: float  # of the wait in the queue, then of the KV's arrival
+    queue_timeout_s: float
+    kv_timeout_s: float
     num_prompt_tokens: int
     admitted: bool = False
     received: list[int] = field(default_factory=list)  # tokens received per layer
@@ -69,17 +81,21 @@ class DecodeServer:
         self.layout = kv_layout(
             config.engine.model, self.engine.model_config, self.engine.runner.dtype
         )
+        keys = FleetKeys.from_token(config.cluster_token)
         self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.kv = self.ctx.socket(zmq.ROUTER)
-        for sock in (self.control, self.kv):
-            sock.setsockopt(zmq.LINGER, 0)
+        self.auth = start_authenticator(self.ctx, keys)
+        self.control = serving_socket(self.ctx, keys)
+        # One KV frame is at most a whole context's K (or V) of one layer.
+        token_bytes = self.layout.num_kv_heads * self.layout.head_dim * 4
+        self.kv = serving_socket(self.ctx, keys, self.engine.max_model_len * token_bytes + 4096)
         self.control_endpoint = bind(self.control, config.host, config.control_port)
         self.kv_endpoint = bind(self.kv, config.host, config.kv_port)
-        self.publisher = Publisher(self.ctx, config.node_id)
-        self.reply_to: dict[str, str] = {}
+        self.publisher = Publisher(self.control, config.node_id)
+        self.origins: dict[str, bytes] = {}  # request id -> its control plane's connection
+        self.secrets: dict[str, str] = {}
         self.reservations: dict[str, Reservation] = {}
         self.tokens_per_s = RateMeter()
+        self.clock = LoopClock()
         self.health = self._health(0)  # refreshed by the loop; read by the heartbeat thread
         self._stopped = False
 
@@ -102,10 +118,12 @@ class DecodeServer:
                 self._expire_reservations()
                 if self.engine.scheduler.has_runnable:
                     self._run_step()
-                self.publisher.flush()
+                for origin in self.publisher.flush():
+                    self._drop_origin(origin)
                 self.health = self._health(0)
+                self.clock.tick()
         finally:
-            self.publisher.close()
+            self.auth.stop()
             self.ctx.destroy(linger=0)
 
     # ---- control socket ----
@@ -114,7 +132,7 @@ class DecodeServer:
         if isinstance(message, Reserve):
             self._on_reserve(identity, message)
         elif isinstance(message, Abort):
-            self._on_abort(message.request_id)
+            self._on_abort(message)
         elif isinstance(message, HealthCheck):
             reply(self.control, identity, self._health(message.call_id))
         else:
@@ -125,34 +143,46 @@ class DecodeServer:
             )
 
     def _on_reserve(self, identity: bytes, message: Reserve) -> None:
-        try:
-            self.engine.reserve(message.request_id, message.prompt_token_ids, message.params)
-        except RequestError as exc:
+        def refuse(reason: str, code: str) -> None:
             reply(
                 self.control,
                 identity,
-                Error(call_id=message.call_id, request_id=message.request_id, message=str(exc)),
+                Error(
+                    call_id=message.call_id,
+                    request_id=message.request_id,
+                    code=code,
+                    message=reason,
+                ),
             )
-            return
-        self.reply_to[message.request_id] = message.reply_to
+
+        if sum(not r.admitted for r in self.reservations.values()) >= self.config.max_queued:
+            return refuse(f"the queue is full ({self.config.max_queued} waiting)", "busy")
+        try:
+            self.engine.reserve(message.request_id, message.prompt_token_ids, message.params)
+        except RequestError as exc:
+            return refuse(str(exc), "invalid")
+        self.origins[message.request_id] = identity
+        self.secrets[message.request_id] = message.secret
         self.reservations[message.request_id] = Reservation(
-            reply_to=message.reply_to,
-            identity=identity,
+            origin=identity,
+            secret=message.secret,
             call_id=message.call_id,
-            deadline=time.monotonic() + message.kv_timeout_s,
-            timeout_s=message.kv_timeout_s,
+            deadline=time.monotonic() + message.queue_timeout_s,
+            queue_timeout_s=message.queue_timeout_s,
+            kv_timeout_s=message.kv_timeout_s,
             num_prompt_tokens=len(message.prompt_token_ids),
             received=[0] * self.layout.num_layers,
         )
+        return None
 
     def _answer_admitted(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             reservation = self.reservations[request_id]
             reservation.admitted = True
-            reservation.deadline = time.monotonic() + reservation.timeout_s
+            reservation.deadline = time.monotonic() + reservation.kv_timeout_s
             reply(
                 self.control,
-                reservation.identity,
+                reservation.origin,
                 Reserved(
                     call_id=reservation.call_id,
                     request_id=request_id,
@@ -161,11 +191,28 @@ class DecodeServer:
                 ),
             )
 
-    def _on_abort(self, request_id: str) -> None:
+    def _on_abort(self, message: Abort) -> None:
+        request_id = message.request_id
+        expected = self.secrets.get(request_id)
+        if expected is None or not same_secret(message.secret, expected):
+            logger.warning("ignored an abort of %s without its secret", request_id)
+            return
         self.reservations.pop(request_id, None)
+        self.secrets.pop(request_id, None)
         output = self.engine.abort(request_id)
-        if output is not None:
-            self.publisher.add(self.reply_to.pop(request_id), token_event(output))
+        origin = self.origins.pop(request_id, None)
+        if output is not None and origin is not None:
+            self.publisher.add(origin, token_event(output))
+
+    def _drop_origin(self, origin: bytes) -> None:
+        """A control plane that is gone or stopped reading: free its requests' KV."""
+        lost = [rid for rid, o in self.origins.items() if o == origin]
+        logger.warning("a control plane stopped reading; aborting its %d requests", len(lost))
+        for request_id in lost:
+            self.reservations.pop(request_id, None)
+            self.secrets.pop(request_id, None)
+            self.origins.pop(request_id, None)
+            self.engine.abort(request_id)
 
     # ---- KV socket ----
 
@@ -185,6 +232,9 @@ class DecodeServer:
         reservation = self.reservations.get(message.request_id)
         if reservation is None:
             return  # released already (aborted, expired or failed): drop silently
+        if not same_secret(message.secret, reservation.secret):
+            reply(self.kv, identity, KVAck(request_id=message.request_id, error=_WRONG_SECRET))
+            return
         try:
             self._check_kv_layer(message, reservation, frames)
             slots = self.engine.reserved_slots(message.request_id)
@@ -228,6 +278,9 @@ class DecodeServer:
                 KVAck(request_id=request_id, error="no reservation (aborted or expired)"),
             )
             return
+        if not same_secret(message.secret, reservation.secret):
+            reply(self.kv, identity, KVAck(request_id=request_id, error=_WRONG_SECRET))
+            return
         mismatch = self.layout.describe_mismatch(message.layout)
         incomplete = [
             i for i, n in enumerate(reservation.received) if n != message.num_prompt_tokens
@@ -251,30 +304,61 @@ class DecodeServer:
         reply(self.kv, identity, KVAck(request_id=request_id))
         self._publish([output])
 
-    def _fail(self, request_id: str, reason: str, identity: bytes | None = None) -> None:
-        """Release a reservation, tell its client and (if known) the prefill node."""
+    def _fail(
+        self, request_id: str, reason: str, identity: bytes | None = None, retry: bool = True
+    ) -> None:
+        """Release a request, tell its client and (if known) the prefill node. A
+        failed KV hand-off may well succeed on other nodes (``retry``)."""
         logger.warning("request %s failed: %s", request_id, reason)
         self.reservations.pop(request_id, None)
+        self.secrets.pop(request_id, None)
         self.engine.abort(request_id)
-        reply_to = self.reply_to.pop(request_id, None)
-        if reply_to is not None:
-            self.publisher.add(reply_to, error_event(request_id, reason))
+        origin = self.origins.pop(request_id, None)
+        if origin is not None:
+            self.publisher.add(origin, error_event(request_id, reason, retry))
         if identity is not None:
             reply(self.kv, identity, KVAck(request_id=request_id, error=reason))
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()
         for request_id, reservation in list(self.reservations.items()):
-            if now >= reservation.deadline:
-                what = "KV did not arrive" if reservation.admitted else "no KV slots freed up"
+            if now < reservation.deadline:
+                continue
+            if reservation.admitted:
                 self._fail(
-                    request_id, f"{what} within {reservation.timeout_s:g} s; reservation released"
+                    request_id,
+                    f"KV did not arrive within {reservation.kv_timeout_s:g} s; "
+                    "reservation released",
                 )
+                continue
+            # Never admitted: the Reserve call is still open; answer it "busy".
+            del self.reservations[request_id]
+            self.secrets.pop(request_id, None)
+            self.origins.pop(request_id, None)
+            self.engine.abort(request_id)
+            reply(
+                self.control,
+                reservation.origin,
+                Error(
+                    call_id=reservation.call_id,
+                    request_id=request_id,
+                    code="busy",
+                    message=f"no KV slots freed up within {reservation.queue_timeout_s:g} s",
+                ),
+            )
 
     # ---- decoding ----
 
     def _run_step(self) -> None:
-        outputs = self.engine.step()
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            # The engine fails a batch it cannot run by itself; this is the last
+            # guard, for a fault outside it: the running requests fail, the node lives.
+            logger.exception("a decode step failed; failing its requests")
+            for request in list(self.engine.scheduler.running):
+                self._fail(request.request_id, "internal error in a decode step", retry=False)
+            return
         self._answer_admitted(self.engine.pop_reserved())
         self._publish(outputs)
 
@@ -282,12 +366,13 @@ class DecodeServer:
         generated = 0
         for output in outputs:
             generated += len(output.new_token_ids)
-            reply_to = self.reply_to.get(output.request_id)
-            if reply_to is None:
+            origin = self.origins.get(output.request_id)
+            if origin is None:
                 continue
-            self.publisher.add(reply_to, token_event(output))
+            self.publisher.add(origin, token_event(output))
             if output.finished:
-                del self.reply_to[output.request_id]
+                del self.origins[output.request_id]
+                self.secrets.pop(output.request_id, None)
         self.tokens_per_s.add(generated)
 
     def _health(self, call_id: int) -> Health:

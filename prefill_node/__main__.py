@@ -43,6 +43,10 @@ def main(
     from prefill_node.server import PrefillNodeConfig, PrefillServer
 
     def start() -> None:
+        if not cluster_token:
+            raise ValueError(
+                "--cluster-token (or LIGHTPD_CLUSTER_TOKEN) is needed: it keys the node plane"
+            )
         config = PrefillNodeConfig(
             engine=engine_config(
                 model,
@@ -55,6 +59,7 @@ def main(
                 gpu_memory_fraction,
             ),
             node_id=node_id or default_node_id("prefill"),
+            cluster_token=cluster_token,
             host=host,
             control_port=port,
         )

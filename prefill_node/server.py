@@ -4,11 +4,13 @@ One thread polls the control socket (Prefill, Abort, HealthCheck) and one DEALER
 socket per decode target (KVAck, Error), then runs one prefill batch. A prompt's
 KV stays in the pool until its decode node acknowledges it, or its deadline
 passes; either way the slots come back, and the client hears of any failure.
+No send blocks the loop: a decode target that stops reading fails the requests
+bound for it, and a target unused for a while has its socket closed.
 """
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import zmq
 
@@ -20,7 +22,18 @@ from common.engine.request_builder import RequestBuilder
 from common.engine.scheduler import unpack_logprobs
 from common.kv_transfer import kv_layout
 from common.model_config import ModelConfig
-from common.node_base import Publisher, RateMeter, bind, drain, error_event, reply, wire_logprobs
+from common.node_auth import FleetKeys, same_secret, start_authenticator
+from common.node_base import (
+    LoopClock,
+    Publisher,
+    RateMeter,
+    bind,
+    drain,
+    error_event,
+    reply,
+    serving_socket,
+    wire_logprobs,
+)
 from common.protocol import (
     Abort,
     Accepted,
@@ -47,18 +60,33 @@ logger = logging.getLogger(__name__)
 class PrefillNodeConfig:
     engine: EngineConfig
     node_id: str
+    cluster_token: str
     host: str = "127.0.0.1"
     control_port: int = 0
+
+
+# KV messages queued to one decode node before it counts as not reading.
+KV_SEND_HWM = 1 << 15
+# A decode target's socket is closed after this long with no request bound for it.
+TARGET_IDLE_S = 60.0
 
 
 @dataclass
 class Handoff:
     """Where a request's KV goes and who to tell if that fails."""
 
-    reply_to: str
+    origin: bytes  # the control plane's connection
+    secret: str
     target: KVTarget
     ack_timeout_s: float
     deadline: float = float("inf")  # set once the prompt is done
+    failure: str | None = None  # set when the KV could not be sent
+
+
+@dataclass
+class Target:
+    sock: zmq.Socket
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class PrefillServer:
@@ -75,16 +103,18 @@ class PrefillServer:
         self.streamer = LayerStreamer(
             self.runner.model, self.runner.pool, self.runner.table, self._send_layer
         )
+        self.keys = FleetKeys.from_token(config.cluster_token)
         self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
+        self.auth = start_authenticator(self.ctx, self.keys)
+        self.control = serving_socket(self.ctx, self.keys)
         self.control_endpoint = bind(self.control, config.host, config.control_port)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
-        self.targets: dict[str, zmq.Socket] = {}
+        self.targets: dict[str, Target] = {}
         self.handoffs: dict[str, Handoff] = {}
-        self.publisher = Publisher(self.ctx, config.node_id)
+        self.publisher = Publisher(self.control, config.node_id)
         self.tokens_per_s = RateMeter()
+        self.clock = LoopClock()
         self.health = self._health(0)  # refreshed by the loop; read by the heartbeat thread
         self._stopped = False
 
@@ -104,10 +134,13 @@ class PrefillServer:
                 if self.scheduler.has_runnable:
                     self._run_batch()
                 self._expire_handoffs()
-                self.publisher.flush()
+                self._close_idle_targets()
+                for origin in self.publisher.flush():
+                    self._drop_origin(origin)
                 self.health = self._health(0)
+                self.clock.tick()
         finally:
-            self.publisher.close()
+            self.auth.stop()
             self.ctx.destroy(linger=0)
 
     # ---- control socket ----
@@ -116,7 +149,9 @@ class PrefillServer:
         if isinstance(message, Prefill):
             self._on_prefill(identity, message)
         elif isinstance(message, Abort):
-            self._release(message.request_id)
+            handoff = self.handoffs.get(message.request_id)
+            if handoff is not None and same_secret(message.secret, handoff.secret):
+                self._release(message.request_id)
         elif isinstance(message, HealthCheck):
             reply(self.control, identity, self._health(message.call_id))
         else:
@@ -131,7 +166,12 @@ class PrefillServer:
             reply(
                 self.control,
                 identity,
-                Error(call_id=message.call_id, request_id=message.request_id, message=reason),
+                Error(
+                    call_id=message.call_id,
+                    request_id=message.request_id,
+                    code="invalid",
+                    message=reason,
+                ),
             )
 
         mismatch = self.layout.describe_mismatch(message.target.layout)
@@ -149,7 +189,7 @@ class PrefillServer:
         except (RequestError, zmq.ZMQError) as exc:
             return refuse(str(exc))
         self.handoffs[message.request_id] = Handoff(
-            message.reply_to, message.target, message.ack_timeout_s
+            identity, message.secret, message.target, message.ack_timeout_s
         )
         self.scheduler.add(request)
         reply(
@@ -158,14 +198,51 @@ class PrefillServer:
         return None
 
     def _target_socket(self, endpoint: str) -> zmq.Socket:
-        sock = self.targets.get(endpoint)
-        if sock is None:
+        target = self.targets.get(endpoint)
+        if target is None:
             sock = self.ctx.socket(zmq.DEALER)
+            self.keys.connect_as_member(sock)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, KV_SEND_HWM)
             sock.connect(endpoint)
             self.poller.register(sock, zmq.POLLIN)
-            self.targets[endpoint] = sock
-        return sock
+            target = self.targets[endpoint] = Target(sock)
+        target.last_used = time.monotonic()
+        return target.sock
+
+    def _send_kv(self, handoff: Handoff, request_id: str, frames: list) -> None:
+        """Queue KV frames for the decode node; never blocks. A target that cannot
+        take them (not reading, or unreachable for long) fails the request."""
+        if handoff.failure is not None:
+            return
+        try:
+            sock = self._target_socket(handoff.target.endpoint)
+            # copy=False: ZeroMQ sends straight from these buffers and keeps them alive.
+            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            handoff.failure = f"cannot send the KV to {handoff.target.endpoint}: {exc}"
+            logger.warning("request %s: %s", request_id, handoff.failure)
+
+    def _close_idle_targets(self) -> None:
+        in_use = {h.target.endpoint for h in self.handoffs.values()}
+        now = time.monotonic()
+        for endpoint, target in list(self.targets.items()):
+            if endpoint not in in_use and now - target.last_used > TARGET_IDLE_S:
+                self.poller.unregister(target.sock)
+                target.sock.close(linger=0)
+                del self.targets[endpoint]
+
+    def _drop_origin(self, origin: bytes) -> None:
+        """A control plane that is gone or stopped reading: free its requests' KV."""
+        for request_id, handoff in list(self.handoffs.items()):
+            if handoff.origin == origin:
+                self._release(request_id)
+
+    def _fail(self, request_id: str, reason: str, retry: bool) -> None:
+        handoff = self.handoffs.get(request_id)
+        if handoff is not None:
+            self.publisher.add(handoff.origin, error_event(request_id, reason, retry))
+        self._release(request_id)
 
     # ---- acks from decode nodes ----
 
@@ -181,9 +258,11 @@ class PrefillServer:
                 handoff = self.handoffs.get(message.request_id)
                 if handoff is not None and message.error:
                     self.publisher.add(
-                        handoff.reply_to,
+                        handoff.origin,
                         error_event(
-                            message.request_id, f"decode node refused the KV: {message.error}"
+                            message.request_id,
+                            f"decode node refused the KV: {message.error}",
+                            retry=True,
                         ),
                     )
                 self._release(message.request_id)
@@ -197,16 +276,15 @@ class PrefillServer:
     def _expire_handoffs(self) -> None:
         now = time.monotonic()
         for request_id, handoff in list(self.handoffs.items()):
-            if now >= handoff.deadline:
-                self.publisher.add(
-                    handoff.reply_to,
-                    error_event(
-                        request_id,
-                        f"decode node at {handoff.target.endpoint} did not acknowledge "
-                        f"the KV within {handoff.ack_timeout_s:g} s",
-                    ),
+            if handoff.failure is not None:
+                self._fail(request_id, handoff.failure, retry=True)
+            elif now >= handoff.deadline:
+                self._fail(
+                    request_id,
+                    f"decode node at {handoff.target.endpoint} did not acknowledge "
+                    f"the KV within {handoff.ack_timeout_s:g} s",
+                    retry=True,
                 )
-                self._release(request_id)
 
     # ---- prefill ----
 
@@ -215,8 +293,20 @@ class PrefillServer:
         if batch is None:
             return
         chunks = list(zip(batch.requests, batch.starts, batch.ends, strict=True))
-        with self.streamer.streaming(chunks):
-            sampled = iter(self.runner.run(batch))
+        try:
+            with self.streamer.streaming(chunks):
+                sampled = iter(self.runner.run(batch))
+        except Exception as exc:
+            # A batch that cannot run fails its requests, not the node; the same
+            # prompts would fail on any node, so they are not retried.
+            logger.exception("a prefill batch failed; failing its requests")
+            for request in batch.requests:
+                self._fail(
+                    request.request_id,
+                    f"internal error while computing the prompt: {type(exc).__name__}: {exc}",
+                    retry=False,
+                )
+            return
         for request, end, samples in zip(batch.requests, batch.ends, batch.samples, strict=True):
             self.scheduler.finish_chunk(request, end)
             if samples:
@@ -227,14 +317,13 @@ class PrefillServer:
         handoff = self.handoffs[request.request_id]
         header = KVLayer(
             request_id=request.request_id,
+            secret=handoff.secret,
             layout=self.layout,
             layer=layer,
             start=start,
             num_tokens=num_tokens,
         )
-        sock = self._target_socket(handoff.target.endpoint)
-        # copy=False: ZeroMQ sends straight from these buffers and keeps them alive.
-        sock.send_multipart([encode(header), k.numpy(), v.numpy()], copy=False)
+        self._send_kv(handoff, request.request_id, [encode(header), k.numpy(), v.numpy()])
 
     def _send_done(self, request: Request, row: list[float]) -> None:
         handoff = self.handoffs[request.request_id]
@@ -242,17 +331,18 @@ class PrefillServer:
         logprobs = None if first is None else wire_logprobs(first)
         done = PrefillDone(
             request_id=request.request_id,
+            secret=handoff.secret,
             layout=self.layout,
             num_prompt_tokens=request.num_prompt_tokens,
             first_token=int(row[0]),
             logprobs=logprobs,
         )
-        self._target_socket(handoff.target.endpoint).send(encode(done))
+        self._send_kv(handoff, request.request_id, [encode(done)])
         handoff.deadline = time.monotonic() + handoff.ack_timeout_s
         # A token-less event tells the control plane the prompt is computed and its
         # last KV is in flight (the request's "transferring" state on the dashboard).
         self.publisher.add(
-            handoff.reply_to,
+            handoff.origin,
             TokenEvent(request_id=request.request_id, num_prompt_tokens=request.num_prompt_tokens),
         )
 

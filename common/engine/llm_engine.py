@@ -1,5 +1,6 @@
 """The in-process engine: add requests, step, read outputs. Nodes wrap this."""
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,8 @@ from common.engine.request_builder import RequestBuilder
 from common.engine.scheduler import Scheduler
 from common.model_config import ModelConfig
 from common.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -58,23 +61,27 @@ class LLMEngine:
 
     def reserved_slots(self, request_id: str) -> torch.Tensor:
         """Slots of an admitted reservation's prompt positions, int32 [num_prompt_tokens]."""
-        request = self._requests[request_id]
-        if not request.awaits_kv or request.row < 0:
-            raise RequestError(f"request {request_id!r} holds no reservation awaiting KV")
+        request = self._reservation(request_id)
         return self.runner.table.req_to_token[request.row, : request.num_prompt_tokens]
 
     def complete_reservation(
         self, request_id: str, first_token: int, logprobs: list[TokenLogprob] | None = None
     ) -> RequestOutput:
-        request = self._requests[request_id]
-        if not request.awaits_kv or request.row < 0:
-            raise RequestError(f"request {request_id!r} holds no reservation awaiting KV")
+        request = self._reservation(request_id)
         if not 0 <= first_token < self.model_config.vocab_size:
             raise RequestError(f"first token {first_token} is outside the vocabulary")
         output = self.scheduler.complete_reservation(request, first_token, logprobs)
         if output.finished:
             del self._requests[request_id]
         return output
+
+    def _reservation(self, request_id: str) -> Request:
+        """The admitted reservation ``request_id``; RequestError if there is none
+        (unknown, finished, not yet admitted or already completed)."""
+        request = self._requests.get(request_id)
+        if request is None or not request.awaits_kv or request.row < 0:
+            raise RequestError(f"request {request_id!r} holds no reservation awaiting KV")
+        return request
 
     @property
     def num_reserved_slots(self) -> int:
@@ -113,13 +120,45 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
+        """Run one batch; what happened to each of its requests.
+
+        If running the batch raises, every request of the batch fails with
+        ``FinishReason.ERROR`` and its slots are freed; requests outside the
+        batch carry on. The culprit is not isolated: all of a failed batch's
+        requests fail together, since rerunning them one by one would cost a
+        step per request on a path that should never be taken."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        outputs = self.scheduler.postprocess(batch, self.runner.run(batch))
+        try:
+            outputs = self.scheduler.postprocess(batch, self.runner.run(batch))
+        except Exception as exc:
+            ids = ", ".join(r.request_id for r in batch.requests)
+            logger.exception("a batch failed; failing all of its requests: %s", ids)
+            return self._fail(batch.requests, exc)
         for output in outputs:
             if output.finished:
                 del self._requests[output.request_id]
+        return outputs
+
+    def _fail(self, requests: list[Request], exc: Exception) -> list[RequestOutput]:
+        """End ``requests`` with an error output each, freeing whatever they hold."""
+        message = f"internal error while running this request: {type(exc).__name__}: {exc}"
+        outputs = []
+        for request in requests:
+            del self._requests[request.request_id]
+            self.scheduler.fail(request)
+            outputs.append(
+                RequestOutput(
+                    request.request_id,
+                    [],
+                    None,
+                    FinishReason.ERROR,
+                    request.num_prompt_tokens,
+                    request.num_output_tokens,
+                    error=message,
+                )
+            )
         return outputs
 
     def has_unfinished(self) -> bool:

@@ -133,6 +133,16 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[list[float]]:
         """Run ``batch`` and sample; returns one row per sampling request (one host sync)."""
+        try:
+            return self._run(batch)
+        except Exception:
+            # Copies out of the pinned sampling buffers may still be queued: they
+            # must retire before the next step refills the buffers.
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            raise
+
+    def _run(self, batch: ScheduledBatch) -> list[list[float]]:
         samples = batch.samples
         rows = [r.row for r in batch.requests]
         graphs = self.graphs

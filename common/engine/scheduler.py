@@ -202,6 +202,13 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
+    def fail(self, request: Request) -> None:
+        """Drop ``request`` after its step raised, freeing what it holds. A failed
+        ``postprocess`` may have finished it already."""
+        if request.status is RequestStatus.RUNNING:
+            self._release(request)
+        request.status = RequestStatus.FINISHED
+
     def _finish(self, request: Request) -> None:
         self.estimator.observe(request.num_output_tokens)
         self._release(request)

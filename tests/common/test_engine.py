@@ -243,3 +243,149 @@ def test_thousand_requests_with_random_aborts_leak_nothing(tiny_model):
     assert engine.pool.num_free_slots == initial_free
     assert sorted(engine.pool.free_slots().tolist()) == list(range(1500))
     assert engine.runner.table.num_free_rows == initial_rows
+
+
+@pytest.mark.parametrize("kind", ["repetition", "presence", "frequency"])
+def test_penalties_run_past_the_vocabulary_size(tiny_model, kind):
+    model_dir = tiny_model("llama")
+    engine = make_engine(model_dir)
+    vocab = engine.model_config.vocab_size
+    penalty = {
+        "repetition": {"repetition_penalty": 1.3},
+        "presence": {"presence_penalty": 0.5},
+        "frequency": {"frequency_penalty": 0.4},
+    }[kind]
+    long_output = SamplingParams(
+        temperature=0, max_new_tokens=vocab + 20, min_new_tokens=vocab + 20, **penalty
+    )
+    sampled = SamplingParams(temperature=1.0, seed=3, max_new_tokens=vocab + 20, **penalty)
+    long_prompt = SamplingParams(temperature=0, max_new_tokens=8, min_new_tokens=8, **penalty)
+    prompts = random_prompts([10, 30, vocab + 50], vocab)
+    initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
+    finished = {}
+    for i, params in enumerate((long_output, sampled, long_prompt)):
+        engine.add_request(f"r{i}", prompts[i], params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["r0"].finish_reason == FinishReason.LENGTH
+    assert finished["r0"].num_output_tokens == vocab + 20
+    assert finished["r1"].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    assert finished["r2"].num_output_tokens == 8
+    assert engine.pool.num_free_slots == initial_free
+    assert engine.runner.table.num_free_rows == initial_rows
+    if kind == "repetition":
+        # transformers penalizes the same prompt + output tokens.
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        want = hf.generate(
+            torch.tensor([prompts[2]]),
+            do_sample=False,
+            max_new_tokens=8,
+            min_new_tokens=8,
+            repetition_penalty=1.3,
+        )[0, len(prompts[2]) :].tolist()
+        assert engine.generate([prompts[2]], long_prompt)[0] == want
+
+
+def run_collecting(engine: LLMEngine, prompts, params, arrivals) -> dict[str, list]:
+    """Like run_staggered, but every output of each request, in order."""
+    outputs = {f"r{i}": [] for i in range(len(prompts))}
+    pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            engine.add_request(f"r{i}", prompts[i], params)
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+        step += 1
+        assert step < 10_000, "the engine stopped making progress"
+    return outputs
+
+
+def test_a_failing_batch_fails_only_its_requests(tiny_model, monkeypatch, caplog):
+    model_dir = tiny_model("llama")
+    prompts = random_prompts([12, 20, 7], 400, seed=5)
+    arrivals = [0, 3, 0]  # r1's prompt runs alone, while the others decode
+    expected = run_staggered(make_engine(model_dir), prompts, GREEDY, arrivals)
+    engine = make_engine(model_dir)
+    initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
+    run = engine.runner.run
+
+    def faulty_run(batch):
+        if any(r.request_id == "r1" for r in batch.requests):
+            raise RuntimeError("injected fault")
+        return run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", faulty_run)
+    outputs = run_collecting(engine, prompts, GREEDY, arrivals)
+    [failed] = outputs["r1"]
+    assert failed.finish_reason == FinishReason.ERROR and failed.new_token_ids == []
+    assert failed.error == "internal error while running this request: RuntimeError: injected fault"
+    for rid in ("r0", "r2"):
+        assert [t for o in outputs[rid] for t in o.new_token_ids] == expected[rid]
+        assert outputs[rid][-1].finish_reason == FinishReason.LENGTH
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1 and "injected fault" in str(logged[0].exc_info[1])
+    assert engine.pool.num_free_slots == initial_free
+    assert engine.runner.table.num_free_rows == initial_rows
+    # The failed id is free again, and the engine still serves it.
+    monkeypatch.setattr(engine.runner, "run", run)
+    engine.add_request("r1", prompts[1], GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pool.num_free_slots == initial_free
+
+
+def test_a_failed_decode_batch_fails_all_of_its_requests(tiny_model, monkeypatch):
+    model_dir = tiny_model("llama")
+    engine = make_engine(model_dir)
+    initial_free = engine.pool.num_free_slots
+    prompts = random_prompts([9, 15], 400, seed=6)
+    engine.add_request("short", prompts[0], SamplingParams(temperature=0, max_new_tokens=3))
+    engine.add_request("long", prompts[1], GREEDY)
+    for _ in range(2):
+        engine.step()
+    run = engine.runner.run
+
+    def short_result(batch):
+        # One row too few: "short" takes its last token and finishes, then "long" finds none.
+        return run(batch)[:-1]
+
+    monkeypatch.setattr(engine.runner, "run", short_result)
+    outputs = engine.step()
+    assert {o.request_id for o in outputs} == {"short", "long"}
+    assert all(o.finish_reason == FinishReason.ERROR for o in outputs)
+    assert all(o.error.startswith("internal error while running this request: ") for o in outputs)
+    assert not engine.has_unfinished() and engine.pool.num_free_slots == initial_free
+    monkeypatch.setattr(engine.runner, "run", run)
+    assert engine.generate([prompts[1]], GREEDY) == make_engine(model_dir).generate(
+        [prompts[1]], GREEDY
+    )
+
+
+def test_bad_reservation_calls_are_refused_per_request(tiny_model):
+    engine = make_engine(tiny_model("llama"))
+    initial_free = engine.pool.num_free_slots
+    prompt = random_prompts([10], 400, seed=7)[0]
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    engine.reserve("x", prompt, params)
+    assert engine.admit_reservations() == ["x"]
+    with pytest.raises(RequestError, match="'nope' holds no reservation"):
+        engine.reserved_slots("nope")
+    with pytest.raises(RequestError, match="'nope' holds no reservation"):
+        engine.complete_reservation("nope", 5)
+    for bad in (400, -1):
+        with pytest.raises(RequestError, match=f"first token {bad} is outside the vocabulary"):
+            engine.complete_reservation("x", bad)
+    assert len(engine.reserved_slots("x")) == 10  # the refusals changed nothing
+    first = engine.complete_reservation("x", 5)
+    assert first.new_token_ids == [5] and not first.finished
+    with pytest.raises(RequestError, match="'x' holds no reservation"):
+        engine.complete_reservation("x", 5)
+    while engine.has_unfinished():
+        engine.step()
+    with pytest.raises(RequestError, match="'x' holds no reservation"):
+        engine.complete_reservation("x", 5)
+    assert engine.pool.num_free_slots == initial_free

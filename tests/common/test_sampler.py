@@ -1,5 +1,8 @@
 """The batched sampler, on logits we choose."""
 
+from collections import Counter
+
+import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -145,3 +148,64 @@ def test_suppressed_ids_are_never_chosen():
     out = sampler(logits, batch).token_ids
     assert out[0] != best[0] and out[1] == best[1]
     assert out[0] == logits[0].topk(2).indices[1]
+
+
+def reference_penalties(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    history_lens: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
+    """The penalties one row and one token at a time."""
+    out = logits.clone()
+    for b in range(len(logits)):
+        tokens = history[b, : history_lens[b]].tolist()
+        for t in set(tokens):
+            x = out[b, t]
+            out[b, t] = x / repetition[b] if x > 0 else x * repetition[b]
+        generated = Counter(tokens[prompt_lens[b] :])
+        for t, n in generated.items():
+            out[b, t] -= frequency[b] * n + presence[b]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["repetition", "presence", "frequency"])
+def test_penalties_over_a_history_longer_than_the_vocabulary(kind):
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    logits = random_logits(3, seed=13)
+    g = torch.Generator().manual_seed(14)
+    history = torch.randint(0, VOCAB, (3, 300), generator=g)
+    history_lens = torch.tensor([300, 170, 60])
+    prompt_lens = torch.tensor([120, 1, 60])  # row 2 has no output yet
+    # Stale ids past each row's history, some outside the vocabulary: never counted.
+    history[1, 170:] = torch.randint(-5, 10 * VOCAB, (130,), generator=g)
+    history[2, 60:] = 10 * VOCAB
+    values = {"repetition": 1.4, "presence": 0.7, "frequency": 0.3}
+    off = {"repetition": 1.0, "presence": 0.0, "frequency": 0.0}
+    penalties = {k: torch.full((3,), values[k] if k == kind else off[k]) for k in values}
+    batch = make_batch(
+        3,
+        temperatures=torch.zeros(3),
+        all_greedy=True,
+        repetition_penalties=penalties["repetition"],
+        presence_penalties=penalties["presence"],
+        frequency_penalties=penalties["frequency"],
+        token_history=history.int(),  # the request table holds int32
+        prompt_lens=prompt_lens,
+        history_lens=history_lens,
+    )
+    expected = reference_penalties(
+        logits,
+        history,
+        prompt_lens,
+        history_lens,
+        penalties["repetition"],
+        penalties["presence"],
+        penalties["frequency"],
+    )
+    assert not torch.allclose(expected, logits), "the penalty should change something"
+    assert torch.allclose(sampler._apply_penalties(logits.clone(), batch), expected)
+    assert torch.equal(sampler(logits, batch).token_ids, expected.argmax(-1))

@@ -3,6 +3,7 @@
 import pytest
 
 from common.node_process import NodeProcess, start_node
+from tests.e2e.fleet import CLUSTER_TOKEN
 
 
 @pytest.fixture
@@ -11,7 +12,7 @@ def nodes():
     started: list[NodeProcess] = []
 
     def start(role: str, model: str, *args: str) -> NodeProcess:
-        node = start_node(role, model, *args)
+        node = start_node(role, model, *args, cluster_token=CLUSTER_TOKEN)
         started.append(node)
         return node
 

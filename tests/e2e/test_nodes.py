@@ -8,6 +8,7 @@ import pytest
 import zmq
 
 from common.engine import EngineConfig, LLMEngine
+from common.node_auth import FleetKeys
 from common.node_client import NodeClient, NodeError
 from common.node_process import start_node
 from common.protocol import (
@@ -22,6 +23,7 @@ from common.protocol import (
     encode,
 )
 from common.sampling_params import SamplingParams
+from tests.e2e.fleet import CLUSTER_TOKEN
 
 SLOTS = 4096
 NODE_ARGS = ("--num-kv-slots", str(SLOTS), "--max-prefill-tokens", "256")
@@ -76,8 +78,8 @@ def model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def pair(model):
-    prefill = start_node("prefill", model, *NODE_ARGS)
-    decode_ = start_node("decode", model, *NODE_ARGS)
+    prefill = start_node("prefill", model, *NODE_ARGS, cluster_token=CLUSTER_TOKEN)
+    decode_ = start_node("decode", model, *NODE_ARGS, cluster_token=CLUSTER_TOKEN)
     yield prefill, decode_
     prefill.stop()
     decode_.stop()
@@ -89,7 +91,7 @@ def test_concurrent_requests_match_the_in_process_engine(model, pair):
     expected = in_process(model, prompts, params)
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             results = await asyncio.gather(
                 *(
                     client.generate(prefill.control, decode_.control, f"c{i}", p, sp)
@@ -117,7 +119,7 @@ def test_abort_mid_stream_frees_both_pools(model, pair):
     params = SamplingParams(temperature=0, max_new_tokens=500, min_new_tokens=500, seed=1)
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             client.open_stream("long")
             reserved = await client.reserve(decode_.control, "long", prompt, params)
             await client.prefill(
@@ -147,7 +149,7 @@ def test_expired_reservation_is_released_with_an_error(model, pair):
     _, decode_ = pair
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             client.open_stream("orphan")
             await client.reserve(
                 decode_.control, "orphan", [5, 6, 7], SamplingParams(seed=1), kv_timeout_s=0.5
@@ -166,7 +168,7 @@ def test_prefill_whose_decode_target_is_gone_frees_its_kv(model, pair):
     params = SamplingParams(seed=3)
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             layout = (await client.health(decode_.control)).layout
             dead = KVTarget("tcp://127.0.0.1:9", layout)  # nothing listens there
             client.open_stream("lost")
@@ -185,15 +187,24 @@ def test_prefill_whose_decode_target_is_gone_frees_its_kv(model, pair):
     assert "did not acknowledge the KV within 0.5 s" in event.error
 
 
-def raw_call(endpoint: str, frames: list[bytes], timeout_ms: int = 5000):
-    """Send frames from a bare DEALER and decode the first reply frame."""
+MEMBER = FleetKeys.from_token(CLUSTER_TOKEN)
+
+
+def raw_call(
+    endpoint: str, frames: list[bytes], keys: FleetKeys | None = MEMBER, timeout_ms: int = 5000
+):
+    """Send frames from a bare DEALER (a fleet member if ``keys``) and decode the first
+    reply frame; None when no reply came."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
+    if keys is not None:
+        keys.connect_as_member(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
         sock.send_multipart(frames)
-        assert sock.poll(timeout_ms), f"no reply from {endpoint}"
+        if not sock.poll(timeout_ms):
+            return None
         return decode(sock.recv_multipart()[0])
     finally:
         sock.close()
@@ -217,9 +228,9 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
             "version": PROTOCOL_VERSION,
             "call_id": 2,
             "request_id": "x",
+            "secret": "0" * 32,
             "prompt_token_ids": [1, 2],
             "params": {"top_p": 7.0},
-            "reply_to": "tcp://127.0.0.1:9",
         }
     )
     refused = raw_call(decode_.control, [bad_params])
@@ -229,7 +240,7 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
     assert health.role == "decode"
 
     async def layout_mismatch():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             layout = (await client.health(decode_.control)).layout
             other = msgspec.structs.replace(layout, num_layers=layout.num_layers + 1)
             with pytest.raises(
@@ -249,11 +260,22 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
             reserved = await client.reserve(
                 decode_.control, "mm2", [4, 5, 6], SamplingParams(seed=1)
             )
-            header = KVLayer(request_id="mm2", layout=other, layer=0, start=0, num_tokens=3)
+            header = KVLayer(
+                request_id="mm2",
+                secret=client.secret("mm2"),
+                layout=other,
+                layer=0,
+                start=0,
+                num_tokens=3,
+            )
             ack = raw_call(reserved.kv_endpoint, [encode(header), b"\0" * 8, b"\0" * 8])
             events = [e async for e in client.events("mm2", timeout=10)]
             done = PrefillDone(
-                request_id="nobody", layout=layout, num_prompt_tokens=1, first_token=1
+                request_id="nobody",
+                secret="0" * 32,
+                layout=layout,
+                num_prompt_tokens=1,
+                first_token=1,
             )
             late = raw_call(reserved.kv_endpoint, [encode(done)])
             await wait_for_idle(client, prefill.control, decode_.control)
@@ -282,7 +304,7 @@ def test_two_prefill_nodes_feed_one_decode_node(model, nodes):
     expected = in_process(model, prompts, params)
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             results = await asyncio.gather(
                 *(
                     client.generate(prefills[i % 2].control, decode_.control, f"t{i}", p, sp)
@@ -302,7 +324,7 @@ def test_one_prefill_node_feeds_two_decode_nodes(model, nodes):
     expected = in_process(model, prompts, params)
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             results = await asyncio.gather(
                 *(
                     client.generate(prefill.control, decodes[i % 2].control, f"u{i}", p, sp)
@@ -321,7 +343,7 @@ def test_killing_the_prefill_node_mid_transfer_ends_requests_with_an_error(model
     decode_ = nodes("decode", model, *NODE_ARGS)
 
     async def main():
-        async with NodeClient() as client:
+        async with NodeClient(CLUSTER_TOKEN) as client:
             params = SamplingParams(temperature=0, max_new_tokens=8, seed=1)
             prompt = list(range(3, 395)) * 4  # 1568 tokens: about 200 prefill steps
             ids = [f"k{i}" for i in range(4)]
