@@ -11,10 +11,10 @@ compares their time to first token with the in-process engine's.
 
 import argparse
 import asyncio
+import secrets
 import statistics
 import subprocess
 import sys
-import secrets
 import tempfile
 import time
 

@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 import redis.asyncio as redis
 from fastapi import FastAPI
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.kv_transfer import model_fingerprint
 from common.node_client import NodeClient
@@ -50,6 +51,42 @@ class RequireJson:
         await self.app(scope, receive, send)
 
 
+class LimitBody:
+    """Request bodies over ``max_bytes`` are refused (413) before they are read whole.
+
+    A Content-Length over the limit is answered before any of the body is read. A
+    body without one (chunked) is counted as it arrives: the ``receive`` that would
+    pass the limit raises instead of handing the bytes on, and the route's exception
+    handling answers 413. A plain ASGI middleware, for RequireJson's reasons.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = f"the request body is larger than the limit of {max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(413, self.message)(scope, receive, send)
+            return
+        num_received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal num_received
+            message = await receive()
+            if message["type"] == "http.request":
+                num_received += len(message.get("body", b""))
+                if num_received > self.max_bytes:
+                    raise StarletteHTTPException(413, self.message)
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A client whose callers wait for a free connection rather than fail: a burst of
     requests larger than the pool queues for Redis instead of erroring."""
@@ -65,13 +102,13 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client(settings)
-        store = Store(client, settings.node_ttl_s)
+        store = Store(client, settings.node_ttl_s, settings.node_stall_s)
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint)
         metrics = Metrics(fleet.cached_nodes)
         # The flusher reads the registry itself: routing's cache keeps its own timing.
         timeseries = Timeseries(client, store.nodes)
-        async with NodeClient(settings.host) as node_client:
+        async with NodeClient(settings.cluster_token) as node_client:
             app.state.lightpd = AppState(
                 settings=settings,
                 store=store,
@@ -93,6 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="lightpd", lifespan=lifespan)
     app.add_middleware(RequireJson)
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)  # outermost: runs first
     install_error_handlers(app)
     for module in (openai, admin, nodes, system, dashboard):
         app.include_router(module.router)

@@ -38,6 +38,12 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
+def _same_token(given: str, expected: str) -> bool:
+    """Constant-time equality of tokens as bytes: a header decodes to any Latin-1
+    text, which ``compare_digest`` refuses to compare as ``str`` unless it is ASCII."""
+    return secrets.compare_digest(given.encode(), expected.encode())
+
+
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -50,8 +56,7 @@ async def require_api_key(request: Request, state: State) -> None:
         return  # no key configured anywhere: the API is open
     token = _bearer(request)
     if token is not None and (
-        any(secrets.compare_digest(token, k) for k in keys)
-        or await state.store.api_key_known(token)
+        any(_same_token(token, k) for k in keys) or await state.store.api_key_known(token)
     ):
         return
     raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -63,7 +68,7 @@ def _invalid_token() -> OpenAIError:
 
 async def require_cluster(request: Request, state: State) -> None:
     token = _bearer(request)
-    if token is None or not secrets.compare_digest(token, state.settings.cluster_token):
+    if token is None or not _same_token(token, state.settings.cluster_token):
         raise _invalid_token()
 
 
@@ -71,7 +76,7 @@ async def require_admin(request: Request, state: State) -> None:
     """The admin token as a bearer token, or the dashboard's session cookie."""
     admin_token = state.settings.admin_token
     token = _bearer(request)
-    if token is not None and secrets.compare_digest(token, admin_token):
+    if token is not None and _same_token(token, admin_token):
         return
     if token is None and session.is_valid(request.cookies.get(session.COOKIE), admin_token):
         if request.method in ("GET", "HEAD") or request.headers.get(session.CSRF_HEADER):

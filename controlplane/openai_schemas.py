@@ -1,8 +1,25 @@
 """Request bodies of the OpenAI-compatible API (responses are built as plain dicts)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Bounds checked before any work: numbers fit the nodes' int32 and int64 fields, and
+# lists are short enough that a request costs little to check and to serve.
+INT32_MAX = 2**31 - 1
+MAX_N = 16
+# Choice i of a seeded request samples with seed + i: leave room for every choice.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1 - MAX_N
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 4096
+MAX_USER_CHARS = 256
+MAX_PROMPTS = 64  # in a batch of prompts
+MAX_PROMPT_TOKENS = 1 << 20  # in a prompt of token ids
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # the vocabulary is checked later
+MaxTokens = Annotated[int | None, Field(ge=1, le=INT32_MAX)]
 
 
 class StreamOptions(BaseModel):
@@ -15,22 +32,32 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    top_k: int = Field(-1, ge=-1)
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
+    top_k: int = Field(-1, ge=-1, le=INT32_MAX)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string must be at most {MAX_STOP_CHARS} characters")
+        return stop
 
     @property
     def stop_strings(self) -> list[str]:
@@ -42,9 +69,29 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: MaxTokens = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompt(
+        cls, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(prompt, str):
+            return prompt
+        if prompt and isinstance(prompt[0], int):
+            token_lists = [prompt]  # one prompt of token ids
+        else:
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts in a batch, got {len(prompt)}")
+            token_lists = [p for p in prompt if isinstance(p, list)]
+        for ids in token_lists:
+            if len(ids) > MAX_PROMPT_TOKENS:
+                raise ValueError(f"a prompt must have at most {MAX_PROMPT_TOKENS} tokens")
+            if any(not 0 <= t <= INT32_MAX for t in ids):
+                raise ValueError(f"prompt token ids must be in [0, {INT32_MAX}]")
+        return prompt
 
 
 class TextPart(BaseModel):
@@ -67,8 +114,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

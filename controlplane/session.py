@@ -30,6 +30,8 @@ def issue(admin_token: str) -> str:
 
 def is_valid(cookie: str | None, admin_token: str) -> bool:
     expiry, _, signature = (cookie or "").partition(".")
-    if not expiry.isdigit() or int(expiry) < time.time():
+    # A cookie is any Latin-1 text: "²" passes isdigit() yet fails int(), and
+    # compare_digest refuses non-ASCII str, so both compare ASCII or bytes only.
+    if not (expiry.isascii() and expiry.isdigit()) or int(expiry) < time.time():
         return False
-    return hmac.compare_digest(signature, _signature(admin_token, int(expiry)))
+    return hmac.compare_digest(signature.encode(), _signature(admin_token, int(expiry)).encode())

@@ -26,9 +26,22 @@ class Settings(BaseSettings):
     admin_token: str = Field(min_length=1)
     cluster_token: str = Field(min_length=1)
     node_ttl_s: float = 6.0  # a node without a heartbeat for this long is gone
-    reserve_timeout_s: float = 60.0
+    # A node whose serving loop has not gone round for this long is dead, however
+    # regularly its heartbeat thread reports.
+    node_stall_s: float = Field(30.0, gt=0)
+    # The one place the hand-off's timeouts are set; the nodes get them in each
+    # Reserve and Prefill. A request waits for a decode node's slots, in order, up
+    # to queue_timeout_s, then gets a 503 with Retry-After.
+    queue_timeout_s: float = Field(180.0, ge=0, le=3600)
+    # At most this many requests of this control plane wait for slots at once; more
+    # get a 503 with Retry-After at once.
+    max_queued: int = Field(1024, ge=0)
+    kv_timeout_s: float = Field(30.0, gt=0, le=600)  # admitted, until its KV is complete
     token_timeout_s: float = 120.0  # longest silence of a running request
     max_attempts: int = 3  # tries of a request whose node fails before its first token
+    # Larger request bodies are refused (413) before they are read whole: the chat
+    # template and the tokenizer take time in proportion to the body.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
 
     @field_validator("model")
     @classmethod

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from common.sampling_params import SamplingParams
 from common.tokenizer import encode_chat
 from controlplane.api.errors import OpenAIError, error_body
-from controlplane.choices import Choice, merge
+from controlplane.choices import Choice, Delta, merge
 from controlplane.deps import ApiKey, AppState, State
 from controlplane.dispatcher import NoCapacityError, RequestRejected
 from controlplane.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -42,7 +42,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     _check_model(body, state)
     if body.echo:
         raise OpenAIError(400, "echo is not supported", "echo")
-    prompts = _completion_prompts(body, state)
+    prompts = await _completion_prompts(body, state)
     return await _serve(request, state, body, prompts, body.max_tokens, body.logprobs, chat=False)
 
 
@@ -50,8 +50,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     _check_model(body, state)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        prompt = encode_chat(state.tokenizer, messages)
+    try:  # off the event loop: a long conversation takes seconds to template and encode
+        prompt = await asyncio.to_thread(encode_chat, state.tokenizer, messages)
     except Exception as exc:  # a template may reject a conversation (roles out of order)
         raise OpenAIError(
             400, f"the chat template rejected the messages: {exc}", "messages"
@@ -68,16 +68,18 @@ def _check_model(body: SamplingFields, state: AppState) -> None:
         )
 
 
-def _completion_prompts(body: CompletionRequest, state: AppState) -> list[list[int]]:
+async def _completion_prompts(body: CompletionRequest, state: AppState) -> list[list[int]]:
+    # Texts are encoded off the event loop, which must keep serving heartbeats. Threads
+    # may share the fast tokenizer: encoding without truncation or padding only reads it.
     prompt = body.prompt
     if isinstance(prompt, str):
-        return [state.tokenizer.encode(prompt)]
+        return [await asyncio.to_thread(state.tokenizer.encode, prompt)]
     if not prompt:
         raise OpenAIError(400, "prompt must not be empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
-        return [state.tokenizer.encode(p) for p in prompt]
+        return await asyncio.to_thread(lambda: [state.tokenizer.encode(p) for p in prompt])
     return [list(p) for p in prompt]
 
 
@@ -126,13 +128,83 @@ async def _serve(
             )
     emitter = _Emitter(state, response_id, chat, body, prompts)
     if body.stream:
-        return StreamingResponse(emitter.stream(choices), media_type="text/event-stream")
+        # The response starts only once every choice holds decode slots, so a request
+        # that cannot be served gets a plain HTTP error, never an error inside a 200.
+        deltas = merge(state.dispatcher, state.tokenizer, choices)
+        started = await _until_admitted(request, deltas, choices)
+        return StreamingResponse(emitter.stream(choices, started), media_type="text/event-stream")
     task = asyncio.create_task(emitter.collect(choices))
     while not task.done():  # a client that goes away aborts its request
         await asyncio.wait({task}, timeout=0.5)
         if not task.done() and await request.is_disconnected():
             task.cancel()
     return JSONResponse(await task)
+
+
+def _http_error(exc: Exception) -> OpenAIError:
+    if isinstance(exc, NoCapacityError):
+        return OpenAIError(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    return OpenAIError(400, str(exc))
+
+
+class _Started:
+    """A stream whose choices all hold decode slots: the deltas that came while
+    waiting, the one being awaited, and the rest."""
+
+    def __init__(self, deltas: AsyncIterator[Delta]) -> None:
+        self.deltas = deltas
+        self.early: list[Delta] = []
+        self.pending: asyncio.Future | None = asyncio.ensure_future(anext(deltas))
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        for delta in self.early:
+            yield delta
+        if self.pending is not None:
+            try:
+                yield await self.pending
+            except StopAsyncIteration:
+                return
+        async for delta in self.deltas:
+            yield delta
+
+    async def aclose(self) -> None:
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()
+            await asyncio.gather(self.pending, return_exceptions=True)
+        await self.deltas.aclose()
+
+
+async def _until_admitted(
+    request: Request, deltas: AsyncIterator[Delta], choices: list[Choice]
+) -> _Started:
+    """Wait until every choice holds decode slots. A refusal before that is raised
+    as the HTTP error it is (503 with Retry-After, or 400); a client that leaves
+    meanwhile is let go (closing ``deltas`` aborts its choices)."""
+    admitted = asyncio.ensure_future(asyncio.gather(*(c.admitted.wait() for c in choices)))
+    started = _Started(deltas)
+    try:
+        while not admitted.done() and started.pending is not None:
+            done, _ = await asyncio.wait(
+                {admitted, started.pending}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED
+            )
+            if started.pending in done:
+                try:
+                    delta = started.pending.result()
+                except StopAsyncIteration:
+                    started.pending = None
+                    break
+                except (NoCapacityError, RequestRejected) as exc:
+                    raise _http_error(exc) from exc
+                started.early.append(delta)
+                started.pending = asyncio.ensure_future(anext(deltas))
+            elif not done and await request.is_disconnected():
+                raise OpenAIError(499, "the client closed the request")
+    except BaseException:
+        await started.aclose()
+        raise
+    finally:
+        admitted.cancel()
+    return started
 
 
 def _sampling_params(
@@ -214,10 +286,8 @@ class _Emitter:
                 self.completion_tokens += len(delta.token_ids)
                 if delta.finish_reason:
                     reasons[delta.index] = delta.finish_reason
-        except NoCapacityError as exc:
-            raise OpenAIError(503, str(exc)) from exc
-        except RequestRejected as exc:
-            raise OpenAIError(400, str(exc)) from exc
+        except (NoCapacityError, RequestRejected) as exc:
+            raise _http_error(exc) from exc
         finally:
             await deltas.aclose()
         wants_logprobs = choices[0].params.logprobs is not None
@@ -235,7 +305,7 @@ class _Emitter:
             out.append(entry)
         return {**self._envelope(False), "choices": out, "usage": self.usage()}
 
-    async def stream(self, choices: list[Choice]) -> AsyncIterator[str]:
+    async def stream(self, choices: list[Choice], deltas: _Started) -> AsyncIterator[str]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         wants_logprobs = choices[0].params.logprobs is not None
         if self.chat:  # the first chunk of each choice names the role
@@ -251,7 +321,6 @@ class _Emitter:
                         include_usage,
                     )
                 )
-        deltas = merge(self.state.dispatcher, self.state.tokenizer, choices)
         held_logprobs: dict[int, list] = {}  # of tokens whose text is not out yet
         try:
             async for delta in deltas:
@@ -271,7 +340,7 @@ class _Emitter:
                 else:
                     entry["text"] = delta.text
                 yield self._sse(self._chunk(entry, include_usage))
-        except (NoCapacityError, RequestRejected) as exc:
+        except (NoCapacityError, RequestRejected) as exc:  # a retry found no node
             status = 503 if isinstance(exc, NoCapacityError) else 400
             yield self._sse(error_body(status, str(exc)))
         finally:

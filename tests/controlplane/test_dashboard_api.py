@@ -36,6 +36,7 @@ def client(redis_url, tiny_model):
 def register(client: TestClient, node_id: str, role: str = "decode") -> None:
     body = registration(node_id, role).model_dump()
     body["model_fingerprint"] = client.fingerprint
+    body["session"] = f"session-of-{node_id}".ljust(16, "0")
     reply = client.post(
         "/internal/nodes", json=body, headers={"Authorization": f"Bearer {CLUSTER}"}
     )

@@ -119,3 +119,38 @@ def test_request_records_carry_a_typed_timeline(redis_url):
         assert r1.timeline[0].at <= time.time()
 
     run(body)(redis_url)
+
+
+def test_a_live_node_id_cannot_be_taken_over_or_its_stats_rewritten(redis_url):
+    async def body(store: Store):
+        mine, theirs = "a" * 32, "b" * 32
+        assert await store.register(registration("d1"), mine)
+        # Another process that knows the cluster token, posing as d1:
+        assert not await store.register(registration("d1"), theirs)
+        assert await store.heartbeat("d1", STATS, theirs) == "conflict"
+        assert await store.heartbeat("d1", STATS, mine) == "ready"
+        [node] = await store.nodes()
+        assert node.control_endpoint == "tcp://127.0.0.1:1" and node.stats == STATS
+        # Once d1 is dead (no heartbeat for the TTL), a restarted node may take its id.
+        await asyncio.sleep(0.7)
+        assert await store.register(registration("d1"), theirs)
+        assert await store.heartbeat("d1", STATS, theirs) == "ready"
+
+    run(body)(redis_url)
+
+
+def test_a_node_whose_loop_is_stuck_is_dead_though_it_heartbeats(redis_url):
+    async def main(url: str):
+        client = aioredis.Redis.from_url(url)
+        try:
+            store = Store(client, node_ttl_s=5.0, node_stall_s=2.0)
+            await store.register(registration("d1"), "s" * 32)
+            stuck = STATS.model_copy(update={"loop_age_s": 2.5})
+            assert await store.heartbeat("d1", stuck, "s" * 32) == "ready"
+            assert [n.status for n in await store.nodes()] == ["dead"]
+            assert await store.heartbeat("d1", STATS, "s" * 32) == "ready"
+            assert [n.status for n in await store.nodes()] == ["ready"]
+        finally:
+            await client.aclose()
+
+    asyncio.run(main(redis_url))
