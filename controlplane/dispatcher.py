@@ -26,7 +26,7 @@ failed or aborted, with its nodes, token counts and latencies.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from common.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
 from common.protocol import KVTarget, TokenEvent
@@ -106,22 +106,35 @@ class Dispatcher:
         tried: set[str] = set()
         deaths = 0
         admitted = admitted or asyncio.Event()
+        queued = False
+
+        def admit() -> None:
+            nonlocal queued
+            if queued:
+                self.num_queued -= 1
+                queued = False
+            admitted.set()
+
         self.timeseries.count("started")
         try:
-            await self.store.record_request(
-                request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
-            )
+            # The place in the queue is taken before any await, so a burst cannot
+            # slip past the bound.
             if self.num_queued >= self.settings.max_queued:
                 raise NoCapacityError(
                     f"too many requests are waiting ({self.settings.max_queued}); try again later",
                     retry_after_s=5,
                 )
+            self.num_queued += 1
+            queued = True
+            await self.store.record_request(
+                request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
+            )
             deadline = time.monotonic() + self.settings.queue_timeout_s
             for attempt in range(self.settings.max_attempts):
                 decode, prefill = await self._pick(tried, len(prompt))
                 try:
                     async for event in self._attempt(
-                        request_id, attempt, prompt, params, prefill, decode, admitted, deadline
+                        request_id, attempt, prompt, params, prefill, decode, admit, deadline
                     ):
                         if event.token_ids and first_token_at is None:
                             first_token_at = time.monotonic()
@@ -174,6 +187,8 @@ class Dispatcher:
                 state = "aborted"
             raise
         finally:
+            if queued:
+                self.num_queued -= 1
             elapsed = time.monotonic() - started
             ttft = None if first_token_at is None else first_token_at - started
             tpot = (
@@ -211,7 +226,7 @@ class Dispatcher:
         params: SamplingParams,
         prefill: NodePublic,
         decode: NodePublic,
-        admitted: asyncio.Event,
+        admit: Callable[[], None],
         deadline: float,
     ) -> AsyncIterator[TokenEvent]:
         # A new id per attempt, so late events of a failed attempt cannot mix in.
@@ -220,7 +235,6 @@ class Dispatcher:
         self.client.open_stream(attempt_id)
         finished = False
         try:
-            self.num_queued += 1
             try:
                 reserved = await self._watch(
                     self.client.reserve(
@@ -241,9 +255,7 @@ class Dispatcher:
                         retry_after_s=10,
                     ) from exc
                 raise NodeBusyError(decode, str(exc)) from exc
-            finally:
-                self.num_queued -= 1
-            admitted.set()
+            admit()
             await self.store.record_request(
                 request_id,
                 "prefilling",

@@ -67,8 +67,10 @@ class PrefillNodeConfig:
 
 # KV messages queued to one decode node before it counts as not reading.
 KV_SEND_HWM = 1 << 15
-# A decode target's socket is closed after this long with no request bound for it.
+# A decode target's socket is closed after this long with no request bound for it,
+# or at once when more than MAX_TARGETS are open.
 TARGET_IDLE_S = 60.0
+MAX_TARGETS = 256
 
 
 @dataclass
@@ -226,11 +228,17 @@ class PrefillServer:
     def _close_idle_targets(self) -> None:
         in_use = {h.target.endpoint for h in self.handoffs.values()}
         now = time.monotonic()
-        for endpoint, target in list(self.targets.items()):
-            if endpoint not in in_use and now - target.last_used > TARGET_IDLE_S:
+        idle = sorted(
+            (t.last_used, endpoint)
+            for endpoint, t in self.targets.items()
+            if endpoint not in in_use
+        )
+        excess = len(self.targets) - MAX_TARGETS
+        for rank, (last_used, endpoint) in enumerate(idle):
+            if rank < excess or now - last_used > TARGET_IDLE_S:
+                target = self.targets.pop(endpoint)
                 self.poller.unregister(target.sock)
                 target.sock.close(linger=0)
-                del self.targets[endpoint]
 
     def _drop_origin(self, origin: bytes) -> None:
         """A control plane that is gone or stopped reading: free its requests' KV."""

@@ -27,6 +27,7 @@ class LocalFleet:
     nodes: list[NodeProcess] = field(default_factory=list)
     url: str = ""
     control_plane_log: Path | None = None  # None: the control plane writes to ours
+    settings: dict[str, str] = field(default_factory=dict)  # more LIGHTPD_* settings
 
     @property
     def env(self) -> dict[str, str]:
@@ -40,6 +41,7 @@ class LocalFleet:
             "LIGHTPD_NODE_TTL_S": str(self.node_ttl_s),
             "LIGHTPD_CONTROL_PLANE": self.url,
             "PYTHONUNBUFFERED": "1",
+            **self.settings,
         }
 
     def start(self, prefill: int = 1, decode: int = 1) -> "LocalFleet":
