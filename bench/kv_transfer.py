@@ -23,6 +23,7 @@ import zmq
 
 from common.kv_pool import TokenKVPool
 from common.kv_transfer import gather_layer, scatter_layer
+from common.node_auth import FleetKeys, start_authenticator
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -33,15 +34,25 @@ def make_pool(num_slots: int) -> TokenKVPool:
     return pool
 
 
-def receiver(endpoint: str, num_slots: int) -> None:
+# Part 1 runs CURVE-encrypted, as the nodes' sockets do, unless --plain.
+BENCH_KEYS = FleetKeys.from_token("kv-transfer-bench")
+
+
+def receiver(endpoint: str, num_slots: int, plain: bool) -> None:
     """Child process: scatter every layer it gets into shuffled slots, then ack."""
     pool = make_pool(num_slots)
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    if not plain:
+        auth = start_authenticator(ctx, BENCH_KEYS)
+        BENCH_KEYS.serve(sock)
     sock.bind(endpoint)
     while True:
         frames = sock.recv_multipart(copy=False)
         identity, header = frames[0].bytes, frames[1].bytes
         if header == b"stop":
+            if not plain:
+                auth.stop()
             return
         num_tokens, layer, last = (int(x) for x in header.split(b","))
         slots = torch.randperm(num_slots, dtype=torch.int32)[:num_tokens]
@@ -50,16 +61,20 @@ def receiver(endpoint: str, num_slots: int) -> None:
             sock.send_multipart([identity, b"ack"])
 
 
-def transfer_throughput(token_counts: list[int], repeats: int) -> None:
+def transfer_throughput(token_counts: list[int], repeats: int, plain: bool) -> None:
     num_slots = max(token_counts) * 2
     port = 47000 + (int(time.time()) % 1000)
     endpoint = f"tcp://127.0.0.1:{port}"
-    child = subprocess.Popen([sys.executable, __file__, "--receive", endpoint, str(num_slots)])
+    receive = ["--receive", endpoint, str(num_slots), *(["--plain"] if plain else [])]
+    child = subprocess.Popen([sys.executable, __file__, *receive])
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    if not plain:
+        BENCH_KEYS.connect_as_member(sock)
     sock.connect(endpoint)
     pool = make_pool(num_slots)
     bytes_per_token = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
-    print(f"KV of a Llama-3.1-8B shape: {bytes_per_token // 1024} KiB per token")
+    print(f"KV of a Llama-3.1-8B shape: {bytes_per_token // 1024} KiB per token", end="")
+    print(", plain TCP" if plain else ", CURVE (as the nodes)")
     print("| prompt tokens | KV bytes | median time | throughput |")
     print("| --- | --- | --- | --- |")
     for num_tokens in token_counts:
@@ -140,13 +155,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--receive", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
-        receiver(args.receive[0], int(args.receive[1]))
+        receiver(args.receive[0], int(args.receive[1]), args.plain)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    transfer_throughput(args.tokens, args.repeats)
+    transfer_throughput(args.tokens, args.repeats, plain=True)
+    transfer_throughput(args.tokens, args.repeats, plain=False)
     asyncio.run(added_ttft(args.tokens, args.repeats))
 
 
