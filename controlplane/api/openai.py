@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.sampling_params import SamplingParams
 from common.tokenizer import encode_chat
-from controlplane.api.errors import OpenAIError, error_body
+from controlplane.api.errors import OpenAIError, error_body, error_response
 from controlplane.choices import Choice, Delta, merge
 from controlplane.deps import ApiKey, AppState, State
 from controlplane.dispatcher import NoCapacityError, RequestRejected
@@ -138,7 +138,15 @@ async def _serve(
         await asyncio.wait({task}, timeout=0.5)
         if not task.done() and await request.is_disconnected():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return _client_left()
     return JSONResponse(await task)
+
+
+def _client_left() -> JSONResponse:
+    # Nobody reads it; answering (rather than raising) keeps an ordinary
+    # disconnect out of the error log.
+    return error_response(499, "the client closed the request")
 
 
 def _http_error(exc: Exception) -> OpenAIError:
@@ -204,6 +212,7 @@ async def _until_admitted(
         raise
     finally:
         admitted.cancel()
+        await asyncio.gather(admitted, return_exceptions=True)
     return started
 
 
