@@ -23,6 +23,7 @@ import httpx
 
 from common.tiny import write_tiny_checkpoint
 from controlplane.embedded_redis import EmbeddedRedis, free_port
+from tests.e2e.fleet import wait_healthy
 
 
 def poll_health(url: str, stop: threading.Event, latencies: list[float]) -> None:
@@ -90,15 +91,7 @@ def main() -> None:
         [sys.executable, "-m", "controlplane"], env=env, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "control plane did not start"
-            time.sleep(0.2)
+        wait_healthy(url)
         chat = f"{url}/v1/chat/completions"
         huge = json.dumps(
             {"model": "x", "messages": [{"role": "user", "content": "a" * (args.body_mb << 20)}]}

@@ -8,13 +8,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import zmq
 
+from common.node_auth import FleetKeys
 from common.node_process import NodeProcess, start_node
+from common.protocol import Message, decode
 from controlplane.embedded_redis import EmbeddedRedis, free_port
 
 ADMIN_TOKEN = "test-admin"
 CLUSTER_TOKEN = "test-cluster"
 API_KEY = "sk-test"
+
+
+def wait_healthy(url: str, timeout: float = 60.0) -> None:
+    """Until the control plane at ``url`` answers /health."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"control plane at {url} did not start"
+        time.sleep(0.2)
+
+
+def raw_call(
+    endpoint: str, frames: list[bytes], keys: FleetKeys | None, timeout_ms: int = 5000
+) -> Message | None:
+    """Send frames from a bare DEALER (a fleet member if ``keys``) and decode the first
+    reply frame; None when no reply came."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    if keys is not None:
+        keys.connect_as_member(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        return decode(sock.recv_multipart()[0]) if sock.poll(timeout_ms) else None
+    finally:
+        sock.close()
 
 
 @dataclass
@@ -55,15 +88,7 @@ class LocalFleet:
             stdout=output,
             stderr=None if output is None else subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "control plane did not start"
-            time.sleep(0.2)
+        wait_healthy(self.url)
         for role, count in (("prefill", prefill), ("decode", decode)):
             for _ in range(count):
                 self.add_node(role)

@@ -21,11 +21,10 @@ from common.protocol import (
     KVTarget,
     PrefillDone,
     Reserve,
-    decode,
     encode,
 )
 from common.sampling_params import SamplingParams
-from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet
+from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call, wait_healthy
 
 # A pool of 1,200 slots: 20 requests of 20 prompt + 40 output tokens at a time.
 SLOTS = 1200
@@ -97,17 +96,8 @@ def test_penalties_over_histories_longer_than_the_vocabulary_kill_no_node(fleet,
 # ---- strangers on the node plane ----
 
 
-def probe(endpoint: str, frames: list[bytes], keys: FleetKeys | None, timeout_ms: int = 1500):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    if keys is not None:
-        keys.connect_as_member(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send_multipart(frames)
-        return decode(sock.recv_multipart()[0]) if sock.poll(timeout_ms) else None
-    finally:
-        sock.close()
+def probe(endpoint: str, frames: list[bytes], keys: FleetKeys | None):
+    return raw_call(endpoint, frames, keys, timeout_ms=1500)
 
 
 def test_strangers_get_nothing_from_any_node_socket(fleet):
@@ -332,15 +322,8 @@ def _second_control_plane(fleet: LocalFleet, settings: dict[str, str]) -> str:
         env={**fleet.env, **settings, "LIGHTPD_PORT": str(port)},
     )
     _PROCESSES[url] = process
-    wait_until(lambda: _healthy(url), timeout=60)
+    wait_healthy(url)
     return url
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _stop(url: str) -> None:

@@ -5,7 +5,6 @@ import random
 
 import msgspec
 import pytest
-import zmq
 
 from common.engine import EngineConfig, LLMEngine
 from common.node_auth import FleetKeys
@@ -19,11 +18,10 @@ from common.protocol import (
     KVLayer,
     KVTarget,
     PrefillDone,
-    decode,
     encode,
 )
 from common.sampling_params import SamplingParams
-from tests.e2e.fleet import CLUSTER_TOKEN
+from tests.e2e.fleet import CLUSTER_TOKEN, raw_call
 
 SLOTS = 4096
 NODE_ARGS = ("--num-kv-slots", str(SLOTS), "--max-prefill-tokens", "256")
@@ -190,33 +188,13 @@ def test_prefill_whose_decode_target_is_gone_frees_its_kv(model, pair):
 MEMBER = FleetKeys.from_token(CLUSTER_TOKEN)
 
 
-def raw_call(
-    endpoint: str, frames: list[bytes], keys: FleetKeys | None = MEMBER, timeout_ms: int = 5000
-):
-    """Send frames from a bare DEALER (a fleet member if ``keys``) and decode the first
-    reply frame; None when no reply came."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    if keys is not None:
-        keys.connect_as_member(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send_multipart(frames)
-        if not sock.poll(timeout_ms):
-            return None
-        return decode(sock.recv_multipart()[0])
-    finally:
-        sock.close()
-
-
 def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
     prefill, decode_ = pair
-    garbage = raw_call(decode_.control, [b"\x93not msgpack at all"])
+    garbage = raw_call(decode_.control, [b"\x93not msgpack at all"], MEMBER)
     assert isinstance(garbage, Error) and garbage.message.startswith("malformed message")
 
     future = msgspec.msgpack.encode({"type": "health_check", "version": 99, "call_id": 1})
-    wrong = raw_call(prefill.control, [future])
+    wrong = raw_call(prefill.control, [future], MEMBER)
     assert isinstance(wrong, Error)
     assert wrong.message == (
         f"protocol version 99 is not supported; this node speaks {PROTOCOL_VERSION}"
@@ -233,10 +211,10 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
             "params": {"top_p": 7.0},
         }
     )
-    refused = raw_call(decode_.control, [bad_params])
+    refused = raw_call(decode_.control, [bad_params], MEMBER)
     assert "top_p must be in (0, 1], got 7.0" in refused.message
 
-    health = raw_call(decode_.control, [encode(HealthCheck(call_id=3))])
+    health = raw_call(decode_.control, [encode(HealthCheck(call_id=3))], MEMBER)
     assert health.role == "decode"
 
     async def layout_mismatch():
@@ -268,7 +246,7 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
                 start=0,
                 num_tokens=3,
             )
-            ack = raw_call(reserved.kv_endpoint, [encode(header), b"\0" * 8, b"\0" * 8])
+            ack = raw_call(reserved.kv_endpoint, [encode(header), b"\0" * 8, b"\0" * 8], MEMBER)
             events = [e async for e in client.events("mm2", timeout=10)]
             done = PrefillDone(
                 request_id="nobody",
@@ -277,7 +255,7 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
                 num_prompt_tokens=1,
                 first_token=1,
             )
-            late = raw_call(reserved.kv_endpoint, [encode(done)])
+            late = raw_call(reserved.kv_endpoint, [encode(done)], MEMBER)
             await wait_for_idle(client, prefill.control, decode_.control)
             result = await client.generate(
                 prefill.control,
