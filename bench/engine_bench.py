@@ -25,7 +25,7 @@ import torch
 
 from bench.attention_bench import copy_bandwidth, matmul_tflops, median_ms
 from common.engine import EngineConfig, LLMEngine
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 
 LLAMA_31_8B = dict(
     hidden_size=4096,

@@ -21,9 +21,9 @@ import time
 import torch
 import zmq
 
-from common.kv_pool import TokenKVPool
-from common.kv_transfer import gather_layer, scatter_layer
-from common.node_auth import FleetKeys, start_authenticator
+from common.engine.kv_pool import TokenKVPool
+from common.engine.kv_transfer import gather_layer, scatter_layer
+from common.wire.auth import FleetKeys, start_authenticator
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -100,10 +100,10 @@ def transfer_throughput(token_counts: list[int], repeats: int, plain: bool) -> N
 
 async def added_ttft(token_counts: list[int], repeats: int) -> None:
     from common.engine import EngineConfig, LLMEngine
-    from common.node_client import NodeClient
-    from common.node_process import start_node
-    from common.sampling_params import SamplingParams
     from common.tiny import write_tiny_checkpoint
+    from common.wire.sampling_params import SamplingParams
+    from controlplane.node_client import NodeClient
+    from controlplane.node_process import start_node
 
     overrides = dict(
         hidden_size=256,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from common.engine import EngineConfig, LLMEngine
 from common.engine.request import RequestError, RequestOutput
-from common.sampling_params import SamplingParams
 from common.tokenizer import load_tokenizer
+from common.wire.sampling_params import SamplingParams
 from controlplane.bench.client import ClientConfig
 from controlplane.bench.metrics import summarize
 from controlplane.bench.plots import write_plots

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.node_process import NodeProcess, start_node
+from controlplane.node_process import NodeProcess, start_node
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet
 
 

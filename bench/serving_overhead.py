@@ -30,17 +30,17 @@ import uuid
 from pathlib import Path
 
 from bench.serving_fleet import CLUSTER_TOKEN, BenchFleet, cpu_seconds, pin
-from common.node_client import NodeClient, NodeError
-from common.protocol import KVTarget
-from common.sampling_params import SamplingParams
 from common.tiny import write_tiny_checkpoint
 from common.tokenizer import load_tokenizer
+from common.wire.messages import KVTarget
+from common.wire.sampling_params import SamplingParams
 from controlplane.bench.client import ClientConfig, StreamClient
 from controlplane.bench.metrics import percentile, summarize
 from controlplane.bench.plots import pyplot, save
 from controlplane.bench.record import RequestRecord
 from controlplane.bench.runner import LoadSpec, Runner
 from controlplane.bench.workload import TokenPrompts, WorkloadSpec, build_workload
+from controlplane.node_client import NodeClient, NodeError
 from tests.e2e.fleet import API_KEY
 
 

@@ -11,9 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.kv_transfer import model_fingerprint
-from common.node_client import NodeClient
 from common.tokenizer import load_tokenizer
+from common.wire.identity import model_fingerprint
 from controlplane.api import admin, dashboard, nodes, openai, system
 from controlplane.api.dashboard import STATIC_DIR
 from controlplane.api.errors import error_response, install_error_handlers
@@ -21,6 +20,7 @@ from controlplane.deps import AppState
 from controlplane.dispatcher import Dispatcher
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
+from controlplane.node_client import NodeClient
 from controlplane.settings import Settings
 from controlplane.store import Store
 from controlplane.timeseries import Timeseries

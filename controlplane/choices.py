@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from common.protocol import TokenLogprobs
-from common.sampling_params import SamplingParams
+from common.wire.messages import TokenLogprobs
+from common.wire.sampling_params import SamplingParams
 from controlplane.dispatcher import Dispatcher
 from controlplane.text_stream import TextStream
 

@@ -46,8 +46,8 @@ def generate(
 ) -> None:
     """Generate a reply offline, in this process, with the in-process engine."""
     from common.engine import EngineConfig, LLMEngine
-    from common.sampling_params import SamplingParams
     from common.tokenizer import encode_chat, load_tokenizer
+    from common.wire.sampling_params import SamplingParams
 
     if not (model / "config.json").is_file():
         typer.echo(f"error: {model} is not a model directory (no config.json)", err=True)

@@ -13,9 +13,9 @@ from typing import Annotated
 import httpx
 import typer
 
-from common.node_process import NodeProcess, start_node
 from controlplane.cli_common import ensure_default_model, fail, fleet_file, home
 from controlplane.embedded_redis import EmbeddedRedis
+from controlplane.node_process import NodeProcess, start_node
 
 
 def _step(message: str):

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from transformers import PreTrainedTokenizerBase
 
-from common.node_client import NodeClient
 from controlplane import session
 from controlplane.api.errors import OpenAIError
 from controlplane.dispatcher import Dispatcher
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
+from controlplane.node_client import NodeClient
 from controlplane.settings import Settings
 from controlplane.store import Store
 from controlplane.timeseries import Timeseries

@@ -28,11 +28,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from common.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
-from common.protocol import KVTarget, TokenEvent
-from common.sampling_params import SamplingParams
+from common.wire.messages import KVTarget, TokenEvent
+from common.wire.sampling_params import SamplingParams
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
+from controlplane.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
 from controlplane.schemas import NodePublic
 from controlplane.settings import Settings
 from controlplane.store import Store

@@ -2,8 +2,7 @@ from typing import Annotated
 
 import typer
 
-from common.node_base import default_node_id
-from common.node_main import (
+from common.node.cli import (
     ClusterToken,
     ControlPlane,
     Device,
@@ -21,6 +20,7 @@ from common.node_main import (
     run_node,
     serve,
 )
+from common.node.runtime import default_node_id
 
 app = typer.Typer(add_completion=False)
 

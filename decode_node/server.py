@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from common.engine import EngineConfig, LLMEngine, RequestError
-from common.kv_transfer import kv_layout, scatter_layer
-from common.node_auth import FleetKeys, same_secret, start_authenticator
-from common.node_base import (
+from common.engine.kv_transfer import kv_layout, scatter_layer
+from common.node.runtime import (
     LoopClock,
     Publisher,
     RateMeter,
@@ -33,7 +32,8 @@ from common.node_base import (
     serving_socket,
     token_event,
 )
-from common.protocol import (
+from common.wire.auth import FleetKeys, same_secret, start_authenticator
+from common.wire.messages import (
     Abort,
     Error,
     Health,

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from common.engine.kv_pool import TokenKVPool
+from common.engine.kv_transfer import gather_layer
+from common.engine.req_table import RequestTable
 from common.engine.request import Request
-from common.kv_pool import TokenKVPool
-from common.kv_transfer import gather_layer
-from common.req_table import RequestTable
 
 # (request, layer, first position, number of tokens, K bytes, V bytes)
 SendLayer = Callable[[Request, int, int, int, torch.Tensor, torch.Tensor], None]

@@ -16,14 +16,13 @@ import zmq
 
 from common.engine import EngineConfig, RequestError
 from common.engine.kv_manager import KVManager
+from common.engine.kv_transfer import kv_layout
+from common.engine.model_config import ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.request import Request
 from common.engine.request_builder import RequestBuilder
 from common.engine.scheduler import unpack_logprobs
-from common.kv_transfer import kv_layout
-from common.model_config import ModelConfig
-from common.node_auth import FleetKeys, same_secret, start_authenticator
-from common.node_base import (
+from common.node.runtime import (
     LoopClock,
     Publisher,
     RateMeter,
@@ -34,7 +33,8 @@ from common.node_base import (
     serving_socket,
     wire_logprobs,
 )
-from common.protocol import (
+from common.wire.auth import FleetKeys, same_secret, start_authenticator
+from common.wire.messages import (
     Abort,
     Accepted,
     Error,

@@ -15,9 +15,9 @@ inside the graph, so a step costs no other copies and no host sync.
 import torch
 from torch import nn
 
-from common.context import ForwardContext, forward_context
-from common.kv_pool import TokenKVPool
-from common.req_table import RequestTable
+from common.engine.context import ForwardContext, forward_context
+from common.engine.kv_pool import TokenKVPool
+from common.engine.req_table import RequestTable
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:

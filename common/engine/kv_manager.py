@@ -2,9 +2,9 @@
 
 import torch
 
+from common.engine.kv_pool import TokenKVPool
+from common.engine.req_table import RequestTable
 from common.engine.request import Request
-from common.kv_pool import TokenKVPool
-from common.req_table import RequestTable
 
 
 class KVManager:

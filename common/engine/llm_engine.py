@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from common.engine.config import EngineConfig
+from common.engine.model_config import ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.request import (
     FinishReason,
@@ -16,8 +17,7 @@ from common.engine.request import (
 )
 from common.engine.request_builder import RequestBuilder
 from common.engine.scheduler import Scheduler
-from common.model_config import ModelConfig
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -4,17 +4,17 @@ import logging
 
 import torch
 
-from common.context import ForwardContext, forward_context
 from common.engine.config import EngineConfig
+from common.engine.context import ForwardContext, forward_context
 from common.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from common.engine.kv_pool import TokenKVPool
+from common.engine.loader import load_model
 from common.engine.memory_plan import MemoryPlan, measure_peak_bytes, sampler_bytes
+from common.engine.model_config import ModelConfig, parse_dtype
+from common.engine.req_table import RequestTable
+from common.engine.sampler import Sampler
 from common.engine.sampling_inputs import SamplingInputs
 from common.engine.scheduler import ScheduledBatch
-from common.kv_pool import TokenKVPool
-from common.loader import load_model
-from common.model_config import ModelConfig, parse_dtype
-from common.req_table import RequestTable
-from common.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 

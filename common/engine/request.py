@@ -3,7 +3,7 @@
 import enum
 from dataclasses import dataclass, field
 
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 
 
 class RequestError(ValueError):

@@ -3,10 +3,10 @@
 import random
 from collections.abc import Sequence
 
+from common.engine.model_config import ModelConfig
 from common.engine.request import Request, RequestError
-from common.model_config import ModelConfig
-from common.sampler import seed_to_key
-from common.sampling_params import SamplingParams
+from common.engine.sampler import seed_to_key
+from common.wire.sampling_params import SamplingParams
 
 
 class RequestBuilder:

@@ -9,9 +9,9 @@ the copies out of them.
 
 import torch
 
+from common.engine.req_table import RequestTable
 from common.engine.request import Request
-from common.req_table import RequestTable
-from common.sampler import SamplingBatch
+from common.engine.sampler import SamplingBatch
 
 
 class SamplingInputs:

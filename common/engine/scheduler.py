@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from common.engine.admission import OutputLengthEstimator, peak_tokens
 from common.engine.kv_manager import KVManager
+from common.engine.kv_pool import TokenKVPool
+from common.engine.req_table import RequestTable
 from common.engine.request import (
     FinishReason,
     Request,
@@ -20,8 +22,6 @@ from common.engine.request import (
     RequestStatus,
     TokenLogprob,
 )
-from common.kv_pool import TokenKVPool
-from common.req_table import RequestTable
 
 
 @dataclass

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from common.sampling_params import SamplingParams
 from common.tokenizer import encode_chat
+from common.wire.sampling_params import SamplingParams
 from controlplane.api.errors import OpenAIError, error_body, error_response
 from controlplane.choices import Choice, Delta, merge
 from controlplane.deps import ApiKey, AppState, State

@@ -10,7 +10,7 @@ import torch
 
 from common.engine import EngineConfig, LLMEngine
 from common.engine.cuda_graphs import graph_batch_sizes
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 from tests.common.test_engine import hf_greedy, random_prompts
 from tests.conftest import DEVICE
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.engine import EngineConfig, FinishReason, LLMEngine, RequestError
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 from tests.conftest import DEVICE
 
 NEW_TOKENS = 32

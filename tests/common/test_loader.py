@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.engine import EngineConfig, LLMEngine
-from common.loader import WeightLoadError
-from common.model_config import ModelConfig, ModelConfigError
-from common.models import UnsupportedArchitectureError
+from common.engine.loader import WeightLoadError
+from common.engine.model_config import ModelConfig, ModelConfigError
+from common.engine.models import UnsupportedArchitectureError
 from common.tiny import write_tiny_checkpoint
 
 

@@ -5,9 +5,9 @@ import time
 
 import zmq
 
-from common.node_auth import FleetKeys, start_authenticator
-from common.node_base import Publisher, serving_socket
-from common.protocol import HealthCheck, TokenEvent, decode, encode
+from common.node.runtime import Publisher, serving_socket
+from common.wire.auth import FleetKeys, start_authenticator
+from common.wire.messages import HealthCheck, TokenEvent, decode, encode
 
 KEYS = FleetKeys.from_token("unit-test-token")
 

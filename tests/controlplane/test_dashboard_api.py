@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
-from common.kv_transfer import model_fingerprint
+from common.wire.identity import model_fingerprint
 from controlplane import session
 from controlplane.app import create_app
 from controlplane.settings import Settings

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import zmq
 
-from common.node_auth import FleetKeys
-from common.node_process import NodeProcess, start_node
-from common.protocol import Message, decode
+from common.wire.auth import FleetKeys
+from common.wire.messages import Message, decode
 from controlplane.embedded_redis import EmbeddedRedis, free_port
+from controlplane.node_process import NodeProcess, start_node
 
 ADMIN_TOKEN = "test-admin"
 CLUSTER_TOKEN = "test-cluster"

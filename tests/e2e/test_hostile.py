@@ -13,9 +13,8 @@ import httpx
 import pytest
 import zmq
 
-from common.node_auth import FleetKeys
-from common.node_client import NodeClient
-from common.protocol import (
+from common.wire.auth import FleetKeys
+from common.wire.messages import (
     HealthCheck,
     KVLayer,
     KVTarget,
@@ -23,7 +22,8 @@ from common.protocol import (
     Reserve,
     encode,
 )
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
+from controlplane.node_client import NodeClient
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call, wait_healthy
 
 # A pool of 1,200 slots: 20 requests of 20 prompt + 40 output tokens at a time.
@@ -185,7 +185,7 @@ def test_many_member_connections_leave_the_node_open_files_bounded(fleet):
 
 
 def test_a_destination_that_never_reads_cannot_freeze_a_node(fleet, tmp_path):
-    from common.node_process import start_node
+    from controlplane.node_process import start_node
 
     node = start_node(
         "decode", fleet.model, "--num-kv-slots", str(SLOTS), cluster_token=CLUSTER_TOKEN

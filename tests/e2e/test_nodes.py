@@ -7,10 +7,8 @@ import msgspec
 import pytest
 
 from common.engine import EngineConfig, LLMEngine
-from common.node_auth import FleetKeys
-from common.node_client import NodeClient, NodeError
-from common.node_process import start_node
-from common.protocol import (
+from common.wire.auth import FleetKeys
+from common.wire.messages import (
     PROTOCOL_VERSION,
     Error,
     HealthCheck,
@@ -20,7 +18,9 @@ from common.protocol import (
     PrefillDone,
     encode,
 )
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
+from controlplane.node_client import NodeClient, NodeError
+from controlplane.node_process import start_node
 from tests.e2e.fleet import CLUSTER_TOKEN, raw_call
 
 SLOTS = 4096

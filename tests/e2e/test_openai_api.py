@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from common.engine import EngineConfig, LLMEngine
-from common.sampling_params import SamplingParams
 from common.tokenizer import encode_chat, load_tokenizer
+from common.wire.sampling_params import SamplingParams
 from controlplane.embedded_redis import free_port
 from tests.e2e.fleet import API_KEY, LocalFleet
 

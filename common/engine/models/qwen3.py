@@ -2,9 +2,9 @@
 
 import torch
 
-from common.layers.norm import RMSNorm
-from common.model_config import ModelConfig
-from common.models.llama import LlamaAttention, LlamaForCausalLM
+from common.engine.layers.norm import RMSNorm
+from common.engine.model_config import ModelConfig
+from common.engine.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 class Qwen3Attention(LlamaAttention):

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from common.layers.linear import default_weight_loader
-from common.model_config import ModelConfig
-from common.models import get_model_class
+from common.engine.layers.linear import default_weight_loader
+from common.engine.model_config import ModelConfig
+from common.engine.models import get_model_class
 
 # Buffers some checkpoints carry that we compute ourselves.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

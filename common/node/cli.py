@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from common.engine import EngineConfig
-from common.registrar import Registrar
+from common.node.registrar import Registrar
 
 Model = Annotated[str, typer.Option(help="Local Hugging Face model directory.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda:N.")]

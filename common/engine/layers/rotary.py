@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from common.model_config import RopeConfig
+from common.engine.model_config import RopeConfig
 from kernels.rotary import apply_rotary
 
 

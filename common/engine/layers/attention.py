@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from common.context import get_context
+from common.engine.context import get_context
 from kernels.decode_attention import decode_attention
 from kernels.kv_store import store_kv
 from kernels.prefill_attention import prefill_attention

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import zmq
 
 from common.engine.request import RequestOutput, TokenLogprob
-from common.node_auth import FleetKeys
-from common.protocol import (
+from common.wire.auth import FleetKeys
+from common.wire.messages import (
     Error,
     Message,
     ProtocolError,

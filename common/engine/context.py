@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.kv_pool import TokenKVPool
+from common.engine.kv_pool import TokenKVPool
 
 
 @dataclass

@@ -19,8 +19,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from common.node_auth import FleetKeys, new_secret
-from common.protocol import (
+from common.wire.auth import FleetKeys, new_secret
+from common.wire.messages import (
     Abort,
     Accepted,
     Error,
@@ -38,7 +38,7 @@ from common.protocol import (
     decode,
     encode,
 )
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 
 
 class NodeError(RuntimeError):

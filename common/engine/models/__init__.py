@@ -5,10 +5,10 @@ from torch import nn
 # Llama, Mistral and Qwen2 share one layout; they differ only in config values
 # (biases, rope scaling), which the Llama modules read from ModelConfig.
 _ARCHITECTURES = {
-    "LlamaForCausalLM": ("common.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("common.models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("common.models.llama", "LlamaForCausalLM"),
-    "Qwen3ForCausalLM": ("common.models.qwen3", "Qwen3ForCausalLM"),
+    "LlamaForCausalLM": ("common.engine.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("common.engine.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("common.engine.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("common.engine.models.qwen3", "Qwen3ForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)

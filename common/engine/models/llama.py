@@ -5,11 +5,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from common.layers.attention import Attention
-from common.layers.linear import PackedLinear
-from common.layers.norm import RMSNorm
-from common.layers.rotary import RotaryEmbedding
-from common.model_config import ModelConfig
+from common.engine.layers.attention import Attention
+from common.engine.layers.linear import PackedLinear
+from common.engine.layers.norm import RMSNorm
+from common.engine.layers.rotary import RotaryEmbedding
+from common.engine.model_config import ModelConfig
 from kernels.silu_and_mul import silu_and_mul
 
 

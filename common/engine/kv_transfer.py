@@ -6,22 +6,17 @@ without another copy. On the receiver, ``scatter_layer`` checks the bytes agains
 the agreed layout and writes them into the reserved slots.
 """
 
-import hashlib
 import warnings
 from pathlib import Path
 
 import torch
 
-from common.kv_pool import TokenKVPool
-from common.model_config import ModelConfig
-from common.protocol import KVLayout, ProtocolError
+from common.engine.kv_pool import TokenKVPool
+from common.engine.model_config import ModelConfig
+from common.wire.identity import model_fingerprint
+from common.wire.messages import KVLayout, ProtocolError
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identifies the model: nodes with different config.json files never exchange KV."""
-    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 def kv_layout(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype) -> KVLayout:

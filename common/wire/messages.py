@@ -17,7 +17,7 @@ from typing import Annotated
 
 import msgspec
 
-from common.sampling_params import SamplingParams
+from common.wire.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 2
 MAX_PROMPT_TOKENS = 1 << 20

@@ -86,7 +86,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, model_dir: Path | None = None) -> "ModelConfig":
-        from common.models import get_model_class  # the registry names the architectures
+        from common.engine.models import get_model_class  # the registry names the architectures
 
         archs = raw.get("architectures") or []
         if len(archs) != 1:
