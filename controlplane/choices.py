@@ -5,8 +5,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from transformers import PreTrainedTokenizerBase
-
+from common.tokenizer import Tokenizer
 from common.wire.messages import TokenLogprobs
 from common.wire.sampling_params import SamplingParams
 from controlplane.dispatcher import Dispatcher
@@ -36,7 +35,7 @@ class Choice:
 
 
 async def run_choice(
-    dispatcher: Dispatcher, tokenizer: PreTrainedTokenizerBase, choice: Choice
+    dispatcher: Dispatcher, tokenizer: Tokenizer, choice: Choice
 ) -> AsyncIterator[Delta]:
     """Deltas of one choice, the last with a finish_reason (stop, length, abort or error).
     Leaving early (a stop string, a disconnect) aborts the request on its nodes."""
@@ -61,7 +60,7 @@ async def run_choice(
 
 
 async def merge(
-    dispatcher: Dispatcher, tokenizer: PreTrainedTokenizerBase, choices: list[Choice]
+    dispatcher: Dispatcher, tokenizer: Tokenizer, choices: list[Choice]
 ) -> AsyncIterator[Delta]:
     """Deltas of all choices as they come; cancelling the consumer cancels every choice."""
     queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()

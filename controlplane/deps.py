@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from transformers import PreTrainedTokenizerBase
 
+from common.tokenizer import Tokenizer
 from controlplane import session
 from controlplane.api.errors import OpenAIError
 from controlplane.dispatcher import Dispatcher
@@ -27,7 +27,7 @@ class AppState:
     dispatcher: Dispatcher
     metrics: Metrics
     timeseries: Timeseries
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Tokenizer
     model_fingerprint: str
 
 

@@ -6,11 +6,11 @@ string may span tokens: text that could still turn out to start one is held
 back while streaming, and the text ends right before the first stop found.
 """
 
-from transformers import PreTrainedTokenizerBase
+from common.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stops = stops
         self.ids: list[int] = []

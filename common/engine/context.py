@@ -4,7 +4,7 @@ Model code keeps the signature ``forward(input_ids, positions)``; everything the
 attention layers need about the batch lives here for the duration of the pass.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +26,9 @@ class ForwardContext:
     max_seq_len: int
     cu_seqlens_q: torch.Tensor | None = None  # (B+1,) prefill only
     max_seqlen_q: int = 1
+    # Called with a layer's index right after its K/V are in the pool (the KV
+    # connector streams them from there while the next layers compute).
+    kv_saved: Callable[[int], None] | None = None
 
 
 _current: ForwardContext | None = None

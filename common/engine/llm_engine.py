@@ -1,11 +1,22 @@
-"""The in-process engine: add requests, step, read outputs. Nodes wrap this."""
+"""The engine of every role: add requests, step, read outputs.
+
+In process it prefills and decodes. A prefill node's engine gets requests with
+a KV target: their prompts' KV goes out through the connector layer by layer,
+the first token after it, and they never decode here; their KV is freed when
+the receiver confirms. A decode node's engine gets reservations: once admitted
+they hold slots that the connector fills, and they decode from the first token
+the sender sampled. One scheduler, one request state machine, one owner of a
+request's KV, whatever the role.
+"""
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
 from common.engine.config import EngineConfig
+from common.engine.connector import KVConnector, KVDone, KVRecvSpec, KVSendSpec, LayerChunk
 from common.engine.model_config import ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.request import (
@@ -13,17 +24,20 @@ from common.engine.request import (
     Request,
     RequestError,
     RequestOutput,
+    RequestStatus,
     TokenLogprob,
 )
 from common.engine.request_builder import RequestBuilder
-from common.engine.scheduler import Scheduler
+from common.engine.scheduler import ScheduledBatch, Scheduler
 from common.wire.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, connector: KVConnector | None = None) -> None:
+        """``connector``: how prompts' KV leaves (prefill) or arrives (decode); the
+        runner builds the pool, so it is attached with ``attach`` once built."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.runner = ModelRunner(config, self.model_config)
@@ -31,33 +45,84 @@ class LLMEngine:
         self.pool = self.runner.pool
         self.scheduler = Scheduler(self.pool, self.runner.table, config.max_prefill_tokens)
         self.requests = RequestBuilder(self.model_config, self.max_model_len, config.seed)
+        self.connector = connector
         self._requests: dict[str, Request] = {}
+        self._sending: dict[str, Request] = {}  # prompt done, KV held until the send ends
+        self._admitted: list[str] = []  # reservations admitted, not yet popped
+
+    def attach(self, connector: KVConnector) -> None:
+        self.connector = connector
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        kv_target: KVSendSpec | None = None,
     ) -> None:
-        """Queue a request; raises RequestError (and changes nothing) if it cannot run."""
-        self.scheduler.add(self._new_request(request_id, prompt_token_ids, params))
-
-    def reserve(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> None:
-        """Queue a request whose prompt KV will be computed elsewhere. Once admitted
-        (``pop_reserved``) its slots wait for ``write_kv`` and ``complete_reservation``."""
-        request = self._new_request(request_id, prompt_token_ids, params)
-        request.awaits_kv = True
+        """Queue a request; raises RequestError (and changes nothing) if it cannot run.
+        With ``kv_target``, only its prompt runs here and its KV goes there."""
+        request = self.requests.build(request_id, prompt_token_ids, params)
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if kv_target is not None:
+            if self.connector is None:
+                raise RequestError("this engine has no KV connector to send with")
+            try:
+                self.connector.start_send(request_id, kv_target)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from exc
+            request.kv_send = kv_target
+        self._requests[request_id] = request
         self.scheduler.add(request)
 
-    def pop_reserved(self) -> list[str]:
-        """Ids of reservations admitted since the last call: their slots are held."""
-        reserved = [r.request_id for r in self.scheduler.newly_reserved if r.awaits_kv]
-        self.scheduler.newly_reserved.clear()
-        return reserved
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        kv_source: KVRecvSpec | None = None,
+        queue_timeout_s: float = float("inf"),
+    ) -> None:
+        """Queue a request whose prompt KV is computed elsewhere. It waits in order
+        for up to ``queue_timeout_s`` (``expire_waiting``); once admitted
+        (``pop_admitted``) its slots are filled through the connector under
+        ``kv_source``, or directly (``reserved_slots``, ``complete_reservation``)."""
+        request = self._new_request(request_id, prompt_token_ids, params)
+        request.awaits_kv = True
+        request.kv_recv = kv_source
+        request.queue_deadline = time.monotonic() + queue_timeout_s
+        self.scheduler.add(request)
 
-    def admit_reservations(self) -> list[str]:
+    def pop_admitted(self) -> list[str]:
+        """Ids of reservations admitted since the last call: their slots are held."""
+        self._collect_admitted()
+        admitted, self._admitted = self._admitted, []
+        return admitted
+
+    def admit_reservations(self) -> None:
         """Admit queued reservations now if the pool allows, without running a step."""
         self.scheduler.admit_waiting_reservations()
-        return self.pop_reserved()
+        self._collect_admitted()
+
+    def expire_waiting(self) -> list[str]:
+        """Reservations that waited past their queue timeout, now dropped."""
+        expired = self.scheduler.expire_waiting(time.monotonic())
+        for request in expired:
+            del self._requests[request.request_id]
+        return [r.request_id for r in expired]
+
+    def _collect_admitted(self) -> None:
+        for request in self.scheduler.newly_reserved:
+            if not request.awaits_kv or request.status is not RequestStatus.RUNNING:
+                continue
+            if request.kv_recv is not None and self.connector is not None:
+                slots = self.runner.table.req_to_token[request.row, : request.num_prompt_tokens]
+                self.connector.start_recv(
+                    request.request_id, slots, request.num_prompt_tokens, request.kv_recv
+                )
+            self._admitted.append(request.request_id)
+        self.scheduler.newly_reserved.clear()
 
     def reserved_slots(self, request_id: str) -> torch.Tensor:
         """Slots of an admitted reservation's prompt positions, int32 [num_prompt_tokens]."""
@@ -85,7 +150,17 @@ class LLMEngine:
 
     @property
     def num_reserved_slots(self) -> int:
-        return sum(r.num_slots for r in self.scheduler.running if r.awaits_kv)
+        """Slots held for KV in transit: reservations awaiting it, prompts being sent."""
+        awaiting = sum(r.num_slots for r in self.scheduler.running if r.awaits_kv)
+        return awaiting + sum(r.num_slots for r in self._sending.values())
+
+    @property
+    def num_queued_tokens(self) -> int:
+        """Prompt tokens not computed yet: queued requests and unfinished prefills."""
+        queued = sum(r.num_tokens for r in self.scheduler.waiting)
+        return queued + sum(
+            r.num_tokens - r.num_computed_tokens for r in self.scheduler.running if r.is_prefilling
+        )
 
     @property
     def num_running(self) -> int:
@@ -106,40 +181,137 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its slots at once; None if it is not here."""
-        request = self.scheduler.abort(request_id)
+        request = self._drop(request_id)
         if request is None:
             return None
-        del self._requests[request_id]
+        return self._ended(request, FinishReason.ABORT)
+
+    def fail(self, request_id: str, reason: str) -> RequestOutput | None:
+        """End a request with an error and free its slots; None if it is not here."""
+        request = self._drop(request_id)
+        if request is None:
+            return None
+        return self._ended(request, FinishReason.ERROR, reason)
+
+    def _drop(self, request_id: str) -> Request | None:
+        """Take a request out wherever it is (queued, running, sending) and free its KV."""
+        if self.connector is not None:
+            self.connector.cancel(request_id)
+        request = self._sending.pop(request_id, None)
+        if request is not None:
+            self.scheduler.kv.deallocate(request)
+        else:
+            request = self.scheduler.abort(request_id)
+        if request is not None:
+            del self._requests[request_id]
+        return request
+
+    def _ended(
+        self,
+        request: Request,
+        reason: FinishReason,
+        error: str | None = None,
+        retry: bool = False,
+    ) -> RequestOutput:
         return RequestOutput(
-            request_id,
+            request.request_id,
             [],
             None,
-            FinishReason.ABORT,
+            reason,
             request.num_prompt_tokens,
             request.num_output_tokens,
+            error=error,
+            retry=retry,
         )
 
+    @property
+    def has_work(self) -> bool:
+        """Whether ``step`` has something to compute (transfers only wait)."""
+        return self.scheduler.has_runnable
+
     def step(self) -> list[RequestOutput]:
-        """Run one batch; what happened to each of its requests.
+        """Take in the connector's news, run one batch; what happened to each request.
 
         If running the batch raises, every request of the batch fails with
         ``FinishReason.ERROR`` and its slots are freed; requests outside the
         batch carry on. The culprit is not isolated: all of a failed batch's
         requests fail together, since rerunning them one by one would cost a
         step per request on a path that should never be taken."""
+        outputs = self._take_transfers()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return outputs
         try:
-            outputs = self.scheduler.postprocess(batch, self.runner.run(batch))
+            outputs += self.scheduler.postprocess(batch, self.runner.run(batch, self._saver(batch)))
         except Exception as exc:
             ids = ", ".join(r.request_id for r in batch.requests)
             logger.exception("a batch failed; failing all of its requests: %s", ids)
-            return self._fail(batch.requests, exc)
+            return outputs + self._fail(batch.requests, exc)
         for output in outputs:
+            request = self._requests.get(output.request_id)
             if output.finished:
-                del self._requests[output.request_id]
+                self._requests.pop(output.request_id, None)
+            elif request is not None and request.kv_send is not None and output.new_token_ids:
+                self._hand_off(request, output)
         return outputs
+
+    def _saver(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """What the runner calls after each layer's K/V of ``batch`` are written."""
+        if self.connector is None or not batch.is_prefill:
+            return None
+        table = self.runner.table.req_to_token
+        chunks = [
+            LayerChunk(r.request_id, start, table[r.row, start:end])
+            for r, start, end in zip(batch.requests, batch.starts, batch.ends, strict=True)
+            if r.kv_send is not None
+        ]
+        if not chunks:
+            return None
+        connector = self.connector
+        return lambda layer: connector.save_layer(layer, chunks)
+
+    def _hand_off(self, request: Request, output: RequestOutput) -> None:
+        """The prompt is sent: send the first token; hold the KV until the send ends."""
+        self.scheduler.detach(request)
+        self._sending[request.request_id] = request
+        self.connector.finish_send(
+            request.request_id,
+            request.num_prompt_tokens,
+            output.new_token_ids[0],
+            output.new_logprobs,
+        )
+
+    def _take_transfers(self) -> list[RequestOutput]:
+        if self.connector is None:
+            return []
+        outputs = []
+        for event in self.connector.poll():
+            request_id = event.request_id
+            if request_id in self._sending:  # a send ended: the KV is of no more use
+                request = self._sending.pop(request_id)
+                self.scheduler.kv.deallocate(request)
+                del self._requests[request_id]
+                if isinstance(event, KVDone):
+                    outputs.append(self._ended(request, FinishReason.HANDED_OFF))
+                else:
+                    outputs.append(self._ended(request, FinishReason.ERROR, event.reason, True))
+            elif isinstance(event, KVDone) and event.first_token is not None:
+                try:
+                    outputs.append(
+                        self.complete_reservation(request_id, event.first_token, event.logprobs)
+                    )
+                except RequestError as exc:
+                    outputs += self._transfer_failed(request_id, str(exc))
+            elif not isinstance(event, KVDone):
+                outputs += self._transfer_failed(request_id, event.reason)
+        return outputs
+
+    def _transfer_failed(self, request_id: str, reason: str) -> list[RequestOutput]:
+        request = self._drop(request_id)
+        if request is None:
+            return []
+        logger.warning("request %s: %s", request_id, reason)
+        return [self._ended(request, FinishReason.ERROR, reason, retry=True)]
 
     def _fail(self, requests: list[Request], exc: Exception) -> list[RequestOutput]:
         """End ``requests`` with an error output each, freeing whatever they hold."""

@@ -1,6 +1,7 @@
 """Runs a scheduled batch: builds the forward context, runs the model, samples."""
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -131,10 +132,13 @@ class ModelRunner:
         return min(limits)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[list[float]]:
-        """Run ``batch`` and sample; returns one row per sampling request (one host sync)."""
+    def run(
+        self, batch: ScheduledBatch, kv_saved: Callable[[int], None] | None = None
+    ) -> list[list[float]]:
+        """Run ``batch`` and sample; returns one row per sampling request (one host sync).
+        ``kv_saved(layer)`` is called right after each layer's K/V are written."""
         try:
-            return self._run(batch)
+            return self._run(batch, kv_saved)
         except Exception:
             # Copies out of the pinned sampling buffers may still be queued: they
             # must retire before the next step refills the buffers.
@@ -142,7 +146,9 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
             raise
 
-    def _run(self, batch: ScheduledBatch) -> list[list[float]]:
+    def _run(
+        self, batch: ScheduledBatch, kv_saved: Callable[[int], None] | None
+    ) -> list[list[float]]:
         samples = batch.samples
         rows = [r.row for r in batch.requests]
         graphs = self.graphs
@@ -152,7 +158,9 @@ class ModelRunner:
             sample_rows, sample_ends = graphs.input_rows(len(rows))
             sampling = batch.requests
         else:
-            logits = self.forward(batch.is_prefill, rows, batch.starts, batch.ends, samples)
+            logits = self.forward(
+                batch.is_prefill, rows, batch.starts, batch.ends, samples, kv_saved
+            )
             sampling = [r for r, s in zip(batch.requests, samples, strict=True) if s]
             if not sampling:
                 return []
@@ -170,6 +178,7 @@ class ModelRunner:
         starts: list[int],
         ends: list[int],
         want_logits: list[bool],
+        kv_saved: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Compute positions ``[starts[i], ends[i])`` of the requests in ``rows``,
         whose tokens and slots are already in the table; logits [N, V] of the last
@@ -195,6 +204,7 @@ class ModelRunner:
             max_seq_len=max(ends),
             cu_seqlens_q=cu_seqlens if is_prefill else None,
             max_seqlen_q=max(e - s for s, e in zip(starts, ends, strict=True)),
+            kv_saved=kv_saved,
         )
         input_ids = self.table.token_ids[token_rows, positions]
         with forward_context(ctx):

@@ -2,8 +2,12 @@
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.wire.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from common.engine.connector import KVRecvSpec, KVSendSpec
 
 
 class RequestError(ValueError):
@@ -15,6 +19,9 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     ABORT = "abort"
     ERROR = "error"
+    # Prefill role: the prompt's KV and first token reached their receiver; the
+    # request goes on there, and nothing of it is left here.
+    HANDED_OFF = "handed_off"
 
 
 class RequestStatus(enum.Enum):
@@ -38,8 +45,13 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the pool
     num_slots: int = 0  # slots held, mapped at positions [0, num_slots)
     is_prefilling: bool = False
-    # A reservation: its prompt's KV is computed elsewhere and written into its slots.
+    # A reservation: its prompt's KV is computed elsewhere and written into its slots
+    # (under kv_recv), once admitted; it may wait in the queue until queue_deadline.
     awaits_kv: bool = False
+    kv_recv: "KVRecvSpec | None" = None
+    queue_deadline: float = float("inf")
+    # Prefill only: the prompt's KV goes to kv_send; the request never decodes here.
+    kv_send: "KVSendSpec | None" = None
     num_preemptions: int = 0
 
     @property
@@ -80,6 +92,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    retry: bool = False  # an error of the KV hand-off, not of the request: others may succeed
 
     @property
     def finished(self) -> bool:

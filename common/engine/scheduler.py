@@ -97,9 +97,13 @@ class Scheduler:
             return False
         if not self.running:
             return True  # alone it always fits: max_model_len <= pool size
-        entries = [(self.estimator.remaining(r), r.num_slots) for r in self.running]
-        entries.append((self.estimator.remaining(request), request.num_tokens))
+        entries = [(self._remaining(r), r.num_slots) for r in self.running]
+        entries.append((self._remaining(request), request.num_tokens))
         return peak_tokens(entries) <= self.pool.num_slots
+
+    def _remaining(self, request: Request) -> int:
+        # A request whose KV is sent elsewhere never grows here.
+        return 0 if request.kv_send is not None else self.estimator.remaining(request)
 
     def _admit(self, request: Request) -> None:
         self.kv.allocate(request)
@@ -195,12 +199,28 @@ class Scheduler:
         )
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        if request.kv_send is not None:
+            return None  # its decode node decides when it ends
         # Stops cannot be sampled before min_new_tokens: the sampler masks them.
         if token in request.stop_token_ids:
             return FinishReason.STOP
         if request.num_output_tokens >= request.max_new_tokens:
             return FinishReason.LENGTH
         return None
+
+    def detach(self, request: Request) -> None:
+        """Take a prefilled request out of the batch but keep its KV (it is being
+        sent); the caller frees it with ``kv.deallocate`` once the send is over."""
+        self.running.remove(request)
+        request.status = RequestStatus.FINISHED
+
+    def expire_waiting(self, now: float) -> list[Request]:
+        """Queued requests whose wait for admission ran past their deadline, removed."""
+        expired = [r for r in self.waiting if r.queue_deadline <= now]
+        for request in expired:
+            self.waiting.remove(request)
+            request.status = RequestStatus.FINISHED
+        return expired
 
     def fail(self, request: Request) -> None:
         """Drop ``request`` after its step raised, freeing what it holds. A failed

@@ -1,4 +1,5 @@
-"""Command-line start of a node process (``python -m prefill_node`` / ``decode_node``)."""
+"""Command-line start of a node process (``python -m prefill_node`` / ``decode_node``):
+one command for both roles, made by ``node_app``."""
 
 import json
 import logging
@@ -7,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +16,8 @@ import typer
 
 from common.engine import EngineConfig
 from common.node.registrar import Registrar
+from common.node.runtime import default_node_id
+from common.node.server import NodeConfig, NodeServer
 
 Model = Annotated[str, typer.Option(help="Local Hugging Face model directory.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda:N.")]
@@ -64,6 +68,64 @@ def engine_config(
 
 # After SIGTERM, a node that has not stopped within this many seconds exits anyway.
 STOP_GRACE_S = 5.0
+
+
+def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> typer.Typer:
+    """The command line of a ``role`` node; ``make_server`` builds it from its config
+    (imported late by the caller, so ``--help`` does not load torch)."""
+    app = typer.Typer(add_completion=False)
+
+    @app.command(help=f"Run a {role} node.")
+    def main(
+        model: Model,
+        device: Device = "auto",
+        dtype: Dtype = "auto",
+        host: Host = "127.0.0.1",
+        port: Port = 0,
+        kv_port: Annotated[
+            int, typer.Option(help="KV receive port of a decode node; 0 picks a free one.")
+        ] = 0,
+        num_kv_slots: Slots = None,
+        max_num_reqs: MaxReqs = 256,
+        max_prefill_tokens: PrefillTokens = 8192,
+        max_model_len: ModelLen = None,
+        gpu_memory_fraction: GpuMemory = 0.9,
+        node_id: NodeId = None,
+        control_plane: ControlPlane = None,
+        cluster_token: ClusterToken = None,
+    ) -> None:
+        def start() -> None:
+            if not cluster_token:
+                raise ValueError(
+                    "--cluster-token (or LIGHTPD_CLUSTER_TOKEN) is needed: it keys the node plane"
+                )
+            if kv_port and role != "decode":
+                raise ValueError(f"--kv-port is for decode nodes; a {role} node receives no KV")
+            engine = engine_config(
+                model,
+                device,
+                dtype,
+                num_kv_slots,
+                max_num_reqs,
+                max_prefill_tokens,
+                max_model_len,
+                gpu_memory_fraction,
+            )
+            if role == "prefill":  # it never decodes: no CUDA graphs to capture
+                engine = replace(engine, cuda_graph_max_batch=0)
+            config = NodeConfig(
+                engine=engine,
+                node_id=node_id or default_node_id(role),
+                cluster_token=cluster_token,
+                host=host,
+                control_port=port,
+                kv_port=kv_port,
+            )
+            serve(make_server(config), role, control_plane, cluster_token)
+
+        run_node(start)
+
+    return app
 
 
 def serve(server: Any, role: str, control_plane: str | None, cluster_token: str) -> None:

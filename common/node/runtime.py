@@ -120,6 +120,7 @@ def token_event(output: RequestOutput) -> TokenEvent:
         logprobs=logprobs,
         finish_reason=output.finish_reason.value if output.finish_reason else None,
         error=output.error,
+        retry=output.retry,
         num_prompt_tokens=output.num_prompt_tokens,
         num_output_tokens=output.num_output_tokens,
     )

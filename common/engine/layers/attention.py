@@ -23,6 +23,8 @@ class Attention(nn.Module):
         pool = ctx.kv_pool
         k_cache, v_cache = pool.k_cache(self.layer_id), pool.v_cache(self.layer_id)
         store_kv(k, v, k_cache, v_cache, ctx.out_slots)
+        if ctx.kv_saved is not None:
+            ctx.kv_saved(self.layer_id)
         if ctx.is_prefill:
             return prefill_attention(
                 q,

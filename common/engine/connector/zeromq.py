@@ -1,0 +1,376 @@
+"""The KV connector over ZeroMQ: layers as raw frames beside a msgpack header.
+
+Sending: one DEALER per receiver, CURVE-keyed as a fleet member; each layer's
+K/V go out with NOBLOCK as soon as the runner reports them written, so a
+receiver that stops reading fails its requests instead of blocking the loop.
+The receiver's KVAck (or the deadline after the first token) ends a send.
+
+Receiving: one ROUTER bound for the whole node. A layer is written into the
+reservation's slots only if it carries the reservation's secret, matches the
+layout, and continues where the last chunk of that layer ended; the first
+token completes the reservation once every layer holds the whole prompt.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from common.engine.connector.base import (
+    KVConnector,
+    KVDone,
+    KVEvent,
+    KVFailed,
+    KVRecvSpec,
+    KVSendSpec,
+    LayerChunk,
+)
+from common.engine.kv_pool import TokenKVPool
+from common.engine.kv_transfer import gather_layer, scatter_layer
+from common.engine.request import TokenLogprob
+from common.wire.auth import FleetKeys, same_secret
+from common.wire.messages import (
+    Error,
+    KVAck,
+    KVLayer,
+    KVLayout,
+    PrefillDone,
+    ProtocolError,
+    TokenLogprobs,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+# KV messages queued to one receiver before it counts as not reading.
+SEND_HWM = 1 << 15
+# A receiver's socket is closed after this long with no transfer bound for it, or
+# at once when more than MAX_TARGETS are open.
+TARGET_IDLE_S = 60.0
+MAX_TARGETS = 256
+DRAIN_LIMIT = 256  # messages read from one socket per poll, so a flood cannot starve steps
+WRONG_SECRET = "the reservation's secret does not match"
+
+
+@dataclass
+class _Send:
+    spec: KVSendSpec
+    deadline: float = float("inf")  # set once the first token is out
+    failure: str | None = None
+
+
+@dataclass
+class _Recv:
+    slots: torch.Tensor
+    num_prompt_tokens: int
+    spec: KVRecvSpec
+    deadline: float
+    received: list[int] = field(default_factory=list)  # tokens received per layer
+
+
+@dataclass
+class _Target:
+    sock: zmq.Socket
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ZmqConnector(KVConnector):
+    def __init__(
+        self,
+        layout: KVLayout,
+        pool: TokenKVPool,
+        keys: FleetKeys,
+        ctx: zmq.Context,
+        bind_host: str | None = None,
+        bind_port: int = 0,
+        max_tokens: int = 1 << 20,
+    ) -> None:
+        self.layout = layout
+        self.pool = pool
+        self.keys = keys
+        self.ctx = ctx
+        self._sends: dict[str, _Send] = {}
+        self._recvs: dict[str, _Recv] = {}
+        self._targets: dict[str, _Target] = {}
+        self._events: list[KVEvent] = []
+        self._receiver: zmq.Socket | None = None
+        self._endpoint: str | None = None
+        if bind_host is not None:
+            sock = ctx.socket(zmq.ROUTER)
+            keys.serve(sock)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # One frame is at most a whole context's K (or V) of one layer.
+            token_bytes = layout.num_kv_heads * layout.head_dim * 4
+            sock.setsockopt(zmq.MAXMSGSIZE, max_tokens * token_bytes + 4096)
+            if bind_port == 0:
+                bind_port = sock.bind_to_random_port(f"tcp://{bind_host}")
+            else:
+                sock.bind(f"tcp://{bind_host}:{bind_port}")
+            self._receiver = sock
+            self._endpoint = f"tcp://{bind_host}:{bind_port}"
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._endpoint
+
+    def pollables(self) -> list:
+        socks = [t.sock for t in self._targets.values()]
+        return socks if self._receiver is None else [self._receiver, *socks]
+
+    # ---- sending ----
+
+    def start_send(self, request_id: str, spec: KVSendSpec) -> None:
+        if request_id in self._sends:
+            raise ValueError(f"request id {request_id!r} is already being sent")
+        try:
+            self._target(spec.endpoint)
+        except zmq.ZMQError as exc:
+            raise ValueError(f"cannot reach {spec.endpoint}: {exc}") from exc
+        self._sends[request_id] = _Send(spec)
+
+    def save_layer(self, layer: int, chunks: Sequence[LayerChunk]) -> None:
+        for chunk in chunks:
+            send = self._sends.get(chunk.request_id)
+            if send is None or send.failure is not None:
+                continue
+            k, v = gather_layer(self.pool, layer, chunk.slots)
+            header = KVLayer(
+                request_id=chunk.request_id,
+                secret=send.spec.secret,
+                layout=self.layout,
+                layer=layer,
+                start=chunk.start,
+                num_tokens=chunk.slots.numel(),
+            )
+            self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
+
+    def finish_send(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        first_token: int,
+        logprobs: list[TokenLogprob] | None,
+    ) -> None:
+        send = self._sends[request_id]
+        wire = None
+        if logprobs:
+            first = logprobs[0]
+            wire = TokenLogprobs(first.token_id, first.logprob, [tuple(t) for t in first.top])
+        done = PrefillDone(
+            request_id=request_id,
+            secret=send.spec.secret,
+            layout=self.layout,
+            num_prompt_tokens=num_prompt_tokens,
+            first_token=first_token,
+            logprobs=wire,
+        )
+        self._send(request_id, send, [encode(done)])
+        send.deadline = time.monotonic() + send.spec.timeout_s
+
+    def _send(self, request_id: str, send: _Send, frames: list) -> None:
+        try:
+            # copy=False: ZeroMQ sends straight from these buffers and keeps them alive.
+            self._target(send.spec.endpoint).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            send.failure = f"cannot send the KV to {send.spec.endpoint}: {exc}"
+            logger.warning("request %s: %s", request_id, send.failure)
+
+    def _target(self, endpoint: str) -> zmq.Socket:
+        target = self._targets.get(endpoint)
+        if target is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            self.keys.connect_as_member(sock)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            sock.connect(endpoint)
+            target = self._targets[endpoint] = _Target(sock)
+        target.last_used = time.monotonic()
+        return target.sock
+
+    # ---- receiving ----
+
+    def start_recv(
+        self, request_id: str, slots: torch.Tensor, num_prompt_tokens: int, spec: KVRecvSpec
+    ) -> None:
+        if self._receiver is None:
+            raise ValueError("this connector does not receive")
+        self._recvs[request_id] = _Recv(
+            slots,
+            num_prompt_tokens,
+            spec,
+            deadline=time.monotonic() + spec.timeout_s,
+            received=[0] * self.layout.num_layers,
+        )
+
+    # ---- both ----
+
+    def cancel(self, request_id: str) -> None:
+        self._sends.pop(request_id, None)
+        self._recvs.pop(request_id, None)
+
+    def poll(self) -> list[KVEvent]:
+        if self._receiver is not None:
+            self._drain(self._receiver, self._on_receiver_message)
+        for endpoint, target in list(self._targets.items()):
+            self._drain(target.sock, lambda frames, e=endpoint: self._on_ack(e, frames))
+        self._expire()
+        self._close_idle_targets()
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        for target in self._targets.values():
+            target.sock.close(linger=0)
+        if self._receiver is not None:
+            self._receiver.close(linger=0)
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        for _ in range(DRAIN_LIMIT):
+            if not sock.poll(0, zmq.POLLIN):
+                return
+            handle(sock.recv_multipart(copy=False))
+
+    def _on_ack(self, endpoint: str, frames: list[zmq.Frame]) -> None:
+        try:
+            message = decode(frames[0].buffer)
+        except ProtocolError as exc:
+            logger.warning("bad message from the receiver at %s: %s", endpoint, exc)
+            return
+        if isinstance(message, KVAck):
+            send = self._sends.get(message.request_id)
+            if send is None or send.spec.endpoint != endpoint:
+                return  # cancelled meanwhile, or not this receiver's to end
+            del self._sends[message.request_id]
+            if message.error:
+                reason = f"the receiver refused the KV: {message.error}"
+                self._events.append(KVFailed(message.request_id, reason))
+            else:
+                self._events.append(KVDone(message.request_id))
+        elif isinstance(message, Error):
+            logger.warning("the receiver at %s reported: %s", endpoint, message.message)
+
+    def _on_receiver_message(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        if len(frames) < 2:
+            return
+        try:
+            message = decode(frames[1].buffer)
+        except ProtocolError as exc:
+            self._reply(identity, Error(message=str(exc)))
+            return
+        if isinstance(message, KVLayer):
+            self._on_layer(identity, message, frames[2:])
+        elif isinstance(message, PrefillDone):
+            self._on_done(identity, message)
+        else:
+            kind = type(message).__name__
+            self._reply(identity, Error(message=f"unexpected {kind} on the KV socket"))
+
+    def _on_layer(self, identity: bytes, message: KVLayer, frames: list[zmq.Frame]) -> None:
+        recv = self._recvs.get(message.request_id)
+        if recv is None:
+            return  # cancelled, failed or unknown: drop it
+        if not same_secret(message.secret, recv.spec.secret):
+            self._reply(identity, KVAck(request_id=message.request_id, error=WRONG_SECRET))
+            return
+        try:
+            self._check_layer(message, recv, frames)
+            chunk = recv.slots[message.start : message.start + message.num_tokens]
+            scatter_layer(self.pool, message.layer, chunk, frames[0].buffer, frames[1].buffer)
+        except ProtocolError as exc:
+            self._fail_recv(message.request_id, f"KV transfer rejected: {exc}", identity)
+            return
+        recv.received[message.layer] += message.num_tokens
+
+    def _check_layer(self, message: KVLayer, recv: _Recv, frames: list[zmq.Frame]) -> None:
+        mismatch = self.layout.describe_mismatch(message.layout)
+        if mismatch:
+            raise ProtocolError(f"KV layout mismatch ({mismatch})")
+        if len(frames) != 2:
+            raise ProtocolError(f"a KV layer needs 2 data frames, got {len(frames)}")
+        if not 0 <= message.layer < self.layout.num_layers:
+            raise ProtocolError(f"layer {message.layer} out of range")
+        expected_start = recv.received[message.layer]
+        end = message.start + message.num_tokens
+        if message.start != expected_start or message.num_tokens < 1:
+            raise ProtocolError(
+                f"layer {message.layer}: chunk starts at {message.start}, expected {expected_start}"
+            )
+        if end > recv.num_prompt_tokens:
+            raise ProtocolError(
+                f"chunk ends at {end}, past the {recv.num_prompt_tokens}-token prompt"
+            )
+
+    def _on_done(self, identity: bytes, message: PrefillDone) -> None:
+        request_id = message.request_id
+        recv = self._recvs.get(request_id)
+        if recv is None:
+            error = "no reservation (aborted or expired)"
+            self._reply(identity, KVAck(request_id=request_id, error=error))
+            return
+        if not same_secret(message.secret, recv.spec.secret):
+            self._reply(identity, KVAck(request_id=request_id, error=WRONG_SECRET))
+            return
+        mismatch = self.layout.describe_mismatch(message.layout)
+        incomplete = [i for i, n in enumerate(recv.received) if n != recv.num_prompt_tokens]
+        if mismatch:
+            return self._fail_recv(request_id, f"KV layout mismatch ({mismatch})", identity)
+        if incomplete or message.num_prompt_tokens != recv.num_prompt_tokens:
+            reason = f"incomplete KV: layers {incomplete[:8]} missing tokens"
+            return self._fail_recv(request_id, reason, identity)
+        del self._recvs[request_id]
+        self._reply(identity, KVAck(request_id=request_id))
+        logprobs = None
+        if message.logprobs is not None:
+            lp = message.logprobs
+            top = tuple((int(t), float(v)) for t, v in lp.top)
+            logprobs = [TokenLogprob(lp.token_id, lp.logprob, top)]
+        self._events.append(KVDone(request_id, message.first_token, logprobs))
+        return None
+
+    def _fail_recv(self, request_id: str, reason: str, identity: bytes | None = None) -> None:
+        self._recvs.pop(request_id, None)
+        self._events.append(KVFailed(request_id, reason))
+        if identity is not None:
+            self._reply(identity, KVAck(request_id=request_id, error=reason))
+
+    def _reply(self, identity: bytes, message) -> None:
+        try:
+            self._receiver.send_multipart([identity, encode(message)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the sender is gone or not reading
+            logger.warning("cannot answer a sender: %s", exc)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for request_id, recv in list(self._recvs.items()):
+            if now >= recv.deadline:
+                self._fail_recv(
+                    request_id,
+                    f"KV did not arrive within {recv.spec.timeout_s:g} s; reservation released",
+                )
+        for request_id, send in list(self._sends.items()):
+            if send.failure is not None:
+                reason = send.failure
+            elif now >= send.deadline:
+                reason = (
+                    f"decode node at {send.spec.endpoint} did not acknowledge "
+                    f"the KV within {send.spec.timeout_s:g} s"
+                )
+            else:
+                continue
+            del self._sends[request_id]
+            self._events.append(KVFailed(request_id, reason))
+
+    def _close_idle_targets(self) -> None:
+        in_use = {s.spec.endpoint for s in self._sends.values()}
+        now = time.monotonic()
+        idle = sorted((t.last_used, e) for e, t in self._targets.items() if e not in in_use)
+        excess = len(self._targets) - MAX_TARGETS
+        for rank, (last_used, endpoint) in enumerate(idle):
+            if rank < excess or now - last_used > TARGET_IDLE_S:
+                self._targets.pop(endpoint).sock.close(linger=0)
