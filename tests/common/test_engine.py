@@ -313,10 +313,10 @@ def test_a_failing_batch_fails_only_its_requests(tiny_model, monkeypatch, caplog
     initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
     run = engine.runner.run
 
-    def faulty_run(batch):
+    def faulty_run(batch, kv_saved=None):
         if any(r.request_id == "r1" for r in batch.requests):
             raise RuntimeError("injected fault")
-        return run(batch)
+        return run(batch, kv_saved)
 
     monkeypatch.setattr(engine.runner, "run", faulty_run)
     outputs = run_collecting(engine, prompts, GREEDY, arrivals)

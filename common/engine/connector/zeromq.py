@@ -156,7 +156,10 @@ class ZmqConnector(KVConnector):
         first_token: int,
         logprobs: list[TokenLogprob] | None,
     ) -> None:
-        send = self._sends[request_id]
+        send = self._sends.get(request_id)
+        if send is None:  # cancelled meanwhile: the engine must still hear it ended
+            self._events.append(KVFailed(request_id, "the send was cancelled"))
+            return
         wire = None
         if logprobs:
             first = logprobs[0]
