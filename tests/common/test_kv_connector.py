@@ -20,6 +20,7 @@ from common.engine.kv_transfer import kv_layout
 from common.wire.auth import FleetKeys
 from common.wire.messages import KVLayout
 from common.wire.sampling_params import SamplingParams
+from tests.conftest import DEVICE
 
 SLOTS = 2048
 KEYS = FleetKeys.from_token("conformance")
@@ -54,7 +55,7 @@ def engines(tiny_model):
 
     def engine(max_prefill_tokens: int) -> LLMEngine:
         config = EngineConfig(
-            model=model, device="cpu", num_kv_slots=SLOTS, max_prefill_tokens=max_prefill_tokens
+            model=model, device=DEVICE, num_kv_slots=SLOTS, max_prefill_tokens=max_prefill_tokens
         )
         return LLMEngine(config)
 

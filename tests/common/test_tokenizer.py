@@ -153,7 +153,8 @@ def test_config_options_match_transformers(old_style_checkpoint):
             assert ours.encode(text, add_special_tokens=add_special_tokens) == expected
     messages = [
         {"role": "system", "content": 'Quote "this" — and ü, 😀'},
-        {"role": "user", "content": "hi", "name": None},
+        # (A key set to None is left out: transformers 5.17 renders it, 5.24 drops it.)
+        {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello", "name": "bot"},
         {"role": "user", "content": "again"},
     ]
@@ -178,6 +179,8 @@ def test_a_folder_without_tokenizer_json_is_refused(tmp_path):
 
 
 def test_the_control_plane_imports_neither_torch_nor_transformers():
+    pytest.importorskip("fastapi")  # absent where only the engine is installed (GPU image)
+    pytest.importorskip("redis")
     check = (
         "import sys, controlplane.app; "
         "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]; "
