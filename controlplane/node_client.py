@@ -28,6 +28,7 @@ from common.wire.messages import (
     HealthCheck,
     KVTarget,
     Message,
+    NodeStatus,
     Prefill,
     ProtocolError,
     Reserve,
@@ -104,8 +105,9 @@ class NodeClient:
 
     # ---- calls ----
 
-    async def health(self, endpoint: str, timeout: float = 5.0) -> Health:
-        return await self._call(endpoint, HealthCheck(call_id=self._next_call()), timeout)
+    async def health(self, endpoint: str, timeout: float = 5.0) -> NodeStatus:
+        reply: Health = await self._call(endpoint, HealthCheck(call_id=self._next_call()), timeout)
+        return reply.status
 
     async def reserve(
         self,

@@ -10,8 +10,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
+import msgspec
 import typer
 
 from common.engine import EngineConfig
@@ -128,7 +129,7 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
     return app
 
 
-def serve(server: Any, role: str, control_plane: str | None, cluster_token: str) -> None:
+def serve(server: NodeServer, role: str, control_plane: str | None, cluster_token: str) -> None:
     """Print one JSON line saying where the node listens, register with the control
     plane if one is given, then serve until SIGTERM/SIGINT or removal."""
     exit_code = 0
@@ -147,7 +148,7 @@ def serve(server: Any, role: str, control_plane: str | None, cluster_token: str)
     registrar = None
     if control_plane:
         registrar = Registrar(
-            control_plane, cluster_token, _registration(server, role), lambda: _stats(server), stop
+            control_plane, cluster_token, _registration(server), lambda: _stats(server), stop
         )
     print(
         json.dumps(
@@ -169,34 +170,15 @@ def serve(server: Any, role: str, control_plane: str | None, cluster_token: str)
     raise SystemExit(exit_code)
 
 
-def _registration(server: Any, role: str) -> dict:
-    health = server.health
-    return {
-        "node_id": server.config.node_id,
-        "role": role,
-        "control_endpoint": server.control_endpoint,
-        "kv_endpoint": getattr(server, "kv_endpoint", None),
-        "model_fingerprint": health.layout.model_fingerprint,
-        "model_name": Path(server.config.engine.model).name,
-        "device": health.device,
-        "num_slots": health.num_slots,
-        "max_model_len": health.max_model_len,
-    }
+def _registration(server: NodeServer) -> dict:
+    return server.current.registration()
 
 
-def _stats(server: Any) -> dict:
-    h = server.health
-    return {
-        "num_free_slots": h.num_free_slots,
-        "num_reserved_slots": h.num_reserved_slots,
-        "num_running": h.num_running,
-        "num_queued": h.num_queued,
-        "num_queued_tokens": h.num_queued_tokens,
-        "tokens_per_s": h.tokens_per_s,
-        # How long ago the serving loop last went round: a stuck loop shows here
-        # even while this thread keeps the heartbeat going.
-        "loop_age_s": server.clock.age_s,
-    }
+def _stats(server: NodeServer) -> dict:
+    current = server.current
+    # The loop's age is read now: a stuck loop shows even while this thread beats.
+    stats = msgspec.structs.replace(current.stats, loop_age_s=server.clock.age_s)
+    return msgspec.structs.asdict(stats)
 
 
 def run_node(start: Callable[[], None]) -> None:

@@ -15,6 +15,7 @@ it (its tokens go back there) and whoever holds its secret (its abort).
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
@@ -31,7 +32,16 @@ from common.node.runtime import (
     serving_socket,
 )
 from common.wire.auth import FleetKeys, same_secret, start_authenticator
-from common.wire.messages import Abort, Error, Health, HealthCheck, Message, TokenEvent
+from common.wire.messages import (
+    Abort,
+    Error,
+    Health,
+    HealthCheck,
+    Message,
+    NodeStats,
+    NodeStatus,
+    TokenEvent,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +94,8 @@ class NodeServer(ABC):
         self.clients: dict[str, Client] = {}
         self.tokens_per_s = RateMeter()
         self.clock = LoopClock()
-        self.health = self._health(0)  # refreshed by the loop; read by the heartbeat thread
+        # Refreshed by the loop; read by the heartbeat thread.
+        self.current = self.status()
         self._stopped = False
 
     @property
@@ -106,7 +117,7 @@ class NodeServer(ABC):
                 self._step()
                 for origin in self.publisher.flush():
                     self._drop_origin(origin)
-                self.health = self._health(0)
+                self.current = self.status()
                 self.clock.tick()
         finally:
             self.connector.close()
@@ -197,20 +208,29 @@ class NodeServer(ABC):
             self.engine.abort(request_id)
 
     def _health(self, call_id: int) -> Health:
+        return Health(call_id=call_id, status=self.status())
+
+    def status(self) -> NodeStatus:
         engine = self.engine
-        return Health(
-            call_id=call_id,
-            node_id=self.config.node_id,
-            role=self.role,
-            model=self.config.engine.model,
-            layout=self.layout,
-            device=str(engine.runner.device),
-            num_slots=engine.pool.num_slots,
+        stats = NodeStats(
             num_free_slots=engine.pool.num_free_slots,
             num_reserved_slots=engine.num_reserved_slots,
             num_running=engine.num_running,
             num_queued=engine.num_waiting,
             num_queued_tokens=engine.num_queued_tokens,
             tokens_per_s=self.tokens_per_s.rate(),
+            loop_age_s=self.clock.age_s,
+        )
+        return NodeStatus(
+            node_id=self.config.node_id,
+            role=self.role,
+            control_endpoint=self.control_endpoint,
+            kv_endpoint=self.kv_endpoint,
+            model_fingerprint=self.layout.model_fingerprint,
+            model_name=Path(self.config.engine.model).name,
+            device=str(engine.runner.device),
+            num_slots=engine.pool.num_slots,
             max_model_len=engine.max_model_len,
+            layout=self.layout,
+            stats=stats,
         )

@@ -186,21 +186,44 @@ class HealthCheck(Message, tag="health_check"):
     call_id: CallId
 
 
+class NodeStats(msgspec.Struct, kw_only=True):
+    """A node's load, refreshed by its loop; sent in heartbeats and health answers."""
+
+    num_free_slots: Count
+    num_reserved_slots: Count  # held for KV in transit
+    num_running: Count
+    num_queued: Count
+    num_queued_tokens: Count
+    tokens_per_s: float
+    loop_age_s: float = 0.0  # since the serving loop last went round
+
+
+class NodeStatus(msgspec.Struct, kw_only=True):
+    """A node as it describes itself: its identity (what it registers with) and its
+    stats (what its heartbeats and health answers carry). The one shape of both."""
+
+    node_id: Id
+    role: Annotated[str, msgspec.Meta(max_length=16)]
+    control_endpoint: Endpoint
+    kv_endpoint: Endpoint | None
+    model_fingerprint: Annotated[str, msgspec.Meta(max_length=64)]
+    model_name: Annotated[str, msgspec.Meta(max_length=256)]
+    device: Annotated[str, msgspec.Meta(max_length=64)]
+    num_slots: Count
+    max_model_len: Count
+    layout: KVLayout
+    stats: NodeStats
+
+    def registration(self) -> dict:
+        """The identity fields, as the control plane's registry takes them."""
+        fields = msgspec.structs.asdict(self)
+        del fields["layout"], fields["stats"]
+        return fields
+
+
 class Health(Message, tag="health"):
     call_id: CallId
-    node_id: str
-    role: str
-    model: str
-    layout: KVLayout
-    device: str
-    num_slots: int
-    num_free_slots: int
-    num_reserved_slots: int
-    num_running: int
-    num_queued: int
-    num_queued_tokens: int
-    tokens_per_s: float
-    max_model_len: int
+    status: NodeStatus
 
 
 class Error(Message, tag="error", kw_only=True):

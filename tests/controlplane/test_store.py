@@ -154,3 +154,14 @@ def test_a_node_whose_loop_is_stuck_is_dead_though_it_heartbeats(redis_url):
             await client.aclose()
 
     asyncio.run(main(redis_url))
+
+
+def test_the_registry_schemas_are_the_nodes_own_status():
+    # Nodes describe themselves with one struct (common.wire.messages.NodeStatus); the
+    # control plane's HTTP schemas must take exactly its fields, or they drift apart.
+    from common.wire.messages import NodeStats as WireStats
+    from common.wire.messages import NodeStatus
+
+    identity = set(NodeStatus.__struct_fields__) - {"layout", "stats"}
+    assert set(NodeRegistration.model_fields) == identity
+    assert set(NodeStats.model_fields) == set(WireStats.__struct_fields__)

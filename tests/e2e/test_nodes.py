@@ -58,11 +58,11 @@ async def wait_for_idle(client: NodeClient, *endpoints: str, timeout: float = 10
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         healths = [await client.health(e) for e in endpoints]
-        if all(h.num_free_slots == h.num_slots for h in healths):
+        if all(h.stats.num_free_slots == h.num_slots for h in healths):
             return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(
-                f"slots still held: {[(h.node_id, h.num_free_slots) for h in healths]}"
+                f"slots still held: {[(h.node_id, h.stats.num_free_slots) for h in healths]}"
             )
         await asyncio.sleep(0.1)
 
@@ -108,7 +108,8 @@ def test_concurrent_requests_match_the_in_process_engine(model, pair):
         if params[i].logprobs is not None:
             assert [lp.token_id for lp in result.logprobs] == want
             assert all(len(lp.top) == 2 for lp in result.logprobs)
-    assert health.role == "decode" and health.num_running == 0 and health.num_queued == 0
+    assert health.role == "decode"
+    assert health.stats.num_running == 0 and health.stats.num_queued == 0
 
 
 def test_abort_mid_stream_frees_both_pools(model, pair):
@@ -215,7 +216,7 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
     assert "top_p must be in (0, 1], got 7.0" in refused.message
 
     health = raw_call(decode_.control, [encode(HealthCheck(call_id=3))], MEMBER)
-    assert health.role == "decode"
+    assert health.status.role == "decode"
 
     async def layout_mismatch():
         async with NodeClient(CLUSTER_TOKEN) as client:
