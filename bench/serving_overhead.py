@@ -63,7 +63,7 @@ class DirectClient:
         self.nodes.open_stream(request_id)
         try:
             reserved = await self.nodes.reserve(self.decode, request_id, prompt, params)
-            target = KVTarget(reserved.kv_endpoint, reserved.layout)
+            target = KVTarget(reserved.kv_endpoint, reserved.layout, reserved.kv_transport)
             await self.nodes.prefill(self.prefill, request_id, prompt, params, target)
             async for event in self.nodes.events(request_id, timeout=120):
                 if event.token_ids:

@@ -1,4 +1,4 @@
-"""lightctl up: Redis, the control plane, a prefill and a decode node on this machine."""
+"""lightctl up: Redis, the control plane, prefill and decode nodes on this machine."""
 
 import json
 import os
@@ -27,13 +27,14 @@ def _done(started: float) -> None:
     typer.echo(f" ok ({time.monotonic() - started:.1f} s)")
 
 
-def _devices() -> tuple[str, str]:
-    import torch
+def _devices(num_nodes: int) -> list[str]:
+    """A device for each of ``num_nodes`` nodes: the visible GPUs in turn, else the CPU."""
+    import torch  # here, not at the top: the other commands need no torch
 
     count = torch.cuda.device_count()
     if count == 0:
-        return "cpu", "cpu"
-    return "cuda:0", ("cuda:1" if count > 1 else "cuda:0")
+        return ["cpu"] * num_nodes
+    return [f"cuda:{i % count}" for i in range(num_nodes)]
 
 
 def _wait_for_nodes(url: str, admin_token: str, node_ids: set[str], timeout: float = 60) -> None:
@@ -54,9 +55,17 @@ def up(
     port: Annotated[int, typer.Option(help="Port of the OpenAI endpoint.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
     num_kv_slots: Annotated[int | None, typer.Option(help="KV pool of each node, tokens.")] = None,
+    prefill_nodes: Annotated[
+        int, typer.Option(help="Prefill nodes; 0: decode nodes prefill too (colocated).")
+    ] = 1,
+    decode_nodes: Annotated[int, typer.Option(help="Decode nodes, at least 1.")] = 1,
     example: Annotated[bool, typer.Option(help="Send one example request once up.")] = True,
 ) -> None:
     """Start the whole fleet here and serve until Ctrl-C."""
+    if decode_nodes < 1:
+        raise fail("--decode-nodes must be at least 1: every request ends on a decode node")
+    if prefill_nodes < 0:
+        raise fail("--prefill-nodes must be 0 or more (0: the decode nodes prefill)")
     typer.echo("Starting a lightpd fleet:")
     if model is None:
         started = _step("writing the default tiny model")
@@ -96,10 +105,11 @@ def up(
         _wait_healthy(url, processes[-1])
         _done(started)
         os.environ.update(LIGHTPD_CLUSTER_TOKEN=cluster_token)
-        prefill_device, decode_device = _devices()
+        roles = ["prefill"] * prefill_nodes + ["decode"] * decode_nodes
         extra = ["--num-kv-slots", str(num_kv_slots)] if num_kv_slots else []
-        for role, device in (("prefill", prefill_device), ("decode", decode_device)):
-            started = _step(f"starting a {role} node on {device}")
+        for i, (role, device) in enumerate(zip(roles, _devices(len(roles)), strict=True)):
+            number = i if role == "prefill" else i - prefill_nodes
+            started = _step(f"starting {role} node {number} on {device}")
             nodes.append(
                 start_node(
                     role,
@@ -110,7 +120,7 @@ def up(
                     url,
                     *extra,
                     device=device,
-                    log=logs / f"{role}.log",
+                    log=logs / f"{role}-{number}.log",
                 )
             )
             _done(started)

@@ -30,6 +30,9 @@ def node_add(
     cluster_token: Annotated[str | None, typer.Option(help="Cluster token.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind and advertise.")] = "127.0.0.1",
     num_kv_slots: Annotated[int | None, typer.Option(help="KV pool size in tokens.")] = None,
+    kv_transport: Annotated[
+        str, typer.Option(help="auto, zmq or nccl (Gloo on CPU): how KV tensors travel.")
+    ] = "auto",
 ) -> None:
     """Start a node here that joins the fleet and takes work (runs until Ctrl-C)."""
     if role not in ("prefill", "decode"):
@@ -62,6 +65,9 @@ def node_add(
     ]
     if num_kv_slots:
         args += ["--num-kv-slots", str(num_kv_slots)]
+    if kv_transport not in ("auto", "zmq", "nccl"):
+        raise fail(f"--kv-transport must be auto, zmq or nccl, not {kv_transport!r}")
+    args += ["--kv-transport", kv_transport]
     os.environ["LIGHTPD_CLUSTER_TOKEN"] = cluster
     os.execv(sys.executable, args)  # the node takes this process over
 
@@ -118,7 +124,7 @@ def status(control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None
 
 def _print_nodes(nodes: list[dict]) -> None:
     header = (
-        f"{'NODE':<28} {'ROLE':<8} {'STATUS':<9} {'DEVICE':<8} {'FREE/SLOTS':>13} "
+        f"{'NODE':<28} {'ROLE':<8} {'STATUS':<9} {'DEVICE':<8} {'KV':<5} {'FREE/SLOTS':>13} "
         f"{'RUN':>4} {'QUEUE':>5} {'TOK/S':>8}"
     )
     typer.echo(header)
@@ -126,6 +132,7 @@ def _print_nodes(nodes: list[dict]) -> None:
         s = n.get("stats") or {}
         typer.echo(
             f"{n['node_id']:<28} {n['role']:<8} {n['status']:<9} {n['device']:<8} "
+            f"{n.get('kv_transport', 'zmq'):<5} "
             f"{str(s.get('num_free_slots', '-')) + '/' + str(n['num_slots']):>13} "
             f"{s.get('num_running', '-'):>4} {s.get('num_queued', '-'):>5} "
             f"{s.get('tokens_per_s', 0.0):>8.1f}"

@@ -1,5 +1,11 @@
 """One generation through the fleet: reserve on a decode node, prefill, stream tokens.
 
+The prompt is computed on a prefill node, which hands its KV to the decode node,
+unless it is short (at most ``local_prefill_tokens``) or no prefill node can
+take it: then the decode node computes it itself (its Reserve says
+``prefill_here``), so a fleet without prefill nodes is a colocated one, and one
+whose prefill nodes all died keeps serving.
+
 A request waits, in order, in its decode node's queue until slots free up (up to
 ``queue_timeout_s``); past that bound, or when ``max_queued`` requests of this
 control plane already wait, it gets a 503 with Retry-After. Its caller learns
@@ -17,10 +23,12 @@ serving loop) or a call to it times out. The caller closing the stream aborts
 the request on both nodes.
 
 Each request's timeline goes to Redis at its transitions: queued (waiting for a
-decode node's reservation), prefilling (the prefill node has the prompt),
+decode node's reservation), prefilling (the prefill node has the prompt; its
+``prefill_node`` is the decode node's id when that node computes it),
 transferring (the prompt is computed; the last KV and the first token are on
-their way to the decode node), decoding (first token out), then finished,
-failed or aborted, with its nodes, token counts and latencies.
+their way to the decode node; not for a local prefill), decoding (first token
+out), then finished, failed or aborted, with its nodes, token counts and
+latencies.
 """
 
 import asyncio
@@ -203,20 +211,17 @@ class Dispatcher:
                 )
             )
 
-    async def _pick(self, tried: set[str], tokens: int) -> tuple[NodePublic, NodePublic]:
-        """A decode and a prefill node, each charged ``tokens`` in flight at once (the
-        attempt gives them back), so a burst spreads before heartbeats catch up."""
+    async def _pick(self, tried: set[str], tokens: int) -> tuple[NodePublic, NodePublic | None]:
+        """A decode node and a prefill node, each charged ``tokens`` in flight at once
+        (the attempt gives them back), so a burst spreads before heartbeats catch up.
+        No prefill node (None) when the decode node computes the prompt itself: the
+        prompt is short, or no prefill node can take it."""
         decode = await self.fleet.pick("decode", tried, tokens)
-        prefill = await self.fleet.pick("prefill", tried, tokens)
-        if decode is None or prefill is None:
-            for node in (decode, prefill):
-                if node is not None:
-                    self.fleet.inflight_tokens[node.node_id] -= tokens
-            missing = " and ".join(
-                r for r, n in (("decode", decode), ("prefill", prefill)) if not n
-            )
-            raise NoCapacityError(f"no ready {missing} node can take the request", 5)
-        return decode, prefill
+        if decode is None:
+            raise NoCapacityError("no ready decode node can take the request", 5)
+        if tokens <= self.settings.local_prefill_tokens:
+            return decode, None
+        return decode, await self.fleet.pick("prefill", tried, tokens)
 
     async def _attempt(
         self,
@@ -224,14 +229,16 @@ class Dispatcher:
         attempt: int,
         prompt: list[int],
         params: SamplingParams,
-        prefill: NodePublic,
+        prefill: NodePublic | None,
         decode: NodePublic,
         admit: Callable[[], None],
         deadline: float,
     ) -> AsyncIterator[TokenEvent]:
+        """One try; ``prefill`` None: the decode node computes the prompt itself."""
         # A new id per attempt, so late events of a failed attempt cannot mix in.
         attempt_id = f"{request_id}.{attempt}"
-        tokens = len(prompt)  # charged to both nodes by _pick
+        nodes = [n for n in (prefill, decode) if n is not None]
+        tokens = len(prompt)  # charged to each of them by _pick
         self.client.open_stream(attempt_id)
         finished = False
         try:
@@ -244,6 +251,7 @@ class Dispatcher:
                         params,
                         queue_timeout_s=max(0.0, deadline - time.monotonic()),
                         kv_timeout_s=self.settings.kv_timeout_s,
+                        prefill_here=prefill is None,
                     ),
                     decode,
                 )
@@ -259,34 +267,39 @@ class Dispatcher:
             await self.store.record_request(
                 request_id,
                 "prefilling",
-                prefill_node=prefill.node_id,
+                prefill_node=nodes[0].node_id,
                 decode_node=decode.node_id,
                 attempts=attempt + 1,
             )
-            await self._watch(
-                self.client.prefill(
-                    prefill.control_endpoint,
-                    attempt_id,
-                    prompt,
-                    params,
-                    KVTarget(reserved.kv_endpoint, reserved.layout),
-                    ack_timeout_s=self.settings.kv_timeout_s,
-                ),
-                prefill,
-            )
-            watched = [prefill, decode]
+            if prefill is not None:
+                await self._watch(
+                    self.client.prefill(
+                        prefill.control_endpoint,
+                        attempt_id,
+                        prompt,
+                        params,
+                        KVTarget(reserved.kv_endpoint, reserved.layout, reserved.kv_transport),
+                        ack_timeout_s=self.settings.kv_timeout_s,
+                    ),
+                    prefill,
+                )
+            watched = list(nodes)
+            before_first_token = True
             transferring = False
             async for event in self._events(attempt_id, watched):
-                before_first_token = prefill in watched
-                if before_first_token and not (
-                    transferring or event.token_ids or event.finish_reason
+                if (
+                    prefill is not None
+                    and before_first_token
+                    and not (transferring or event.token_ids or event.finish_reason)
                 ):
                     transferring = True  # the prefill node's word that the prompt is computed
                     await self.store.record_request(request_id, "transferring")
                 if event.token_ids and before_first_token:
-                    watched.remove(prefill)  # the prefill node's part is done
-                    self.fleet.inflight_tokens[prefill.node_id] -= tokens
-                    self.fleet.inflight_tokens[decode.node_id] -= tokens
+                    before_first_token = False
+                    if prefill is not None:
+                        watched.remove(prefill)  # the prefill node's part is done
+                    for node in nodes:
+                        self.fleet.inflight_tokens[node.node_id] -= tokens
                     tokens = 0
                 if event.finish_reason == "error" and before_first_token and event.retry:
                     # The hand-off failed, not the request: other nodes may succeed.
@@ -299,10 +312,10 @@ class Dispatcher:
         except NodeRefused as exc:
             raise RequestRejected(str(exc)) from exc
         finally:
-            self.fleet.inflight_tokens[prefill.node_id] -= tokens
-            self.fleet.inflight_tokens[decode.node_id] -= tokens
+            for node in nodes:
+                self.fleet.inflight_tokens[node.node_id] -= tokens
             if not finished:
-                await asyncio.shield(self._abort(attempt_id, decode, prefill))
+                await asyncio.shield(self._abort(attempt_id, *reversed(nodes)))
             self.client.close_stream(attempt_id)
 
     async def _abort(self, attempt_id: str, *nodes: NodePublic) -> None:

@@ -117,9 +117,11 @@ class NodeClient:
         params: SamplingParams,
         queue_timeout_s: float = 180.0,
         kv_timeout_s: float = 30.0,
+        prefill_here: bool = False,
     ) -> Reserved:
         """Hold slots on a decode node; returns once they are granted. The node
-        queues the request for up to ``queue_timeout_s``, then refuses it "busy"."""
+        queues the request for up to ``queue_timeout_s``, then refuses it "busy".
+        With ``prefill_here`` the node computes the prompt itself (no Prefill)."""
         stream = self._stream(request_id)
         stream.sources.add(endpoint)
         message = Reserve(
@@ -130,6 +132,7 @@ class NodeClient:
             params=params,
             queue_timeout_s=queue_timeout_s,
             kv_timeout_s=kv_timeout_s,
+            prefill_here=prefill_here,
         )
         return await self._call(endpoint, message, queue_timeout_s + RESERVE_GRACE_S)
 
@@ -276,7 +279,7 @@ class NodeClient:
         self.open_stream(request_id)
         try:
             reserved = await self.reserve(decode_endpoint, request_id, prompt, params)
-            target = KVTarget(reserved.kv_endpoint, reserved.layout)
+            target = KVTarget(reserved.kv_endpoint, reserved.layout, reserved.kv_transport)
             await self.prefill(prefill_endpoint, request_id, prompt, params, target)
         except NodeError:
             await self.abort(decode_endpoint, request_id)

@@ -18,6 +18,7 @@ class NodeRegistration(BaseModel):
     device: str = Field(max_length=64)
     num_slots: int = Field(ge=1)
     max_model_len: int = Field(ge=2)
+    kv_transport: str = Field("zmq", max_length=16)  # how it takes KV tensors
 
 
 class NodeStats(BaseModel):

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     kv_timeout_s: float = Field(30.0, gt=0, le=600)  # admitted, until its KV is complete
     token_timeout_s: float = 120.0  # longest silence of a running request
     max_attempts: int = 3  # tries of a request whose node fails before its first token
+    # Prompts of at most this many tokens are prefilled on their decode node, which
+    # saves the hand-off where it costs more than it spares; 0: only when no
+    # prefill node can take the request (a fleet without any is colocated).
+    local_prefill_tokens: int = Field(0, ge=0)
     # Larger request bodies are refused (413) before they are read whole: the chat
     # template and the tokenizer take time in proportion to the body.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)

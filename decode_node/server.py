@@ -4,6 +4,11 @@ A Reserve waits in the engine's queue, in order, for up to its queue timeout
 (then it is answered "busy"); once admitted it is answered Reserved with where
 to send the KV, and the connector fills its slots under its secret within its
 KV timeout. The first token completes it and it decodes with the others.
+
+A Reserve with ``prefill_here`` (no prefill node, or a short prompt) is a plain
+request instead: it waits in the same queue under the same timeout and is
+answered Reserved on admission the same way, but this node computes its prompt
+and samples its first token; no KV comes.
 """
 
 from common.engine import RequestError, RequestOutput
@@ -29,13 +34,21 @@ class DecodeServer(NodeServer):
             self.refuse(identity, message, reason, "busy")
             return True
         try:
-            self.engine.reserve(
-                message.request_id,
-                message.prompt_token_ids,
-                message.params,
-                KVRecvSpec(message.secret, message.kv_timeout_s),
-                message.queue_timeout_s,
-            )
+            if message.prefill_here:
+                self.engine.add_request(
+                    message.request_id,
+                    message.prompt_token_ids,
+                    message.params,
+                    queue_timeout_s=message.queue_timeout_s,
+                )
+            else:
+                self.engine.reserve(
+                    message.request_id,
+                    message.prompt_token_ids,
+                    message.params,
+                    KVRecvSpec(message.secret, message.kv_timeout_s),
+                    message.queue_timeout_s,
+                )
         except RequestError as exc:
             self.refuse(identity, message, str(exc), "invalid")
             return True
@@ -44,6 +57,15 @@ class DecodeServer(NodeServer):
         return True
 
     def after_step(self) -> None:
+        self._answer_admitted()
+        for request_id in self.engine.expire_waiting():
+            call_id = self.pending.pop(request_id)
+            client = self.clients.pop(request_id)
+            reason = "no KV slots freed up within the request's queue timeout"
+            error = Error(call_id=call_id, request_id=request_id, code="busy", message=reason)
+            reply(self.control, client.origin, error)
+
+    def _answer_admitted(self) -> None:
         for request_id in self.engine.pop_admitted():
             call_id = self.pending.pop(request_id, None)
             client = self.clients.get(request_id)
@@ -54,16 +76,14 @@ class DecodeServer(NodeServer):
                 request_id=request_id,
                 kv_endpoint=self.kv_endpoint,
                 layout=self.layout,
+                kv_transport=self.connector.transport,
             )
             reply(self.control, client.origin, reserved)
-        for request_id in self.engine.expire_waiting():
-            call_id = self.pending.pop(request_id)
-            client = self.clients.pop(request_id)
-            reason = "no KV slots freed up within the request's queue timeout"
-            error = Error(call_id=call_id, request_id=request_id, code="busy", message=reason)
-            reply(self.control, client.origin, error)
 
     def publish(self, outputs: list[RequestOutput]) -> None:
+        # A request prefilled here has its first token (or even its end) in the step
+        # that admitted it: its Reserved goes out first, and before its tokens.
+        self._answer_admitted()
         for output in outputs:
             self.pending.pop(output.request_id, None)
         super().publish(outputs)

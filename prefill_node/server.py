@@ -29,7 +29,12 @@ class PrefillServer(NodeServer):
             reason = "params.seed must be set, so decode continues the same random stream"
             self.refuse(identity, message, reason, "invalid")
             return True
-        target = KVSendSpec(message.target.endpoint, message.secret, message.ack_timeout_s)
+        target = KVSendSpec(
+            message.target.endpoint,
+            message.secret,
+            message.ack_timeout_s,
+            message.target.transport,
+        )
         try:
             self.engine.add_request(
                 message.request_id, message.prompt_token_ids, message.params, target

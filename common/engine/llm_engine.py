@@ -5,8 +5,10 @@ a KV target: their prompts' KV goes out through the connector layer by layer,
 the first token after it, and they never decode here; their KV is freed when
 the receiver confirms. A decode node's engine gets reservations: once admitted
 they hold slots that the connector fills, and they decode from the first token
-the sender sampled. One scheduler, one request state machine, one owner of a
-request's KV, whatever the role.
+the sender sampled; it may also take plain requests, queued like reservations
+under a queue timeout, whose prompts it computes itself (local prefill). One
+scheduler, one request state machine, one owner of a request's KV, whatever
+the role.
 """
 
 import logging
@@ -59,9 +61,13 @@ class LLMEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         kv_target: KVSendSpec | None = None,
+        queue_timeout_s: float | None = None,
     ) -> None:
         """Queue a request; raises RequestError (and changes nothing) if it cannot run.
-        With ``kv_target``, only its prompt runs here and its KV goes there."""
+        With ``kv_target``, only its prompt runs here and its KV goes there. With a
+        (finite) ``queue_timeout_s`` it waits in order for at most that long
+        (``expire_waiting``), and its admission is reported like a reservation's
+        (``pop_admitted``)."""
         request = self.requests.build(request_id, prompt_token_ids, params)
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -73,6 +79,8 @@ class LLMEngine:
             except ValueError as exc:
                 raise RequestError(str(exc)) from exc
             request.kv_send = kv_target
+        if queue_timeout_s is not None:
+            request.queue_deadline = time.monotonic() + queue_timeout_s
         self._requests[request_id] = request
         self.scheduler.add(request)
 
@@ -95,7 +103,9 @@ class LLMEngine:
         self.scheduler.add(request)
 
     def pop_admitted(self) -> list[str]:
-        """Ids of reservations admitted since the last call: their slots are held."""
+        """Ids of reservations, and of requests queued with a queue timeout, admitted
+        since the last call (each once), whatever became of them since: a request
+        that prefills here may have finished in the step that admitted it."""
         self._collect_admitted()
         admitted, self._admitted = self._admitted, []
         return admitted
@@ -106,23 +116,24 @@ class LLMEngine:
         self._collect_admitted()
 
     def expire_waiting(self) -> list[str]:
-        """Reservations that waited past their queue timeout, now dropped."""
+        """Queued requests that waited past their queue timeout, now dropped; they
+        held no slots."""
         expired = self.scheduler.expire_waiting(time.monotonic())
         for request in expired:
             del self._requests[request.request_id]
         return [r.request_id for r in expired]
 
     def _collect_admitted(self) -> None:
-        for request in self.scheduler.newly_reserved:
-            if not request.awaits_kv or request.status is not RequestStatus.RUNNING:
-                continue
-            if request.kv_recv is not None and self.connector is not None:
+        for request in self.scheduler.newly_admitted:
+            receives = request.awaits_kv and request.kv_recv is not None
+            running = request.status is RequestStatus.RUNNING
+            if receives and running and self.connector is not None:
                 slots = self.runner.table.req_to_token[request.row, : request.num_prompt_tokens]
                 self.connector.start_recv(
                     request.request_id, slots, request.num_prompt_tokens, request.kv_recv
                 )
             self._admitted.append(request.request_id)
-        self.scheduler.newly_reserved.clear()
+        self.scheduler.newly_admitted.clear()
 
     def reserved_slots(self, request_id: str) -> torch.Tensor:
         """Slots of an admitted reservation's prompt positions, int32 [num_prompt_tokens]."""

@@ -59,7 +59,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.newly_reserved: list[Request] = []
+        # Admitted requests that someone waits to hear of (reservations, and requests
+        # queued under a deadline); the engine takes them (``pop_admitted``).
+        self.newly_admitted: list[Request] = []
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -110,8 +112,11 @@ class Scheduler:
         request.is_prefilling = not request.awaits_kv
         request.status = RequestStatus.RUNNING
         self.running.append(request)
-        if request.awaits_kv:
-            self.newly_reserved.append(request)
+        if request.awaits_kv or request.queue_deadline != float("inf"):
+            self.newly_admitted.append(request)
+            # The queue timeout bounds the first wait only: a request paused later
+            # waits again without a deadline, and is not announced twice.
+            request.queue_deadline = float("inf")
 
     def admit_waiting_reservations(self) -> None:
         """Admit reservations at the head of the queue (they need no compute)."""

@@ -94,6 +94,13 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
         node_id: NodeId = None,
         control_plane: ControlPlane = None,
         cluster_token: ClusterToken = None,
+        kv_transport: Annotated[
+            str,
+            typer.Option(
+                help="How KV tensors travel: zmq, nccl (NCCL between GPUs, Gloo on CPU), "
+                "or auto (nccl on a GPU, else zmq)."
+            ),
+        ] = "auto",
     ) -> None:
         def start() -> None:
             if not cluster_token:
@@ -121,6 +128,7 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 host=host,
                 control_port=port,
                 kv_port=kv_port,
+                kv_transport=kv_transport,
             )
             serve(make_server(config), role, control_plane, cluster_token)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import zmq
 
 from common.engine import EngineConfig, LLMEngine, RequestOutput
+from common.engine.connector.collective import CollectiveConnector
 from common.engine.connector.zeromq import ZmqConnector
 from common.engine.kv_transfer import kv_layout
 from common.node.runtime import (
@@ -55,6 +56,14 @@ class NodeConfig:
     control_port: int = 0  # 0: any free port
     kv_port: int = 0  # where a decode node receives KV; 0: any free port
     max_queued: int = 4096  # reservations waiting for slots; more are refused "busy"
+    # How KV tensors travel: "zmq" (frames beside the headers), "nccl" (a
+    # torch.distributed group per node pair: NCCL on GPUs, Gloo on CPU), or "auto"
+    # (nccl when this node's device is a GPU, else zmq).
+    kv_transport: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kv_transport not in ("auto", "zmq", "nccl"):
+            raise ValueError(f"--kv-transport must be auto, zmq or nccl, not {self.kv_transport!r}")
 
 
 @dataclass
@@ -80,7 +89,7 @@ class NodeServer(ABC):
         self.auth = start_authenticator(self.ctx, keys)
         self.control = serving_socket(self.ctx, keys)
         self.control_endpoint = bind(self.control, config.host, config.control_port)
-        self.connector = ZmqConnector(
+        self.connector = self._connector_class()(
             self.layout,
             self.engine.pool,
             keys,
@@ -97,6 +106,12 @@ class NodeServer(ABC):
         # Refreshed by the loop; read by the heartbeat thread.
         self.current = self.status()
         self._stopped = False
+
+    def _connector_class(self) -> type[ZmqConnector]:
+        transport = self.config.kv_transport
+        if transport == "auto":
+            transport = "nccl" if self.engine.runner.device.type == "cuda" else "zmq"
+        return CollectiveConnector if transport == "nccl" else ZmqConnector
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -231,6 +246,7 @@ class NodeServer(ABC):
             device=str(engine.runner.device),
             num_slots=engine.pool.num_slots,
             max_model_len=engine.max_model_len,
+            kv_transport=self.connector.transport,
             layout=self.layout,
             stats=stats,
         )

@@ -76,7 +76,10 @@ class Reserve(Message, tag="reserve"):
 
     The request waits in the node's queue, in order, for up to ``queue_timeout_s``;
     once admitted, its KV must be complete within ``kv_timeout_s``. Its KV, first
-    token and abort must carry ``secret``. Its tokens go back to the sender."""
+    token and abort must carry ``secret``. Its tokens go back to the sender.
+
+    With ``prefill_here`` the decode node computes the prompt itself (no prefill
+    node, or a short prompt): no KV will come, and its first token is its own."""
 
     call_id: CallId
     request_id: Id
@@ -85,6 +88,10 @@ class Reserve(Message, tag="reserve"):
     params: SamplingParams
     queue_timeout_s: QueueTimeout = 180.0
     kv_timeout_s: KVTimeout = 30.0
+    prefill_here: bool = False
+
+
+Transport = Annotated[str, msgspec.Meta(max_length=16)]  # "zmq", "nccl" or "gloo"
 
 
 class Reserved(Message, tag="reserved"):
@@ -92,6 +99,7 @@ class Reserved(Message, tag="reserved"):
     request_id: Id
     kv_endpoint: Endpoint
     layout: KVLayout
+    kv_transport: Transport = "zmq"  # how the receiver takes KV tensors
 
 
 # ---- control plane -> prefill node ----
@@ -100,6 +108,7 @@ class Reserved(Message, tag="reserved"):
 class KVTarget(msgspec.Struct, frozen=True):
     endpoint: Endpoint
     layout: KVLayout
+    transport: Transport = "zmq"
 
 
 class Prefill(Message, tag="prefill"):
@@ -125,7 +134,9 @@ class Accepted(Message, tag="accepted"):
 
 class KVLayer(Message, tag="kv_layer"):
     """Header of one layer's K and V for positions [start, start + num_tokens);
-    followed by two raw frames, K then V, each [num_tokens, num_kv_heads, head_dim]."""
+    followed by two raw frames, K then V, each [num_tokens, num_kv_heads, head_dim],
+    or, with ``group_tag``, sent as one tensor [2, num_tokens, ...] over the pair's
+    torch.distributed group under that tag."""
 
     request_id: Id
     secret: Secret
@@ -133,6 +144,22 @@ class KVLayer(Message, tag="kv_layer"):
     layer: Count
     start: Count
     num_tokens: Count
+    group_tag: Count | None = None
+
+
+class KVGroupHello(Message, tag="kv_group_hello"):
+    """A sender asks for a torch.distributed group (NCCL or Gloo) with the receiver;
+    ``pair_id`` is secret (it was sent over CURVE) and names the group's keys."""
+
+    pair_id: Secret
+    backend: Annotated[str, msgspec.Meta(max_length=8)]
+
+
+class KVGroupReady(Message, tag="kv_group_ready"):
+    """The receiver is joining the group: its store listens on ``store_port``."""
+
+    pair_id: Secret
+    store_port: Count
 
 
 class PrefillDone(Message, tag="prefill_done"):
@@ -211,6 +238,7 @@ class NodeStatus(msgspec.Struct, kw_only=True):
     device: Annotated[str, msgspec.Meta(max_length=64)]
     num_slots: Count
     max_model_len: Count
+    kv_transport: Transport
     layout: KVLayout
     stats: NodeStats
 
@@ -243,6 +271,8 @@ AnyMessage = (
     | Prefill
     | Accepted
     | KVLayer
+    | KVGroupHello
+    | KVGroupReady
     | PrefillDone
     | KVAck
     | Tokens

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.engine import EngineConfig, FinishReason, LLMEngine, RequestError
+from common.engine import EngineConfig, FinishReason, LLMEngine, RequestError, llm_engine
 from common.wire.sampling_params import SamplingParams
 from tests.conftest import DEVICE
 
@@ -390,3 +390,74 @@ def test_bad_reservation_calls_are_refused_per_request(tiny_model):
     with pytest.raises(RequestError, match="'x' holds no reservation"):
         engine.complete_reservation("x", 5)
     assert engine.pool.num_free_slots == initial_free
+
+
+class FakeClock:
+    """Stands in for the engine's ``time`` module, so queue deadlines pass on demand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_local_request_admission_is_reported_once_even_when_paused(tiny_model, monkeypatch):
+    # A decode node's plain request (it prefills here): queued under a timeout,
+    # its admission is reported once; paused and resumed later, it is neither
+    # reported again nor expired, though its queue timeout has long passed.
+    clock = FakeClock()
+    monkeypatch.setattr(llm_engine, "time", clock)
+    model_dir = tiny_model("llama")
+    engine = make_engine(model_dir, num_kv_slots=200)
+    engine.generate(random_prompts([4] * 8, 400, seed=1), SamplingParams(max_new_tokens=2))
+    prompts = random_prompts(LENGTHS[:8], engine.model_config.vocab_size)
+    params = [
+        SamplingParams(
+            temperature=0.8, seed=i, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+        )
+        for i in range(8)
+    ]
+    ids = [f"r{i}" for i in range(8)]
+    for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+        engine.add_request(request_id, prompt, p, queue_timeout_s=5.0)
+    assert engine.pop_admitted() == []  # queued, not admitted yet
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    reported: list[str] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        reported += engine.pop_admitted()
+        if len(reported) == len(ids):
+            clock.now = 100.0  # every first wait is over: its deadline no longer applies
+        assert engine.expire_waiting() == []
+    assert sorted(reported) == ids
+    assert engine.scheduler.num_preemptions > 0, "the pool was meant to run out"
+    assert engine.pool.num_free_slots == 200
+    assert [tokens[i] for i in ids] == make_engine(model_dir).generate(prompts, params)
+
+
+def test_a_local_request_past_its_queue_timeout_is_expired_holding_nothing(tiny_model, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(llm_engine, "time", clock)
+    engine = make_engine(tiny_model("llama"), num_kv_slots=64)
+    big, late = random_prompts([40, 30], 400, seed=3)
+    engine.add_request("big", big, SamplingParams(temperature=0, max_new_tokens=16))
+    engine.add_request("late", late, GREEDY, queue_timeout_s=5.0)
+    engine.step()  # "big" runs; "late" does not fit beside it
+    assert engine.pop_admitted() == []
+    assert engine.expire_waiting() == []  # not yet past its deadline
+    free = engine.pool.num_free_slots
+    clock.now = 6.0
+    assert engine.expire_waiting() == ["late"]
+    assert engine.pool.num_free_slots == free  # it held nothing, and gave nothing back
+    assert engine.num_waiting == 0 and engine.abort("late") is None
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert {o.request_id for o in outputs} == {"big"} and outputs[-1].finished
+    assert engine.pop_admitted() == [] and engine.expire_waiting() == []
+    assert engine.pool.num_free_slots == 64
+    engine.add_request("late", late, GREEDY, queue_timeout_s=5.0)  # its id is free again
+    engine.step()
+    assert engine.pop_admitted() == ["late"]

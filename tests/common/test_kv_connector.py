@@ -15,6 +15,7 @@ import zmq
 
 from common.engine import EngineConfig, FinishReason, LLMEngine
 from common.engine.connector import KVConnector, KVRecvSpec, KVSendSpec, LayerChunk
+from common.engine.connector.collective import CollectiveConnector
 from common.engine.connector.zeromq import ZmqConnector
 from common.engine.kv_transfer import kv_layout
 from common.wire.auth import FleetKeys
@@ -40,8 +41,22 @@ def zmq_connector(engine: LLMEngine, layout: KVLayout, receives: bool) -> KVConn
     )
 
 
+def collective_connector(engine: LLMEngine, layout: KVLayout, receives: bool) -> KVConnector:
+    ctx = zmq.Context.instance()
+    return CollectiveConnector(
+        layout,
+        engine.pool,
+        KEYS,
+        ctx,
+        bind_host="127.0.0.1" if receives else None,
+        max_tokens=engine.max_model_len,
+    )
+
+
+# "collective": NCCL between GPUs, Gloo on CPU.
 TRANSPORTS: dict[str, Callable[[LLMEngine, KVLayout, bool], KVConnector]] = {
     "zmq": zmq_connector,
+    "collective": collective_connector,
 }
 
 
@@ -49,18 +64,27 @@ def layout_of(engine: LLMEngine) -> KVLayout:
     return kv_layout(engine.config.model, engine.model_config, engine.runner.dtype)
 
 
+def devices() -> tuple[str, str]:
+    """Sender's and receiver's devices: two GPUs when there are (NCCL puts one rank
+    per GPU), else both on DEVICE."""
+    if DEVICE.startswith("cuda") and torch.cuda.device_count() >= 2:
+        return "cuda:0", "cuda:1"
+    return DEVICE, DEVICE
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_model):
     model = tiny_model("llama")
 
-    def engine(max_prefill_tokens: int) -> LLMEngine:
+    def engine(device: str, max_prefill_tokens: int) -> LLMEngine:
         config = EngineConfig(
-            model=model, device=DEVICE, num_kv_slots=SLOTS, max_prefill_tokens=max_prefill_tokens
+            model=model, device=device, num_kv_slots=SLOTS, max_prefill_tokens=max_prefill_tokens
         )
         return LLMEngine(config)
 
+    sender, receiver = devices()
     # The sender computes prompts in chunks of 16 tokens, so long prompts take steps.
-    return engine(16), engine(512), engine(512)  # sender, receiver, reference
+    return engine(sender, 16), engine(receiver, 512), engine(receiver, 512)
 
 
 class Pair:
@@ -82,9 +106,13 @@ class Pair:
         self.receiver.admit_reservations()
         assert request_id in self.receiver.pop_admitted()
 
+    def spec(self, endpoint: str | None = None, timeout_s: float = 2.0) -> KVSendSpec:
+        """Where the sender sends, over what the receiver takes tensors over."""
+        transport = self.receiver.connector.transport
+        return KVSendSpec(endpoint or self.endpoint, SECRET, timeout_s, transport)
+
     def send(self, request_id: str, prompt: list[int], endpoint: str | None = None) -> None:
-        target = KVSendSpec(endpoint or self.endpoint, SECRET, 2.0)
-        self.sender.add_request(request_id, prompt, GREEDY, target)
+        self.sender.add_request(request_id, prompt, GREEDY, self.spec(endpoint))
 
     def step(self) -> None:
         for engine in (self.sender, self.receiver):
@@ -128,6 +156,9 @@ class Pair:
 @pytest.fixture(params=sorted(TRANSPORTS))
 def pair(request, engines):
     sender, receiver, _ = engines
+    same_gpu = sender.pool.device == receiver.pool.device and sender.pool.device.type == "cuda"
+    if request.param == "collective" and same_gpu:
+        pytest.skip("NCCL needs the two ranks on two GPUs")
     pair = Pair(sender, receiver, TRANSPORTS[request.param])
     yield pair
     pair.settle()  # every test leaves both pools exactly as it found them
@@ -161,8 +192,8 @@ def test_layers_out_of_order_are_accepted_but_a_gap_is_refused(pair):
     pair.reserve("gap", tokens)
     slots = pair.sender.pool.allocate(8)
     try:
-        sender.start_send("rev", KVSendSpec(pair.endpoint, SECRET, 2.0))
-        sender.start_send("gap", KVSendSpec(pair.endpoint, SECRET, 2.0))
+        sender.start_send("rev", pair.spec())
+        sender.start_send("gap", pair.spec())
         for layer in reversed(range(pair.layout.num_layers)):  # last layer first
             sender.save_layer(layer, [LayerChunk("rev", 0, slots)])
         sender.save_layer(0, [LayerChunk("gap", 4, slots[4:])])  # positions 0-3 never came

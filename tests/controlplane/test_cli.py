@@ -82,3 +82,22 @@ def test_up_brings_the_fleet_up_answers_and_stops_on_ctrl_c(tmp_path):
     assert process.returncode == 0, rest
     assert "stopped." in rest
     assert not (tmp_path / "home" / "fleet.json").exists()
+
+
+def test_up_refuses_a_fleet_without_decode_nodes_before_starting_anything(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTPD_")}
+    env.update(LIGHTPD_HOME=str(tmp_path / "home"))
+    for option, value, message in (
+        ("--decode-nodes", "0", "--decode-nodes must be at least 1"),
+        ("--prefill-nodes", "-1", "--prefill-nodes must be 0 or more"),
+    ):
+        run = subprocess.run(
+            [LIGHTCTL, "up", "--port", str(free_port()), option, value],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert "Starting" not in run.stdout
+    assert not (tmp_path / "home").exists()  # no model written, no fleet file

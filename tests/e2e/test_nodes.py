@@ -25,6 +25,19 @@ from tests.e2e.fleet import CLUSTER_TOKEN, raw_call
 
 SLOTS = 4096
 NODE_ARGS = ("--num-kv-slots", str(SLOTS), "--max-prefill-tokens", "256")
+# Every test runs over both KV transports: ZeroMQ frames, and a torch.distributed
+# pair group ("nccl": NCCL between GPUs, Gloo here on the CPU).
+TRANSPORTS = ("zmq", "nccl")
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def node_args(transport) -> tuple[str, ...]:
+    return (*NODE_ARGS, "--kv-transport", transport)
 
 
 def workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -75,9 +88,10 @@ def model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def pair(model):
-    prefill = start_node("prefill", model, *NODE_ARGS, cluster_token=CLUSTER_TOKEN)
-    decode_ = start_node("decode", model, *NODE_ARGS, cluster_token=CLUSTER_TOKEN)
+def pair(model, transport):
+    args = (*NODE_ARGS, "--kv-transport", transport)
+    prefill = start_node("prefill", model, *args, cluster_token=CLUSTER_TOKEN)
+    decode_ = start_node("decode", model, *args, cluster_token=CLUSTER_TOKEN)
     yield prefill, decode_
     prefill.stop()
     decode_.stop()
@@ -276,9 +290,9 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
     assert result.error is None and len(result.token_ids) == 4
 
 
-def test_two_prefill_nodes_feed_one_decode_node(model, nodes):
-    prefills = [nodes("prefill", model, *NODE_ARGS) for _ in range(2)]
-    decode_ = nodes("decode", model, *NODE_ARGS)
+def test_two_prefill_nodes_feed_one_decode_node(model, nodes, node_args):
+    prefills = [nodes("prefill", model, *node_args) for _ in range(2)]
+    decode_ = nodes("decode", model, *node_args)
     prompts, params = workload(12, seed=1)
     expected = in_process(model, prompts, params)
 
@@ -296,9 +310,9 @@ def test_two_prefill_nodes_feed_one_decode_node(model, nodes):
     assert [r.token_ids for r in asyncio.run(main())] == expected
 
 
-def test_one_prefill_node_feeds_two_decode_nodes(model, nodes):
-    prefill = nodes("prefill", model, *NODE_ARGS)
-    decodes = [nodes("decode", model, *NODE_ARGS) for _ in range(2)]
+def test_one_prefill_node_feeds_two_decode_nodes(model, nodes, node_args):
+    prefill = nodes("prefill", model, *node_args)
+    decodes = [nodes("decode", model, *node_args) for _ in range(2)]
     prompts, params = workload(12, seed=2)
     expected = in_process(model, prompts, params)
 
@@ -316,10 +330,13 @@ def test_one_prefill_node_feeds_two_decode_nodes(model, nodes):
     assert [r.token_ids for r in asyncio.run(main())] == expected
 
 
-def test_killing_the_prefill_node_mid_transfer_ends_requests_with_an_error(model, nodes):
+def test_killing_the_prefill_node_mid_transfer_ends_requests_with_an_error(
+    model, nodes, node_args, transport
+):
     # Small chunks make the long prompts take many steps, so the kill lands mid-transfer.
-    prefill = nodes("prefill", model, "--num-kv-slots", str(SLOTS), "--max-prefill-tokens", "8")
-    decode_ = nodes("decode", model, *NODE_ARGS)
+    args = ("--num-kv-slots", str(SLOTS), "--max-prefill-tokens", "8", "--kv-transport", transport)
+    prefill = nodes("prefill", model, *args)
+    decode_ = nodes("decode", model, *node_args)
 
     async def main():
         async with NodeClient(CLUSTER_TOKEN) as client:

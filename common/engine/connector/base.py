@@ -32,6 +32,7 @@ class KVSendSpec:
     endpoint: str
     secret: str
     timeout_s: float
+    transport: str = "zmq"  # what the receiver takes tensors over (its ``transport``)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ KVEvent = KVDone | KVFailed
 
 class KVConnector(ABC):
     layout: KVLayout
+    transport: str  # what this connector's receiving side takes tensors over
 
     @property
     def endpoint(self) -> str | None:

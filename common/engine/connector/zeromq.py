@@ -79,6 +79,8 @@ class _Target:
 
 
 class ZmqConnector(KVConnector):
+    transport = "zmq"
+
     def __init__(
         self,
         layout: KVLayout,
@@ -97,6 +99,7 @@ class ZmqConnector(KVConnector):
         self._recvs: dict[str, _Recv] = {}
         self._targets: dict[str, _Target] = {}
         self._events: list[KVEvent] = []
+        self._early_done: list[tuple[bytes, PrefillDone]] = []  # first tokens ahead of KV
         self._receiver: zmq.Socket | None = None
         self._endpoint: str | None = None
         if bind_host is not None:
@@ -138,7 +141,6 @@ class ZmqConnector(KVConnector):
             send = self._sends.get(chunk.request_id)
             if send is None or send.failure is not None:
                 continue
-            k, v = gather_layer(self.pool, layer, chunk.slots)
             header = KVLayer(
                 request_id=chunk.request_id,
                 secret=send.spec.secret,
@@ -147,7 +149,12 @@ class ZmqConnector(KVConnector):
                 start=chunk.start,
                 num_tokens=chunk.slots.numel(),
             )
-            self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
+            self._send_layer(chunk, send, header)
+
+    def _send_layer(self, chunk: LayerChunk, send: _Send, header: KVLayer) -> None:
+        """Ship one layer chunk: here as two raw frames beside the header."""
+        k, v = gather_layer(self.pool, header.layer, chunk.slots)
+        self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
 
     def finish_send(
         self,
@@ -219,6 +226,9 @@ class ZmqConnector(KVConnector):
     def poll(self) -> list[KVEvent]:
         if self._receiver is not None:
             self._drain(self._receiver, self._on_receiver_message)
+        early, self._early_done = self._early_done, []
+        for identity, done in early:
+            self._on_done(identity, done)
         for endpoint, target in list(self._targets.items()):
             self._drain(target.sock, lambda frames, e=endpoint: self._on_ack(e, frames))
         self._expire()
@@ -243,6 +253,8 @@ class ZmqConnector(KVConnector):
             message = decode(frames[0].buffer)
         except ProtocolError as exc:
             logger.warning("bad message from the receiver at %s: %s", endpoint, exc)
+            return
+        if self._on_sender_message(endpoint, message):
             return
         if isinstance(message, KVAck):
             send = self._sends.get(message.request_id)
@@ -270,7 +282,7 @@ class ZmqConnector(KVConnector):
             self._on_layer(identity, message, frames[2:])
         elif isinstance(message, PrefillDone):
             self._on_done(identity, message)
-        else:
+        elif not self._on_receiver_extra(identity, message):
             kind = type(message).__name__
             self._reply(identity, Error(message=f"unexpected {kind} on the KV socket"))
 
@@ -284,18 +296,41 @@ class ZmqConnector(KVConnector):
         try:
             self._check_layer(message, recv, frames)
             chunk = recv.slots[message.start : message.start + message.num_tokens]
-            scatter_layer(self.pool, message.layer, chunk, frames[0].buffer, frames[1].buffer)
+            self._receive_layer(identity, message, chunk, frames)
         except ProtocolError as exc:
             self._fail_recv(message.request_id, f"KV transfer rejected: {exc}", identity)
             return
         recv.received[message.layer] += message.num_tokens
 
+    def _receive_layer(
+        self, identity: bytes, message: KVLayer, slots: torch.Tensor, frames: list[zmq.Frame]
+    ) -> None:
+        """Land one layer chunk in ``slots``: here from the two frames beside it."""
+        if message.group_tag is not None:
+            raise ProtocolError("this node receives KV over ZeroMQ only")
+        scatter_layer(self.pool, message.layer, slots, frames[0].buffer, frames[1].buffer)
+
+    # Extension points of transports that move the tensors some other way.
+
+    def _on_sender_message(self, endpoint: str, message) -> bool:
+        return False
+
+    def _on_receiver_extra(self, identity: bytes, message) -> bool:
+        return False
+
+    def _layers_landed(self, request_id: str) -> bool:
+        """Whether every chunk taken in so far is in the pool (not still in flight)."""
+        return True
+
     def _check_layer(self, message: KVLayer, recv: _Recv, frames: list[zmq.Frame]) -> None:
         mismatch = self.layout.describe_mismatch(message.layout)
         if mismatch:
             raise ProtocolError(f"KV layout mismatch ({mismatch})")
-        if len(frames) != 2:
-            raise ProtocolError(f"a KV layer needs 2 data frames, got {len(frames)}")
+        expected_frames = 0 if message.group_tag is not None else 2
+        if len(frames) != expected_frames:
+            raise ProtocolError(
+                f"a KV layer needs {expected_frames} data frames, got {len(frames)}"
+            )
         if not 0 <= message.layer < self.layout.num_layers:
             raise ProtocolError(f"layer {message.layer} out of range")
         expected_start = recv.received[message.layer]
@@ -326,6 +361,9 @@ class ZmqConnector(KVConnector):
         if incomplete or message.num_prompt_tokens != recv.num_prompt_tokens:
             reason = f"incomplete KV: layers {incomplete[:8]} missing tokens"
             return self._fail_recv(request_id, reason, identity)
+        if not self._layers_landed(request_id):
+            self._early_done.append((identity, message))  # taken up again by poll
+            return None
         del self._recvs[request_id]
         self._reply(identity, KVAck(request_id=request_id))
         logprobs = None

@@ -111,7 +111,7 @@ export class NodesTable {
     c[0].replaceChildren(h("code", {}, row.node_id));
     c[1].textContent = row.role;
     c[2].textContent = row.model_name;
-    c[3].textContent = row.device;
+    c[3].textContent = row.kv_transport ? `${row.device} · ${row.kv_transport}` : row.device;
     c[4].replaceChildren(h("span", { class: `status badge ${row.status}` }, row.status));
     c[5].replaceChildren(row.stats ? kvBar(row) : "–");
     for (const [i, value] of [[6, row.running], [7, row.queued], [8, rate(row.tokens_per_s)]]) {

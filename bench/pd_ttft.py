@@ -1,0 +1,124 @@
+"""What the KV hand-off adds to a lone request's time to first token, per transport.
+
+    python3 bench/pd_ttft.py --model DIR [--tokens 1024 8192] [--repeats 5]
+        [--prefill-device cuda:0] [--decode-device cuda:1]
+
+Starts a prefill node and a decode node (each on its own device), and sends them
+lone requests of ``--tokens`` random prompt tokens and one output token straight
+through the node client (the control plane adds the same to every row, so it
+is left out), timing from the Reserve to the first token; median of
+``--repeats`` after one warm-up. Rows:
+
+- nccl:  prefill node -> decode node, KV over a torch.distributed pair group;
+- zmq:   the same nodes restarted with ZeroMQ frames (CURVE, through the host);
+- local: the decode node prefills the prompt itself (the colocated baseline);
+  the "added" column is each row's excess over it.
+"""
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+
+from common.wire.sampling_params import SamplingParams
+from controlplane.node_client import NodeClient
+from controlplane.node_process import start_node
+
+TOKEN = "pd-ttft-bench"
+START_TIMEOUT_S = 900.0  # a GPU node loads weights and captures graphs
+
+
+async def lone_ttft(client: NodeClient, prefill, decode, prompt, local: bool, request_id: str):
+    params = SamplingParams(temperature=0, max_new_tokens=1, seed=1, ignore_eos=True)
+    start = time.perf_counter()
+    if local:
+        client.open_stream(request_id)
+        await client.reserve(decode, request_id, prompt, params, prefill_here=True)
+        async for event in client.events(request_id):
+            if event.token_ids or event.finish_reason:
+                break
+        result_error = event.error
+    else:
+        result = await client.generate(prefill, decode, request_id, prompt, params)
+        result_error = result.error
+    elapsed = time.perf_counter() - start
+    if result_error:
+        raise RuntimeError(result_error)
+    return elapsed
+
+
+async def measure(args, transport: str, rows: dict) -> None:
+    node_args = ("--kv-transport", transport, *args.node_args.split())
+    nodes = []
+    try:
+        decode = start_node(
+            "decode",
+            args.model,
+            *node_args,
+            device=args.decode_device,
+            timeout=START_TIMEOUT_S,
+            cluster_token=TOKEN,
+        )
+        nodes.append(decode)
+        prefill = start_node(
+            "prefill",
+            args.model,
+            *node_args,
+            device=args.prefill_device,
+            timeout=START_TIMEOUT_S,
+            cluster_token=TOKEN,
+        )
+        nodes.append(prefill)
+        rng = random.Random(0)
+        async with NodeClient(TOKEN) as client:
+            shapes = [transport] + (["local"] if "local" not in rows else [])
+            for shape in shapes:
+                rows[shape] = {}
+                for n in args.tokens:
+                    times = []
+                    for r in range(args.repeats + 1):
+                        prompt = [rng.randrange(10, args.vocab) for _ in range(n)]
+                        times.append(
+                            await lone_ttft(
+                                client,
+                                prefill.control,
+                                decode.control,
+                                prompt,
+                                shape == "local",
+                                f"{shape}-{n}-{r}",
+                            )
+                        )
+                    rows[shape][n] = statistics.median(times[1:])
+                    print(f"{shape} {n}: {rows[shape][n] * 1e3:.2f} ms", flush=True)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill-device", default="cuda:0")
+    parser.add_argument("--decode-device", default="cuda:1")
+    parser.add_argument("--transports", default="nccl,zmq")
+    parser.add_argument("--node-args", default="--gpu-memory-fraction 0.85")
+    parser.add_argument("--vocab", type=int, default=30000, help="prompt ids are below this")
+    args = parser.parse_args()
+    rows: dict[str, dict[int, float]] = {}
+    for transport in args.transports.split(","):
+        asyncio.run(measure(args, transport, rows))
+    print("\n| path | " + " | ".join(f"TTFT, {n} tokens (added)" for n in args.tokens) + " |")
+    print("| --- |" + " --- |" * len(args.tokens))
+    base = rows["local"]
+    for shape, times in rows.items():
+        cells = [
+            f"{times[n] * 1e3:.1f} ms ({(times[n] - base[n]) * 1e3:+.1f} ms)" for n in args.tokens
+        ]
+        print(f"| {shape} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
