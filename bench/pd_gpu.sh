@@ -19,7 +19,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 LIGHTPD_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/common/test_kv_connector.py \
-  2>&1 | tail -15 | tee "$out/conformance.log"
+  > "$out/conformance.log" 2>&1; tail -3 "$out/conformance.log"
 python3 -m bench.serving_model --out /tmp/lightpd-8b --device cuda:0 2>&1 \
   | grep -v "Writing model shards" | tail -3
 python3 bench/pd_ttft.py --model /tmp/lightpd-8b --vocab 128000 --repeats ${REPEATS:-5} \
