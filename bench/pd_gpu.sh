@@ -11,6 +11,7 @@ set -uo pipefail
 out=${1:?usage: bench/pd_gpu.sh OUT_DIR}
 mkdir -p "$out"
 if compgen -G ".wheels/*.whl" > /dev/null; then
+  rm -rf /tmp/lightpd-site
   python3 -m pip install -q --no-index --no-deps --target /tmp/lightpd-site .wheels/*.whl
   export PYTHONPATH="/tmp/lightpd-site:$PWD"
 else

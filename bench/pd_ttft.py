@@ -38,17 +38,17 @@ async def lone_ttft(client: NodeClient, prefill, decode, prompt, local: bool, re
         async for event in client.events(request_id):
             if event.token_ids or event.finish_reason:
                 break
-        result_error = event.error
+        error, tokens = event.error, event.token_ids
     else:
         result = await client.generate(prefill, decode, request_id, prompt, params)
-        result_error = result.error
+        error, tokens = result.error, result.token_ids
     elapsed = time.perf_counter() - start
-    if result_error:
-        raise RuntimeError(result_error)
-    return elapsed
+    if error:
+        raise RuntimeError(error)
+    return elapsed, tokens[0]
 
 
-async def measure(args, transport: str, rows: dict) -> None:
+async def measure(args, transport: str, rows: dict, firsts: dict) -> None:
     node_args = ("--kv-transport", transport, *args.node_args.split())
     nodes = []
     try:
@@ -70,25 +70,26 @@ async def measure(args, transport: str, rows: dict) -> None:
             cluster_token=TOKEN,
         )
         nodes.append(prefill)
-        rng = random.Random(0)
         async with NodeClient(TOKEN) as client:
             shapes = [transport] + (["local"] if "local" not in rows else [])
             for shape in shapes:
+                rng = random.Random(0)  # every path gets the same prompts
                 rows[shape] = {}
                 for n in args.tokens:
                     times = []
                     for r in range(args.repeats + 1):
                         prompt = [rng.randrange(10, args.vocab) for _ in range(n)]
-                        times.append(
-                            await lone_ttft(
-                                client,
-                                prefill.control,
-                                decode.control,
-                                prompt,
-                                shape == "local",
-                                f"{shape}-{n}-{r}",
-                            )
+                        local = shape == "local"
+                        elapsed, token = await lone_ttft(
+                            client,
+                            prefill.control,
+                            decode.control,
+                            prompt,
+                            local,
+                            f"{shape}-{n}-{r}",
                         )
+                        times.append(elapsed)
+                        firsts.setdefault((n, r), {})[shape] = token
                     rows[shape][n] = statistics.median(times[1:])
                     print(f"{shape} {n}: {rows[shape][n] * 1e3:.2f} ms", flush=True)
     finally:
@@ -108,8 +109,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=30000, help="prompt ids are below this")
     args = parser.parse_args()
     rows: dict[str, dict[int, float]] = {}
+    firsts: dict[tuple[int, int], dict[str, int]] = {}  # (tokens, repeat) -> path -> token
     for transport in args.transports.split(","):
-        asyncio.run(measure(args, transport, rows))
+        asyncio.run(measure(args, transport, rows, firsts))
+    # The KV moved is the KV computed: every path samples the same greedy first token.
+    differ = [key for key, tokens in firsts.items() if len(set(tokens.values())) > 1]
+    print(f"first tokens equal on every path: {not differ} ({len(firsts)} prompts)")
     print("\n| path | " + " | ".join(f"TTFT, {n} tokens (added)" for n in args.tokens) + " |")
     print("| --- |" + " --- |" * len(args.tokens))
     base = rows["local"]

@@ -6,6 +6,7 @@ with both pools back to their initial free slots. A new transport joins by
 adding a factory to ``TRANSPORTS``.
 """
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -60,15 +61,21 @@ TRANSPORTS: dict[str, Callable[[LLMEngine, KVLayout, bool], KVConnector]] = {
 }
 
 
+def on_device(engine: LLMEngine):
+    """Kernels launch on the current CUDA device: make it the engine's (a node process
+    has one device; this test holds two engines, on two GPUs where there are)."""
+    device = engine.runner.device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def layout_of(engine: LLMEngine) -> KVLayout:
     return kv_layout(engine.config.model, engine.model_config, engine.runner.dtype)
 
 
 def devices() -> tuple[str, str]:
-    """Sender's and receiver's devices: two GPUs when there are (NCCL puts one rank
-    per GPU), else both on DEVICE."""
-    if DEVICE.startswith("cuda") and torch.cuda.device_count() >= 2:
-        return "cuda:0", "cuda:1"
+    """Sender's and receiver's devices: both on DEVICE. (Two engines on two GPUs in
+    one process trip Triton's launcher; NCCL across two GPUs is measured between
+    real node processes by bench/pd_ttft.py.)"""
     return DEVICE, DEVICE
 
 
@@ -80,7 +87,9 @@ def engines(tiny_model):
         config = EngineConfig(
             model=model, device=device, num_kv_slots=SLOTS, max_prefill_tokens=max_prefill_tokens
         )
-        return LLMEngine(config)
+        cuda = device.startswith("cuda")
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            return LLMEngine(config)
 
     sender, receiver = devices()
     # The sender computes prompts in chunks of 16 tokens, so long prompts take steps.
@@ -116,7 +125,9 @@ class Pair:
 
     def step(self) -> None:
         for engine in (self.sender, self.receiver):
-            for output in engine.step():
+            with on_device(engine):
+                outputs = engine.step()
+            for output in outputs:
                 self.outputs.setdefault(output.request_id, []).append(output)
                 if engine is self.receiver:
                     self.received.setdefault(output.request_id, []).extend(output.new_token_ids)
@@ -175,7 +186,8 @@ def test_whole_and_chunked_prompts_decode_as_in_process(pair, engines):
         pair.reserve(request_id, tokens)
         pair.send(request_id, tokens)
     pair.run_until(lambda: all(pair.decoded(r) for r in prompts))
-    expected = reference.generate(list(prompts.values()), GREEDY)
+    with on_device(reference):
+        expected = reference.generate(list(prompts.values()), GREEDY)
     for (request_id, _), want in zip(prompts.items(), expected, strict=True):
         assert pair.tokens(request_id) == want
         assert pair.decoded(request_id).finish_reason in (FinishReason.STOP, FinishReason.LENGTH)

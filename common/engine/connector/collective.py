@@ -20,6 +20,7 @@ request builds a new pair.
 
 import datetime
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -56,6 +57,9 @@ def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, device: t
     prefixed = dist.PrefixStore(f"lightpd/{pair_id}/", store)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this thread's sends and receives run there
+        # A communicator that fails (a peer died) is aborted, and the node lives on:
+        # NCCL's default handling would end the whole process.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = GROUP_TIMEOUT
         return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
@@ -90,14 +94,43 @@ class _Pair:
     next_tag: int = 0
     request_ids: set[str] = field(default_factory=set)
     group_is_nccl: bool = False
+    # NCCL, once the group is built and its backlog sent: operations are issued by
+    # the serving loop itself (they run on NCCL's stream) and reaped when complete.
+    direct: bool = False
+    inflight: list = field(default_factory=list)  # (work, on_done) issued directly
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def submit(self, op: Callable[[object], object], on_done: Callable[[], None] | None) -> None:
+        """Run ``op(group)`` (a send or a receive) after those submitted before it."""
+        with self.lock:
+            if self.direct:
+                self.inflight.append((op(self.group), on_done))
+                return
+            self.jobs.put((op, on_done))
+
+    def reap(self) -> None:
+        """Finish the direct operations that completed (in order)."""
+        while self.inflight and self.inflight[0][0].is_completed():
+            _, on_done = self.inflight.pop(0)
+            if on_done is not None:
+                on_done()
 
     def start(self, build: Callable[[], object], on_failure: Callable[["_Pair"], None]) -> None:
         def run() -> None:
             try:
                 self.group = build()
                 self.group_is_nccl = isinstance(self.group, getattr(dist, "ProcessGroupNCCL", ()))
-                while (job := self.jobs.get()) is not _STOP:
-                    job(self.group)
+                while True:
+                    with self.lock:
+                        if self.group_is_nccl and self.jobs.empty():
+                            self.direct = True
+                    job = self.jobs.get()
+                    if job is _STOP:
+                        return
+                    op, on_done = job
+                    _finish(op(self.group), self)
+                    if on_done is not None:
+                        on_done()
             except Exception as exc:  # a peer gone, a timeout, an abort
                 self.failure = f"KV group {self.pair_id[:8]} failed: {exc}"
                 on_failure(self)
@@ -163,7 +196,7 @@ class CollectiveConnector(ZmqConnector):
         pair.request_ids.add(chunk.request_id)
         header = KVLayer(**{**_fields(header), "group_tag": tag})
         self._send(chunk.request_id, send, [encode(header)])
-        pair.jobs.put(lambda group: _finish(group.send([kv], 1, tag), pair))
+        pair.submit(lambda group: group.send([kv], 1, tag), None)
         return None
 
     def _open_pair(self, endpoint: str) -> _Pair:
@@ -235,8 +268,7 @@ class CollectiveConnector(ZmqConnector):
         shape = (2, message.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
         buffer = torch.empty(shape, dtype=self.pool.k_cache(0).dtype, device=self.device)
 
-        def receive(group) -> None:
-            _finish(group.recv([buffer], 0, tag), pair)
+        def landed() -> None:
             if slots is None:
                 return
             with self._lock:
@@ -244,7 +276,7 @@ class CollectiveConnector(ZmqConnector):
                     self._in_flight[request_id] -= 1
                     self._landed.setdefault(request_id, []).append((layer, slots, buffer))
 
-        pair.jobs.put(receive)
+        pair.submit(lambda group: group.recv([buffer], 0, tag), landed)
 
     def _pair_of(self, identity: bytes) -> _Pair | None:
         # A sender's layers come over the connection its hello came on.
@@ -271,6 +303,8 @@ class CollectiveConnector(ZmqConnector):
     # ---- both ----
 
     def poll(self):
+        for pair in [*self._out.values(), *self._in.values()]:
+            pair.reap()
         self._scatter_landed()
         with self._lock:
             failed, self._failed_pairs = self._failed_pairs, []
