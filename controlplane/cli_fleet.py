@@ -59,11 +59,16 @@ def up(
         int, typer.Option(help="Prefill nodes; 0: decode nodes prefill too (colocated).")
     ] = 1,
     decode_nodes: Annotated[int, typer.Option(help="Decode nodes, at least 1.")] = 1,
+    kv_transport: Annotated[
+        str, typer.Option(help="auto, zmq or nccl (Gloo on CPU): how KV tensors travel.")
+    ] = "auto",
     example: Annotated[bool, typer.Option(help="Send one example request once up.")] = True,
 ) -> None:
     """Start the whole fleet here and serve until Ctrl-C."""
     if decode_nodes < 1:
         raise fail("--decode-nodes must be at least 1: every request ends on a decode node")
+    if kv_transport not in ("auto", "zmq", "nccl"):
+        raise fail(f"--kv-transport must be auto, zmq or nccl, not {kv_transport!r}")
     if prefill_nodes < 0:
         raise fail("--prefill-nodes must be 0 or more (0: the decode nodes prefill)")
     typer.echo("Starting a lightpd fleet:")
@@ -107,6 +112,7 @@ def up(
         os.environ.update(LIGHTPD_CLUSTER_TOKEN=cluster_token)
         roles = ["prefill"] * prefill_nodes + ["decode"] * decode_nodes
         extra = ["--num-kv-slots", str(num_kv_slots)] if num_kv_slots else []
+        extra += ["--kv-transport", kv_transport]
         for i, (role, device) in enumerate(zip(roles, _devices(len(roles)), strict=True)):
             number = i if role == "prefill" else i - prefill_nodes
             started = _step(f"starting {role} node {number} on {device}")
