@@ -18,12 +18,15 @@ from tests.e2e.fleet import API_KEY, LocalFleet
 MODEL_NAME = "tiny"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+# The fleet runs over both KV transports: ZeroMQ frames, and a torch.distributed
+# group per node pair ("nccl": NCCL between GPUs, Gloo here on the CPU).
+@pytest.fixture(scope="module", params=("zmq", "nccl"))
+def fleet(tmp_path_factory, request):
     from common.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path_factory.mktemp("m") / MODEL_NAME, "qwen2")
-    running = LocalFleet(str(model)).start()
+    node_args = (*LocalFleet.node_args, "--kv-transport", request.param)
+    running = LocalFleet(str(model), node_args=node_args).start()
     yield running
     running.stop()
 
