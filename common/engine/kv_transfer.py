@@ -67,7 +67,7 @@ def scatter_layer(
             raw = torch.frombuffer(frame, dtype=torch.uint8)
         values = raw.view(cache.dtype).view(slots.numel(), *token_shape)
         if cache.is_cuda:
-            staged = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            staged.copy_(values)
-            values = staged.to(cache.device, non_blocking=True)
+            # A plain copy from the frame: pinning a buffer per layer costs more than
+            # the copy it would speed up.
+            values = values.to(cache.device)
         cache[index] = values

@@ -13,6 +13,7 @@ token completes the reservation once every layer holds the whole prompt.
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from common.engine.connector.base import (
     KVSendSpec,
     LayerChunk,
 )
+from common.engine.connector.staging import PinnedStaging
 from common.engine.kv_pool import TokenKVPool
 from common.engine.kv_transfer import gather_layer, scatter_layer
 from common.engine.request import TokenLogprob
@@ -73,6 +75,17 @@ class _Recv:
 
 
 @dataclass
+class _Outgoing:
+    """A message waiting for its device-to-host copies (``ready``) before it goes."""
+
+    request_id: str
+    send: _Send
+    frames: list
+    ready: torch.cuda.Event | None = None
+    staging: torch.Tensor | None = None
+
+
+@dataclass
 class _Target:
     sock: zmq.Socket
     last_used: float = field(default_factory=time.monotonic)
@@ -99,6 +112,12 @@ class ZmqConnector(KVConnector):
         self._recvs: dict[str, _Recv] = {}
         self._targets: dict[str, _Target] = {}
         self._events: list[KVEvent] = []
+        # On a GPU, layers leave through reused pinned buffers: copied on the compute
+        # stream without waiting, sent once their copy is done (in order), and the
+        # buffers taken back once ZeroMQ has sent them.
+        self._staging = PinnedStaging() if pool.device.type == "cuda" else None
+        self._outbox: deque[_Outgoing] = deque()
+        self._on_wire: list[tuple[list, torch.Tensor]] = []  # (trackers, staging buffer)
         self._early_done: list[tuple[bytes, PrefillDone]] = []  # first tokens ahead of KV
         self._receiver: zmq.Socket | None = None
         self._endpoint: str | None = None
@@ -153,8 +172,23 @@ class ZmqConnector(KVConnector):
 
     def _send_layer(self, chunk: LayerChunk, send: _Send, header: KVLayer) -> None:
         """Ship one layer chunk: here as two raw frames beside the header."""
-        k, v = gather_layer(self.pool, header.layer, chunk.slots)
-        self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
+        if self._staging is None:
+            k, v = gather_layer(self.pool, header.layer, chunk.slots)
+            self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
+            return
+        index = chunk.slots.long()
+        k = self.pool.k_cache(header.layer)[index]  # (n, Hk, D) on the device
+        v = self.pool.v_cache(header.layer)[index]
+        num_bytes = k.numel() * k.element_size()
+        staging = self._staging.take(2 * num_bytes)
+        host_k = staging[:num_bytes]
+        host_v = staging[num_bytes : 2 * num_bytes]
+        host_k.view(k.dtype).view(k.shape).copy_(k, non_blocking=True)
+        host_v.view(v.dtype).view(v.shape).copy_(v, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        frames = [encode(header), host_k.numpy(), host_v.numpy()]
+        self._outbox.append(_Outgoing(chunk.request_id, send, frames, ready, staging))
 
     def finish_send(
         self,
@@ -183,12 +217,40 @@ class ZmqConnector(KVConnector):
         send.deadline = time.monotonic() + send.spec.timeout_s
 
     def _send(self, request_id: str, send: _Send, frames: list) -> None:
+        if self._outbox:  # behind layers still being copied off the device
+            self._outbox.append(_Outgoing(request_id, send, frames))
+            return
+        self._send_now(request_id, send, frames)
+
+    def _send_now(self, request_id: str, send: _Send, frames: list) -> list:
+        """Send without blocking; the trackers of frames sent from our buffers."""
+        if send.failure is not None:
+            return []
+        parts = [frames[0], *(zmq.Frame(f, track=True) for f in frames[1:])]
         try:
-            # copy=False: ZeroMQ sends straight from these buffers and keeps them alive.
-            self._target(send.spec.endpoint).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            # copy=False: ZeroMQ sends straight from these buffers; the trackers say
+            # when it is done with them.
+            self._target(send.spec.endpoint).send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             send.failure = f"cannot send the KV to {send.spec.endpoint}: {exc}"
             logger.warning("request %s: %s", request_id, send.failure)
+            return []
+        return [part.tracker for part in parts[1:]]
+
+    def _flush_outbox(self) -> None:
+        while self._outbox and (self._outbox[0].ready is None or self._outbox[0].ready.query()):
+            out = self._outbox.popleft()
+            live = self._sends.get(out.request_id) is out.send  # not cancelled meanwhile
+            trackers = self._send_now(out.request_id, out.send, out.frames) if live else []
+            if out.staging is not None:
+                self._on_wire.append((trackers, out.staging))
+        still = []
+        for trackers, staging in self._on_wire:
+            if all(t.done for t in trackers):
+                self._staging.give(staging)
+            else:
+                still.append((trackers, staging))
+        self._on_wire = still
 
     def _target(self, endpoint: str) -> zmq.Socket:
         target = self._targets.get(endpoint)
@@ -224,6 +286,7 @@ class ZmqConnector(KVConnector):
         self._recvs.pop(request_id, None)
 
     def poll(self) -> list[KVEvent]:
+        self._flush_outbox()
         if self._receiver is not None:
             self._drain(self._receiver, self._on_receiver_message)
         early, self._early_done = self._early_done, []
