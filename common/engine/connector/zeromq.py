@@ -156,6 +156,7 @@ class ZmqConnector(KVConnector):
         self._sends[request_id] = _Send(spec)
 
     def save_layer(self, layer: int, chunks: Sequence[LayerChunk]) -> None:
+        self._flush_outbox()  # earlier layers whose copies are done go out meanwhile
         for chunk in chunks:
             send = self._sends.get(chunk.request_id)
             if send is None or send.failure is not None:
