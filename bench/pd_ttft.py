@@ -52,24 +52,18 @@ async def measure(args, transport: str, rows: dict, firsts: dict) -> None:
     node_args = ("--kv-transport", transport, *args.node_args.split())
     nodes = []
     try:
-        decode = start_node(
-            "decode",
-            args.model,
-            *node_args,
-            device=args.decode_device,
-            timeout=START_TIMEOUT_S,
-            cluster_token=TOKEN,
-        )
-        nodes.append(decode)
-        prefill = start_node(
-            "prefill",
-            args.model,
-            *node_args,
-            device=args.prefill_device,
-            timeout=START_TIMEOUT_S,
-            cluster_token=TOKEN,
-        )
-        nodes.append(prefill)
+        for role, device in (("decode", args.decode_device), ("prefill", args.prefill_device)):
+            nodes.append(
+                start_node(
+                    role,
+                    args.model,
+                    *node_args,
+                    device=device,
+                    timeout=START_TIMEOUT_S,
+                    cluster_token=TOKEN,
+                )
+            )
+        decode, prefill = nodes
         async with NodeClient(TOKEN) as client:
             shapes = [transport] + (["local"] if "local" not in rows else [])
             for shape in shapes:

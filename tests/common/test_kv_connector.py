@@ -30,34 +30,26 @@ SECRET = "s" * 32
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6, seed=1)
 
 
-def zmq_connector(engine: LLMEngine, layout: KVLayout, receives: bool) -> KVConnector:
-    ctx = zmq.Context.instance()
-    return ZmqConnector(
-        layout,
-        engine.pool,
-        KEYS,
-        ctx,
-        bind_host="127.0.0.1" if receives else None,
-        max_tokens=engine.max_model_len,
-    )
+def connector_of(kind: type[ZmqConnector]):
+    """A factory of ``kind`` connectors for an engine (receiving ones bind on loopback)."""
 
+    def make(engine: LLMEngine, layout: KVLayout, receives: bool) -> KVConnector:
+        return kind(
+            layout,
+            engine.pool,
+            KEYS,
+            zmq.Context.instance(),
+            bind_host="127.0.0.1" if receives else None,
+            max_tokens=engine.max_model_len,
+        )
 
-def collective_connector(engine: LLMEngine, layout: KVLayout, receives: bool) -> KVConnector:
-    ctx = zmq.Context.instance()
-    return CollectiveConnector(
-        layout,
-        engine.pool,
-        KEYS,
-        ctx,
-        bind_host="127.0.0.1" if receives else None,
-        max_tokens=engine.max_model_len,
-    )
+    return make
 
 
 # "collective": NCCL between GPUs, Gloo on CPU.
 TRANSPORTS: dict[str, Callable[[LLMEngine, KVLayout, bool], KVConnector]] = {
-    "zmq": zmq_connector,
-    "collective": collective_connector,
+    "zmq": connector_of(ZmqConnector),
+    "collective": connector_of(CollectiveConnector),
 }
 
 

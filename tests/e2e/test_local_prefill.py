@@ -158,7 +158,9 @@ def test_short_prompts_stay_on_the_decode_node_and_long_ones_go_through_prefill(
     assert ask_chat(mixed, LONG, 16, SEEDED) == want(engine, long, 16, SEEDED)
     record = latest_request(mixed)
     assert (record["prefill_node"], record["decode_node"]) == (prefill, decode)
-    assert "transferring" in states(record)
+    # ("transferring" is not asserted: the prefill node's word that the prompt is done
+    # and the decode node's first token come over two connections, and the first token
+    # may be read first, which skips that state.)
 
 
 def test_a_fleet_whose_prefill_node_died_keeps_serving(mixed, engine):
