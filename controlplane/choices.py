@@ -86,3 +86,31 @@ async def merge(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class StartedStream:
+    """The deltas of ``merge`` once a caller has waited on them for a while (until
+    its choices were admitted): those that came meanwhile, the one being awaited,
+    then the rest."""
+
+    def __init__(self, deltas: AsyncIterator[Delta]) -> None:
+        self.deltas = deltas
+        self.early: list[Delta] = []
+        self.pending: asyncio.Future | None = asyncio.ensure_future(anext(deltas))
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        for delta in self.early:
+            yield delta
+        if self.pending is not None:
+            try:
+                yield await self.pending
+            except StopAsyncIteration:
+                return
+        async for delta in self.deltas:
+            yield delta
+
+    async def aclose(self) -> None:
+        if self.pending is not None and not self.pending.done():
+            self.pending.cancel()
+            await asyncio.gather(self.pending, return_exceptions=True)
+        await self.deltas.aclose()

@@ -13,9 +13,10 @@ and samples its first token; no KV comes.
 
 from common.engine import RequestError, RequestOutput
 from common.engine.connector import KVRecvSpec
-from common.node.runtime import reply, token_event
+from common.node.runtime import token_event
 from common.node.server import Client, NodeServer
 from common.wire.messages import Error, Message, Reserve, Reserved, TokenEvent
+from common.wire.sockets import send
 
 
 class DecodeServer(NodeServer):
@@ -63,7 +64,7 @@ class DecodeServer(NodeServer):
             client = self.clients.pop(request_id)
             reason = "no KV slots freed up within the request's queue timeout"
             error = Error(call_id=call_id, request_id=request_id, code="busy", message=reason)
-            reply(self.control, client.origin, error)
+            send(self.control, client.origin, error)
 
     def _answer_admitted(self) -> None:
         for request_id in self.engine.pop_admitted():
@@ -78,7 +79,7 @@ class DecodeServer(NodeServer):
                 layout=self.layout,
                 kv_transport=self.connector.transport,
             )
-            reply(self.control, client.origin, reserved)
+            send(self.control, client.origin, reserved)
 
     def publish(self, outputs: list[RequestOutput]) -> None:
         # A request prefilled here has its first token (or even its end) in the step

@@ -9,9 +9,10 @@ it or the deadline passes; the control plane hears when the prompt is done
 
 from common.engine import FinishReason, RequestError, RequestOutput
 from common.engine.connector import KVSendSpec
-from common.node.runtime import error_event, reply
+from common.node.runtime import error_event
 from common.node.server import Client, NodeServer
 from common.wire.messages import Accepted, Message, Prefill, TokenEvent
+from common.wire.sockets import send
 
 
 class PrefillServer(NodeServer):
@@ -43,7 +44,7 @@ class PrefillServer(NodeServer):
             self.refuse(identity, message, str(exc), "invalid")
             return True
         self.clients[message.request_id] = Client(identity, message.secret)
-        reply(
+        send(
             self.control, identity, Accepted(call_id=message.call_id, request_id=message.request_id)
         )
         return True

@@ -68,9 +68,7 @@ class LLMEngine:
         (finite) ``queue_timeout_s`` it waits in order for at most that long
         (``expire_waiting``), and its admission is reported like a reservation's
         (``pop_admitted``)."""
-        request = self.requests.build(request_id, prompt_token_ids, params)
-        if request_id in self._requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
+        request = self._new_request(request_id, prompt_token_ids, params)
         if kv_target is not None:
             if self.connector is None:
                 raise RequestError("this engine has no KV connector to send with")
@@ -81,8 +79,7 @@ class LLMEngine:
             request.kv_send = kv_target
         if queue_timeout_s is not None:
             request.queue_deadline = time.monotonic() + queue_timeout_s
-        self._requests[request_id] = request
-        self.scheduler.add(request)
+        self._queue(request)
 
     def reserve(
         self,
@@ -100,7 +97,7 @@ class LLMEngine:
         request.awaits_kv = True
         request.kv_recv = kv_source
         request.queue_deadline = time.monotonic() + queue_timeout_s
-        self.scheduler.add(request)
+        self._queue(request)
 
     def pop_admitted(self) -> list[str]:
         """Ids of reservations, and of requests queued with a queue timeout, admitted
@@ -184,11 +181,14 @@ class LLMEngine:
     def _new_request(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> Request:
+        """A request built and checked; it is the engine's once ``_queue``d."""
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        request = self.requests.build(request_id, prompt_token_ids, params)
-        self._requests[request_id] = request
-        return request
+        return self.requests.build(request_id, prompt_token_ids, params)
+
+    def _queue(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        self.scheduler.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its slots at once; None if it is not here."""

@@ -4,6 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from common.wire.messages import TokenLogprobs
 from common.wire.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -79,6 +80,14 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+    def to_wire(self) -> TokenLogprobs:
+        return TokenLogprobs(self.token_id, self.logprob, [tuple(t) for t in self.top])
+
+    @classmethod
+    def from_wire(cls, logprobs: TokenLogprobs) -> "TokenLogprob":
+        top = tuple((int(t), float(v)) for t, v in logprobs.top)
+        return cls(logprobs.token_id, logprobs.logprob, top)
 
 
 @dataclass

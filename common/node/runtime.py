@@ -15,52 +15,22 @@ from collections.abc import Callable
 
 import zmq
 
-from common.engine.request import RequestOutput, TokenLogprob
-from common.wire.auth import FleetKeys
+from common.engine.request import RequestOutput
 from common.wire.messages import (
     Error,
     Message,
     ProtocolError,
     TokenEvent,
-    TokenLogprobs,
     Tokens,
     decode,
-    encode,
 )
+from common.wire.sockets import send
 
 logger = logging.getLogger(__name__)
 
 
 def default_node_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
-
-
-# Messages queued to one peer before it counts as not reading (ROUTER, per peer).
-SEND_HWM = 4096
-# Largest control message accepted (a prompt of MAX_PROMPT_TOKENS packs in about 5 MiB).
-MAX_CONTROL_MESSAGE_BYTES = 16 << 20
-
-
-def serving_socket(
-    ctx: zmq.Context, keys: FleetKeys, max_message_bytes: int = MAX_CONTROL_MESSAGE_BYTES
-) -> zmq.Socket:
-    """A ROUTER that only fleet members reach, whose sends never block."""
-    sock = ctx.socket(zmq.ROUTER)
-    keys.serve(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    return sock
-
-
-def bind(sock: zmq.Socket, host: str, port: int) -> str:
-    """Bind ``sock`` (a free port when ``port`` is 0) and return its endpoint."""
-    if port == 0:
-        port = sock.bind_to_random_port(f"tcp://{host}")
-    else:
-        sock.bind(f"tcp://{host}:{port}")
-    return f"tcp://{host}:{port}"
 
 
 class RateMeter:
@@ -106,14 +76,10 @@ class Publisher:
         return lost
 
 
-def wire_logprobs(logprob: TokenLogprob) -> TokenLogprobs:
-    return TokenLogprobs(logprob.token_id, logprob.logprob, [tuple(t) for t in logprob.top])
-
-
 def token_event(output: RequestOutput) -> TokenEvent:
     logprobs = None
     if output.new_logprobs is not None:
-        logprobs = [wire_logprobs(lp) for lp in output.new_logprobs]
+        logprobs = [lp.to_wire() for lp in output.new_logprobs]
     return TokenEvent(
         request_id=output.request_id,
         token_ids=output.new_token_ids,
@@ -130,13 +96,6 @@ def error_event(request_id: str, message: str, retry: bool = False) -> TokenEven
     return TokenEvent(request_id=request_id, finish_reason="error", error=message, retry=retry)
 
 
-def engine_logprobs(logprobs: TokenLogprobs | None) -> list[TokenLogprob] | None:
-    if logprobs is None:
-        return None
-    top = tuple((int(t), float(v)) for t, v in logprobs.top)
-    return [TokenLogprob(logprobs.token_id, logprobs.logprob, top)]
-
-
 def receive(sock: zmq.Socket) -> tuple[bytes, Message, list[zmq.Frame]] | None:
     """One message from a ROUTER socket: (sender identity, header, raw frames).
     A bad message is answered with an Error and yields None."""
@@ -148,7 +107,7 @@ def receive(sock: zmq.Socket) -> tuple[bytes, Message, list[zmq.Frame]] | None:
         message = decode(frames[1].buffer)
     except ProtocolError as exc:
         logger.warning("rejected a message: %s", exc)
-        reply(sock, identity, Error(message=str(exc)))
+        send(sock, identity, Error(message=str(exc)))
         return None
     return identity, message, frames[2:]
 
@@ -167,7 +126,7 @@ def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]],
             handler(*received)
         except Exception as exc:  # one message's fault is that message's, not the node's
             logger.exception("handling a %s failed", type(message).__name__)
-            reply(
+            send(
                 sock,
                 identity,
                 Error(
@@ -177,21 +136,6 @@ def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]],
                     message=f"the node could not handle this {type(message).__name__}: {exc}",
                 ),
             )
-
-
-def send(sock: zmq.Socket, identity: bytes, message: Message) -> bool:
-    """Send to one peer of a mandatory ROUTER without blocking; False if the peer
-    is gone or its queue is full."""
-    try:
-        sock.send_multipart([identity, encode(message)], flags=zmq.NOBLOCK)
-    except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
-        logger.warning("cannot send %s to a peer: %s", type(message).__name__, exc)
-        return False
-    return True
-
-
-def reply(sock: zmq.Socket, identity: bytes, message: Message) -> None:
-    send(sock, identity, message)
 
 
 class LoopClock:

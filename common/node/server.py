@@ -23,15 +23,7 @@ from common.engine import EngineConfig, LLMEngine, RequestOutput
 from common.engine.connector.collective import CollectiveConnector
 from common.engine.connector.zeromq import ZmqConnector
 from common.engine.kv_transfer import kv_layout
-from common.node.runtime import (
-    LoopClock,
-    Publisher,
-    RateMeter,
-    bind,
-    drain,
-    reply,
-    serving_socket,
-)
+from common.node.runtime import LoopClock, Publisher, RateMeter, drain
 from common.wire.auth import FleetKeys, same_secret, start_authenticator
 from common.wire.messages import (
     Abort,
@@ -43,6 +35,7 @@ from common.wire.messages import (
     NodeStatus,
     TokenEvent,
 )
+from common.wire.sockets import bind, send, serving_socket
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +149,12 @@ class NodeServer(ABC):
 
     def _on_control(self, identity: bytes, message: Message, frames: list) -> None:
         if isinstance(message, HealthCheck):
-            reply(self.control, identity, self._health(message.call_id))
+            send(self.control, identity, self._health(message.call_id))
         elif isinstance(message, Abort):
             self._on_abort(message)
         elif not self.handle(identity, message):
             kind = type(message).__name__
-            reply(self.control, identity, Error(message=f"unexpected {kind} on a {self.role} node"))
+            send(self.control, identity, Error(message=f"unexpected {kind} on a {self.role} node"))
 
     def _on_abort(self, message: Abort) -> None:
         client = self.clients.get(message.request_id)
@@ -174,7 +167,7 @@ class NodeServer(ABC):
         self.clients.pop(message.request_id, None)
 
     def refuse(self, identity: bytes, message: Message, reason: str, code: str) -> None:
-        reply(
+        send(
             self.control,
             identity,
             Error(

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from common.tokenizer import encode_chat
 from common.wire.sampling_params import SamplingParams
 from controlplane.api.errors import OpenAIError, error_body, error_response
-from controlplane.choices import Choice, Delta, merge
+from controlplane.choices import Choice, Delta, StartedStream, merge
 from controlplane.deps import ApiKey, AppState, State
 from controlplane.dispatcher import NoCapacityError, RequestRejected
 from controlplane.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -155,41 +155,14 @@ def _http_error(exc: Exception) -> OpenAIError:
     return OpenAIError(400, str(exc))
 
 
-class _Started:
-    """A stream whose choices all hold decode slots: the deltas that came while
-    waiting, the one being awaited, and the rest."""
-
-    def __init__(self, deltas: AsyncIterator[Delta]) -> None:
-        self.deltas = deltas
-        self.early: list[Delta] = []
-        self.pending: asyncio.Future | None = asyncio.ensure_future(anext(deltas))
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        for delta in self.early:
-            yield delta
-        if self.pending is not None:
-            try:
-                yield await self.pending
-            except StopAsyncIteration:
-                return
-        async for delta in self.deltas:
-            yield delta
-
-    async def aclose(self) -> None:
-        if self.pending is not None and not self.pending.done():
-            self.pending.cancel()
-            await asyncio.gather(self.pending, return_exceptions=True)
-        await self.deltas.aclose()
-
-
 async def _until_admitted(
     request: Request, deltas: AsyncIterator[Delta], choices: list[Choice]
-) -> _Started:
+) -> StartedStream:
     """Wait until every choice holds decode slots. A refusal before that is raised
     as the HTTP error it is (503 with Retry-After, or 400); a client that leaves
     meanwhile is let go (closing ``deltas`` aborts its choices)."""
     admitted = asyncio.ensure_future(asyncio.gather(*(c.admitted.wait() for c in choices)))
-    started = _Started(deltas)
+    started = StartedStream(deltas)
     try:
         while not admitted.done() and started.pending is not None:
             done, _ = await asyncio.wait(
@@ -314,7 +287,7 @@ class _Emitter:
             out.append(entry)
         return {**self._envelope(False), "choices": out, "usage": self.usage()}
 
-    async def stream(self, choices: list[Choice], deltas: _Started) -> AsyncIterator[str]:
+    async def stream(self, choices: list[Choice], deltas: StartedStream) -> AsyncIterator[str]:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         wants_logprobs = choices[0].params.logprobs is not None
         if self.chat:  # the first chunk of each choice names the role

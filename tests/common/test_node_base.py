@@ -5,9 +5,10 @@ import time
 
 import zmq
 
-from common.node.runtime import Publisher, serving_socket
+from common.node.runtime import Publisher
 from common.wire.auth import FleetKeys, start_authenticator
 from common.wire.messages import HealthCheck, TokenEvent, decode, encode
+from common.wire.sockets import serving_socket
 
 KEYS = FleetKeys.from_token("unit-test-token")
 

@@ -170,7 +170,6 @@ class CollectiveConnector(ZmqConnector):
         self._store: dist.TCPStore | None = None
         self._in: dict[str, _Pair] = {}
         self._senders: dict[bytes, _Pair] = {}  # the connection a pair's hello came on
-        self._taken = False  # whether the layer being handled was received into slots
         self._landed: dict[str, list] = {}  # request id -> chunks received, not yet scattered
         self._in_flight: dict[str, int] = {}  # request id -> chunks still on the wire
         if bind_host is not None:
@@ -241,11 +240,9 @@ class CollectiveConnector(ZmqConnector):
         self._reply(identity, ready)
         return True
 
-    def _on_layer(self, identity: bytes, message: KVLayer, frames) -> None:
-        self._taken = False
-        super()._on_layer(identity, message, frames)
+    def _dropped_layer(self, identity: bytes, message: KVLayer) -> None:
         pair = self._pair_of(identity)
-        if message.group_tag is not None and not self._taken and pair is not None:
+        if message.group_tag is not None and pair is not None:
             # Refused or unknown, but its tensor is on the pair's wire all the same:
             # take it and drop it, so the pair's later transfers stay in step.
             self._post_receive(pair, message, None)
@@ -256,7 +253,6 @@ class CollectiveConnector(ZmqConnector):
         pair = self._pair_of(identity)
         if pair is None:
             raise ProtocolError("KV over a group that was never set up with this sender")
-        self._taken = True
         pair.request_ids.add(message.request_id)
         with self._lock:
             self._in_flight[message.request_id] = self._in_flight.get(message.request_id, 0) + 1

@@ -13,7 +13,6 @@ token completes the reservation once every layer holds the whole prompt.
 
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,10 +28,11 @@ from common.engine.connector.base import (
     KVSendSpec,
     LayerChunk,
 )
-from common.engine.connector.staging import PinnedStaging
+from common.engine.connector.staging import DeviceOutbox
 from common.engine.kv_pool import TokenKVPool
 from common.engine.kv_transfer import gather_layer, scatter_layer
 from common.engine.request import TokenLogprob
+from common.wire import sockets
 from common.wire.auth import FleetKeys, same_secret
 from common.wire.messages import (
     Error,
@@ -41,7 +41,6 @@ from common.wire.messages import (
     KVLayout,
     PrefillDone,
     ProtocolError,
-    TokenLogprobs,
     decode,
     encode,
 )
@@ -75,17 +74,6 @@ class _Recv:
 
 
 @dataclass
-class _Outgoing:
-    """A message waiting for its device-to-host copies (``ready``) before it goes."""
-
-    request_id: str
-    send: _Send
-    frames: list
-    ready: torch.cuda.Event | None = None
-    staging: torch.Tensor | None = None
-
-
-@dataclass
 class _Target:
     sock: zmq.Socket
     last_used: float = field(default_factory=time.monotonic)
@@ -112,29 +100,17 @@ class ZmqConnector(KVConnector):
         self._recvs: dict[str, _Recv] = {}
         self._targets: dict[str, _Target] = {}
         self._events: list[KVEvent] = []
-        # On a GPU, layers leave through reused pinned buffers: copied on the compute
-        # stream without waiting, sent once their copy is done (in order), and the
-        # buffers taken back once ZeroMQ has sent them.
-        self._staging = PinnedStaging() if pool.device.type == "cuda" else None
-        self._outbox: deque[_Outgoing] = deque()
-        self._on_wire: list[tuple[list, torch.Tensor]] = []  # (trackers, staging buffer)
+        # On a GPU, layers leave through the outbox (staging.py): copied on the
+        # compute stream without waiting, sent in order once their copy is done.
+        self._outbox = DeviceOutbox() if pool.device.type == "cuda" else None
         self._early_done: list[tuple[bytes, PrefillDone]] = []  # first tokens ahead of KV
         self._receiver: zmq.Socket | None = None
         self._endpoint: str | None = None
         if bind_host is not None:
-            sock = ctx.socket(zmq.ROUTER)
-            keys.serve(sock)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             # One frame is at most a whole context's K (or V) of one layer.
             token_bytes = layout.num_kv_heads * layout.head_dim * 4
-            sock.setsockopt(zmq.MAXMSGSIZE, max_tokens * token_bytes + 4096)
-            if bind_port == 0:
-                bind_port = sock.bind_to_random_port(f"tcp://{bind_host}")
-            else:
-                sock.bind(f"tcp://{bind_host}:{bind_port}")
-            self._receiver = sock
-            self._endpoint = f"tcp://{bind_host}:{bind_port}"
+            self._receiver = sockets.serving_socket(ctx, keys, max_tokens * token_bytes + 4096)
+            self._endpoint = sockets.bind(self._receiver, bind_host, bind_port)
 
     @property
     def endpoint(self) -> str | None:
@@ -173,23 +149,14 @@ class ZmqConnector(KVConnector):
 
     def _send_layer(self, chunk: LayerChunk, send: _Send, header: KVLayer) -> None:
         """Ship one layer chunk: here as two raw frames beside the header."""
-        if self._staging is None:
+        if self._outbox is None:
             k, v = gather_layer(self.pool, header.layer, chunk.slots)
             self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
             return
         index = chunk.slots.long()
         k = self.pool.k_cache(header.layer)[index]  # (n, Hk, D) on the device
         v = self.pool.v_cache(header.layer)[index]
-        num_bytes = k.numel() * k.element_size()
-        staging = self._staging.take(2 * num_bytes)
-        host_k = staging[:num_bytes]
-        host_v = staging[num_bytes : 2 * num_bytes]
-        host_k.view(k.dtype).view(k.shape).copy_(k, non_blocking=True)
-        host_v.view(v.dtype).view(v.shape).copy_(v, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        frames = [encode(header), host_k.numpy(), host_v.numpy()]
-        self._outbox.append(_Outgoing(chunk.request_id, send, frames, ready, staging))
+        self._outbox.stage((chunk.request_id, send), encode(header), k, v)
 
     def finish_send(
         self,
@@ -202,10 +169,7 @@ class ZmqConnector(KVConnector):
         if send is None:  # cancelled meanwhile: the engine must still hear it ended
             self._events.append(KVFailed(request_id, "the send was cancelled"))
             return
-        wire = None
-        if logprobs:
-            first = logprobs[0]
-            wire = TokenLogprobs(first.token_id, first.logprob, [tuple(t) for t in first.top])
+        wire = logprobs[0].to_wire() if logprobs else None
         done = PrefillDone(
             request_id=request_id,
             secret=send.spec.secret,
@@ -219,7 +183,7 @@ class ZmqConnector(KVConnector):
 
     def _send(self, request_id: str, send: _Send, frames: list) -> None:
         if self._outbox:  # behind layers still being copied off the device
-            self._outbox.append(_Outgoing(request_id, send, frames))
+            self._outbox.add((request_id, send), frames)
             return
         self._send_now(request_id, send, frames)
 
@@ -239,19 +203,16 @@ class ZmqConnector(KVConnector):
         return [part.tracker for part in parts[1:]]
 
     def _flush_outbox(self) -> None:
-        while self._outbox and (self._outbox[0].ready is None or self._outbox[0].ready.query()):
-            out = self._outbox.popleft()
-            live = self._sends.get(out.request_id) is out.send  # not cancelled meanwhile
-            trackers = self._send_now(out.request_id, out.send, out.frames) if live else []
-            if out.staging is not None:
-                self._on_wire.append((trackers, out.staging))
-        still = []
-        for trackers, staging in self._on_wire:
-            if all(t.done for t in trackers):
-                self._staging.give(staging)
-            else:
-                still.append((trackers, staging))
-        self._on_wire = still
+        if self._outbox is None:
+            return
+
+        def send_now(key: tuple[str, _Send], frames: list) -> list:
+            request_id, send = key
+            if self._sends.get(request_id) is not send:
+                return []  # cancelled meanwhile: nothing to send
+            return self._send_now(request_id, send, frames)
+
+        self._outbox.flush(send_now)
 
     def _target(self, endpoint: str) -> zmq.Socket:
         target = self._targets.get(endpoint)
@@ -353,17 +314,17 @@ class ZmqConnector(KVConnector):
     def _on_layer(self, identity: bytes, message: KVLayer, frames: list[zmq.Frame]) -> None:
         recv = self._recvs.get(message.request_id)
         if recv is None:
-            return  # cancelled, failed or unknown: drop it
+            return self._dropped_layer(identity, message)  # cancelled, failed or unknown
         if not same_secret(message.secret, recv.spec.secret):
             self._reply(identity, KVAck(request_id=message.request_id, error=WRONG_SECRET))
-            return
+            return self._dropped_layer(identity, message)
         try:
             self._check_layer(message, recv, frames)
             chunk = recv.slots[message.start : message.start + message.num_tokens]
             self._receive_layer(identity, message, chunk, frames)
         except ProtocolError as exc:
             self._fail_recv(message.request_id, f"KV transfer rejected: {exc}", identity)
-            return
+            return self._dropped_layer(identity, message)
         recv.received[message.layer] += message.num_tokens
 
     def _receive_layer(
@@ -381,6 +342,9 @@ class ZmqConnector(KVConnector):
 
     def _on_receiver_extra(self, identity: bytes, message) -> bool:
         return False
+
+    def _dropped_layer(self, identity: bytes, message: KVLayer) -> None:
+        """A layer header whose KV is not taken into any slots."""
 
     def _layers_landed(self, request_id: str) -> bool:
         """Whether every chunk taken in so far is in the pool (not still in flight)."""
@@ -430,11 +394,7 @@ class ZmqConnector(KVConnector):
             return None
         del self._recvs[request_id]
         self._reply(identity, KVAck(request_id=request_id))
-        logprobs = None
-        if message.logprobs is not None:
-            lp = message.logprobs
-            top = tuple((int(t), float(v)) for t, v in lp.top)
-            logprobs = [TokenLogprob(lp.token_id, lp.logprob, top)]
+        logprobs = None if message.logprobs is None else [TokenLogprob.from_wire(message.logprobs)]
         self._events.append(KVDone(request_id, message.first_token, logprobs))
         return None
 
@@ -445,10 +405,7 @@ class ZmqConnector(KVConnector):
             self._reply(identity, KVAck(request_id=request_id, error=reason))
 
     def _reply(self, identity: bytes, message) -> None:
-        try:
-            self._receiver.send_multipart([identity, encode(message)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # the sender is gone or not reading
-            logger.warning("cannot answer a sender: %s", exc)
+        sockets.send(self._receiver, identity, message)  # never waits on a sender
 
     def _expire(self) -> None:
         now = time.monotonic()
