@@ -25,7 +25,7 @@ from common.engine.request import RequestError, RequestOutput
 from common.tokenizer import load_tokenizer
 from common.wire.sampling_params import SamplingParams
 from controlplane.bench.client import ClientConfig
-from controlplane.bench.metrics import summarize
+from controlplane.bench.metrics import parse_slo, summarize
 from controlplane.bench.plots import write_plots
 from controlplane.bench.record import RequestRecord
 from controlplane.bench.report import result_json, write_result
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--shared-prefix-len", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slo", help="goodput SLO in ms, as lightctl bench: ttft=300,tpot=12")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--plots", action="store_true", help="PNG plots in OUT_DIR/plots")
     parser.add_argument("--num-kv-slots", type=int)
@@ -151,6 +152,7 @@ def main() -> None:
     if len(args.num_requests) not in (1, len(args.rates)):
         parser.error("give one --num-requests, or one per rate")
     counts = args.num_requests * (len(args.rates) if len(args.num_requests) == 1 else 1)
+    slo_ms = parse_slo(args.slo) if args.slo else None
 
     config = EngineConfig(
         model=args.model,
@@ -191,10 +193,10 @@ def main() -> None:
                 "out_dir": str(args.out_dir),
                 **{k: getattr(spec, k) for k in spec.__dataclass_fields__},
             }
-            write_result(args.out_dir / f"{name}.json", result_json(config_json, records, None))
+            write_result(args.out_dir / f"{name}.json", result_json(config_json, records, slo_ms))
             if args.plots:
                 write_plots(records, args.out_dir / "plots", name)
-            s = summarize(records)
+            s = summarize(records, slo=slo_ms)
             print(
                 f"{name}: {s.num_completed}/{s.num_requests} ok in {s.duration_s:.1f} s, "
                 f"{s.output_throughput:.0f} output tok/s, TTFT p50 {s.ttft_ms.p50:.1f} ms "

@@ -1,15 +1,17 @@
 """A whole fleet on this machine for serving benchmarks, with a command run against it.
 
-    python3 bench/serving_fleet.py --model DIR [--device cuda:0] \
+    python3 bench/serving_fleet.py --model DIR [--devices cuda:0,cuda:1] \
+        [--prefill-nodes 1] [--decode-nodes 1] [--kv-transport auto] \
         [--prefill-args "--num-kv-slots 49152"] [--decode-args "..."] [--logs DIR] \
         -- COMMAND ...
 
-Starts an embedded Redis, the control plane, one prefill and one decode node (on
-the same device; on a GPU they share it), waits until both nodes are registered,
-runs COMMAND with ``LIGHTPD_BENCH_URL``, ``OPENAI_API_KEY`` and
-``LIGHTPD_BENCH_PIDS`` set, stops everything and exits with COMMAND's status.
-This is the test suite's LocalFleet with a device, per-role node options and
-log files.
+Starts an embedded Redis, the control plane, the prefill nodes and then the
+decode nodes, each on the next of ``--devices`` in turn (nodes that land on one
+GPU share it), waits until every node is registered, runs COMMAND with
+``LIGHTPD_BENCH_URL``, ``OPENAI_API_KEY`` and ``LIGHTPD_BENCH_PIDS`` set, stops
+everything and exits with COMMAND's status. With no prefill node the decode
+nodes prefill themselves (a colocated fleet). This is the test suite's
+LocalFleet with devices, per-role node options and log files.
 
     python3 bench/serving_fleet.py --cpu-of "$LIGHTPD_BENCH_PIDS"
 
@@ -33,7 +35,7 @@ from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet
 
 @dataclass
 class BenchFleet(LocalFleet):
-    device: str = "cpu"
+    devices: tuple[str, ...] = ("cpu",)
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
     log_dir: Path | None = None
@@ -46,14 +48,15 @@ class BenchFleet(LocalFleet):
     def add_node(self, role: str) -> NodeProcess:
         os.environ["LIGHTPD_CLUSTER_TOKEN"] = CLUSTER_TOKEN
         args = self.prefill_args if role == "prefill" else self.decode_args
-        log = self.log_dir / f"{role}.log" if self.log_dir else None
+        index = sum(node.role == role for node in self.nodes)
+        log = self.log_dir / f"{role}{index}.log" if self.log_dir else None
         node = start_node(
             role,
             self.model,
             "--control-plane",
             self.url,
             *args,
-            device=self.device,
+            device=self.devices[len(self.nodes) % len(self.devices)],
             log=log,
             timeout=self.node_start_timeout_s,
         )
@@ -62,9 +65,12 @@ class BenchFleet(LocalFleet):
         return node
 
     def pids(self) -> dict[str, int]:
-        """Process ids by part: redis, controlplane, prefill, decode."""
+        """Process ids by part: redis, controlplane, prefill0, ..., decode0, ..."""
         pids = {"redis": self.redis.process.pid, "controlplane": self.control_plane.pid}
-        pids.update({n.role: n.process.pid for n in self.nodes})
+        counts: dict[str, int] = {}
+        for node in self.nodes:
+            index = counts[node.role] = counts.get(node.role, -1) + 1
+            pids[f"{node.role}{index}"] = node.process.pid
         return pids
 
 
@@ -90,7 +96,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-of", help="print the CPU seconds of these fleet processes")
     parser.add_argument("--model")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--devices", default="cpu", help="comma-separated, used in turn")
+    parser.add_argument("--prefill-nodes", type=int, default=1)
+    parser.add_argument("--decode-nodes", type=int, default=1)
+    parser.add_argument("--kv-transport", default="auto", choices=("auto", "zmq", "nccl"))
     parser.add_argument("--prefill-args", default="", help="extra prefill node options")
     parser.add_argument("--decode-args", default="", help="extra decode node options")
     parser.add_argument("--logs", type=Path, help="folder for the nodes' logs")
@@ -109,13 +118,13 @@ def main() -> None:
     fleet = BenchFleet(
         args.model,
         node_args=(),
-        device=args.device,
-        prefill_args=tuple(shlex.split(args.prefill_args)),
-        decode_args=tuple(shlex.split(args.decode_args)),
+        devices=tuple(args.devices.split(",")),
+        prefill_args=(*shlex.split(args.prefill_args), "--kv-transport", args.kv_transport),
+        decode_args=(*shlex.split(args.decode_args), "--kv-transport", args.kv_transport),
         log_dir=args.logs,
     )
     try:
-        fleet.start()
+        fleet.start(prefill=args.prefill_nodes, decode=args.decode_nodes)
         print(f"fleet up at {fleet.url}: {fleet.pids()}", flush=True)
         pids = ",".join(f"{part}={pid}" for part, pid in fleet.pids().items())
         env = {

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# Disaggregation measured end to end on one GPU (issue 7), on a machine with no network:
+# Serving figures of fleet shapes against the in-process engine, on a machine with no network:
 #   bash bench/serving_gpu.sh OUT_DIR
-# 1. writes a Llama-3.1-8B-shaped random bf16 checkpoint (bench/serving_model.py);
-# 2. starts Redis, the control plane, a prefill node and a decode node, both on $DEVICE
-#    (two processes sharing the GPU; KV pools sized by PREFILL_SLOTS / DECODE_SLOTS), and
-#    runs `lightctl bench` at each rate in RATES with COUNTS requests (prompts of INPUT_LEN
-#    token ids, OUTPUT_LEN tokens with --ignore-eos, Poisson arrivals);
-# 3. replays the same requests at the same arrival times into the in-process engine
-#    (bench/serving_engine.py, the decode node's KV pool size);
-# 4. prints fleet against engine per rate (bench/serving_table.py).
+# 1. writes a Llama-3.1-8B-shaped random bf16 checkpoint (bench/serving_model.py; kept
+#    in MODEL_DIR and reused by later runs on the same machine);
+# 2. for each fleet in FLEETS, LABEL=P+D/TRANSPORT (P prefill nodes, D decode nodes,
+#    the KV transport), starts Redis, the control plane and the nodes, each node on the
+#    next of DEVICES in turn (prefill nodes first), and runs `lightctl bench` at each
+#    rate in RATES with COUNTS requests (prompts of INPUT_LEN token ids, OUTPUT_LEN
+#    tokens with --ignore-eos, Poisson arrivals, goodput under SLO), recording each
+#    process's CPU time;
+# 3. replays the same requests at the same arrival times into the in-process engine on
+#    ENGINE_DEVICE (bench/serving_engine.py, DECODE_SLOTS of KV);
+# 4. prints every path per rate (bench/serving_table.py).
 # Everything lands in OUT_DIR/serving.tar.gz (results, plots, logs; re-packed after every
 # step, so a run cut short still returns what it measured), plus summary.md and
-# disagg.png. Knobs (environment), with the defaults sized for an H100 80GB and ~8 min:
-: "${DEVICE:=cuda:0}" "${RATES:=1 4 16 inf}" "${COUNTS:=30 100 400 500}"
+# disagg.png. Knobs (environment); the defaults are issue 13's two-GPU rows:
+#   nccl: 1 prefill + 1 decode node over NCCL, zmq: the same over ZeroMQ,
+#   colocated: two decode nodes prefilling locally; and the engine on one GPU.
+: "${DEVICES:=cuda:0,cuda:1}" "${ENGINE_DEVICE:=cuda:0}"
+: "${FLEETS:=nccl=1+1/nccl zmq=1+1/zmq colocated=0+2/auto}"
+: "${RATES:=4 16 32 64 inf}" "${COUNTS:=32 96 192 256 320}" "${SLO:=ttft=300,tpot=12}"
 : "${INPUT_LEN:=512}" "${OUTPUT_LEN:=128}" "${WARMUP:=8}" "${SEED:=0}"
-: "${PREFILL_SLOTS:=49152}" "${DECODE_SLOTS:=163840}" "${MAX_MODEL_LEN:=2048}"
+: "${PREFILL_SLOTS:=98304}" "${DECODE_SLOTS:=262144}" "${MAX_MODEL_LEN:=2048}"
 : "${PARTS:=fleet,engine}" "${SMALL:=}" "${MODEL_DIR:=/tmp/lightpd-serving-model${SMALL:+-small}}"
 : "${WHEELS:=.wheels}"  # cp312 wheels the GPU image lacks; WHEELS=none where all is installed
-# A CPU try of the whole script (about a minute): SMALL=1 DEVICE=cpu WHEELS=none RATES="8 inf"
-#   COUNTS="16 24" INPUT_LEN=64 OUTPUT_LEN=16 PREFILL_SLOTS=8192 DECODE_SLOTS=8192 WARMUP=2
-#   PATH=.venv/bin:$PATH bash bench/serving_gpu.sh /tmp/out
+# One GPU, the issue-7 shape (both nodes share it):
+#   DEVICES=cuda:0 FLEETS="fleet=1+1/auto" PREFILL_SLOTS=49152 DECODE_SLOTS=163840
+# A CPU try of the whole script (about two minutes): SMALL=1 DEVICES=cpu ENGINE_DEVICE=cpu
+#   WHEELS=none RATES="8 inf" COUNTS="16 24" INPUT_LEN=64 OUTPUT_LEN=16 PREFILL_SLOTS=8192
+#   DECODE_SLOTS=8192 WARMUP=2 PATH=.venv/bin:$PATH bash bench/serving_gpu.sh /tmp/out
 set -uo pipefail
 out=${1:?usage: bench/serving_gpu.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 work=$(mktemp -d /tmp/lightpd-serving.XXXX)
 mkdir -p "$work/logs"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  rm -rf /tmp/lightpd-site
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lightpd-site \
     "$WHEELS"/*.whl || exit 1
   export PYTHONPATH="/tmp/lightpd-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,8 +46,8 @@ fi
 if [[ -f "$WHEELS/bin/redis-server" ]]; then
   chmod +x "$WHEELS/bin/redis-server" && export PATH="$PWD/$WHEELS/bin:$PATH"
 fi
-if [[ $DEVICE == cuda* ]] && ! python3 -c "import torch; assert torch.cuda.is_available()"; then
-  echo "DEVICE=$DEVICE but torch sees no GPU" >&2; exit 2
+if [[ $DEVICES == cuda* ]] && ! python3 -c "import torch; assert torch.cuda.is_available()"; then
+  echo "DEVICES=$DEVICES but torch sees no GPU" >&2; exit 2
 fi
 export PYTHONUNBUFFERED=1
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -50,46 +60,58 @@ if (( ${#rates[@]} != ${#counts[@]} )); then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  echo "DEVICE=$DEVICE RATES='$RATES' COUNTS='$COUNTS' INPUT_LEN=$INPUT_LEN OUTPUT_LEN=$OUTPUT_LEN"
+  echo "DEVICES=$DEVICES ENGINE_DEVICE=$ENGINE_DEVICE FLEETS='$FLEETS' SLO=$SLO"
+  echo "RATES='$RATES' COUNTS='$COUNTS' INPUT_LEN=$INPUT_LEN OUTPUT_LEN=$OUTPUT_LEN"
   echo "WARMUP=$WARMUP SEED=$SEED PREFILL_SLOTS=$PREFILL_SLOTS DECODE_SLOTS=$DECODE_SLOTS"
   echo "MAX_MODEL_LEN=$MAX_MODEL_LEN MODEL_DIR=$MODEL_DIR SMALL=${SMALL:-no}"
 } | tee "$work/setup.txt"
 
 step "model"
-python3 -m bench.serving_model --out "$MODEL_DIR" --device "$DEVICE" ${SMALL:+--small} \
-  2>&1 | grep -v "Writing model shards" | tee -a "$work/steps.log" || exit 1
+if [[ ! -f $MODEL_DIR/config.json ]]; then
+  python3 -m bench.serving_model --out "$MODEL_DIR" --device "${DEVICES%%,*}" ${SMALL:+--small} \
+    2>&1 | grep -v "Writing model shards" | tee -a "$work/steps.log" || exit 1
+fi
 
 # Options both sides share, so the fleet and the engine see the very same requests.
 workload=(--input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --ignore-eos --seed "$SEED"
-          --warmup "$WARMUP")
+          --warmup "$WARMUP" --slo "$SLO")
 node_args="--max-model-len $MAX_MODEL_LEN"
 status=0
 if has fleet; then
-  step "fleet: control plane, prefill node and decode node on $DEVICE"
-  # The inner script runs once the fleet is up; LIGHTPD_BENCH_URL and OPENAI_API_KEY are set.
+  # The inner script runs once a fleet is up; LIGHTPD_BENCH_URL and OPENAI_API_KEY are set.
   inner='for i in "${!rates[@]}"; do
     r=${rates[$i]}; n=${counts[$i]}
-    echo "== $(date +%T) fleet: rate $r, $n requests"
+    echo "== $(date +%T) $LABEL: rate $r, $n requests"
     before=$(python3 -m bench.serving_fleet --cpu-of "$LIGHTPD_BENCH_PIDS")
     python3 -m controlplane.cli_bench --base-url "$LIGHTPD_BENCH_URL" --endpoint completions \
       --tokenizer "$MODEL_DIR" --request-rate "$r" --num-requests "$n" "${workload[@]}" \
-      --label "fleet_rate$r" --out "$WORK/fleet_rate$r.json" --plots "$WORK/plots" || exit 1
+      --label "${LABEL}_rate$r" --out "$WORK/${LABEL}_rate$r.json" --plots "$WORK/plots" \
+      || exit 1
     after=$(python3 -m bench.serving_fleet --cpu-of "$LIGHTPD_BENCH_PIDS")
-    echo "{\"before\": $before, \"after\": $after}" > "$WORK/cpu_rate$r.json"
+    echo "{\"before\": $before, \"after\": $after}" > "$WORK/cpu_${LABEL}_rate$r.json"
     tar -czf "$OUT/serving.tar.gz" -C "$WORK" . 2>/dev/null
   done'
   export MODEL_DIR WORK="$work" OUT="$out"
-  python3 -m bench.serving_fleet --model "$MODEL_DIR" --device "$DEVICE" --logs "$work/logs" \
-    --prefill-args "--num-kv-slots $PREFILL_SLOTS $node_args" \
-    --decode-args "--num-kv-slots $DECODE_SLOTS $node_args" \
-    -- bash -c "rates=(${rates[*]}); counts=(${counts[*]}); workload=(${workload[*]}); $inner" \
-    2>&1 | tee "$work/fleet.log" | grep -v -E "^INFO:|registrar|heartbeat"
-  status=${PIPESTATUS[0]}
-  pack
+  for fleet in $FLEETS; do
+    label=${fleet%%=*} shape=${fleet#*=}
+    prefill=${shape%%+*} rest=${shape#*+}
+    decode=${rest%%/*} transport=${rest#*/}
+    step "fleet $label: $prefill prefill + $decode decode nodes on $DEVICES, KV over $transport"
+    LABEL=$label python3 -m bench.serving_fleet --model "$MODEL_DIR" --devices "$DEVICES" \
+      --prefill-nodes "$prefill" --decode-nodes "$decode" --kv-transport "$transport" \
+      --logs "$work/logs/$label" \
+      --prefill-args "--num-kv-slots $PREFILL_SLOTS $node_args" \
+      --decode-args "--num-kv-slots $DECODE_SLOTS $node_args" \
+      -- bash -c "rates=(${rates[*]}); counts=(${counts[*]}); workload=(${workload[*]}); $inner" \
+      2>&1 | tee "$work/fleet_$label.log" | grep -v -E "^INFO:|registrar|heartbeat"
+    fleet_status=${PIPESTATUS[0]}
+    (( status == 0 )) && status=$fleet_status
+    pack
+  done
 fi
 if has engine; then
-  step "in-process engine on $DEVICE, the same requests"
-  python3 -m bench.serving_engine --model "$MODEL_DIR" --device "$DEVICE" \
+  step "in-process engine on $ENGINE_DEVICE, the same requests"
+  python3 -m bench.serving_engine --model "$MODEL_DIR" --device "$ENGINE_DEVICE" \
     --rates "${rates[@]}" --num-requests "${counts[@]}" "${workload[@]}" \
     --num-kv-slots "$DECODE_SLOTS" --max-model-len "$MAX_MODEL_LEN" --out-dir "$work" --plots \
     2>&1 | tee "$work/engine.log" | grep -v "Loading weights"

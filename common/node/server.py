@@ -21,7 +21,7 @@ import zmq
 
 from common.engine import EngineConfig, LLMEngine, RequestOutput
 from common.engine.connector.collective import CollectiveConnector
-from common.engine.connector.zeromq import ZmqConnector
+from common.engine.connector.zeromq import LANES, ZmqConnector
 from common.engine.kv_transfer import kv_layout
 from common.node.runtime import LoopClock, Publisher, RateMeter, drain
 from common.wire.auth import FleetKeys, same_secret, start_authenticator
@@ -78,7 +78,8 @@ class NodeServer(ABC):
         self.layout = kv_layout(
             config.engine.model, self.engine.model_config, self.engine.runner.dtype
         )
-        self.ctx = zmq.Context()
+        # One I/O thread per KV lane, so CURVE encrypts the lanes in parallel.
+        self.ctx = zmq.Context(io_threads=LANES)
         self.auth = start_authenticator(self.ctx, keys)
         self.control = serving_socket(self.ctx, keys)
         self.control_endpoint = bind(self.control, config.host, config.control_port)

@@ -212,6 +212,28 @@ def test_layers_out_of_order_are_accepted_but_a_gap_is_refused(pair):
     assert "chunk starts at 4, expected 0" in gap.error
 
 
+def test_a_first_token_without_every_layer_fails_both_sides_at_the_deadline(pair):
+    # Layers may travel on several connections, so a first token ahead of some layers
+    # waits for them, but only until the reservation's deadline.
+    sender = pair.sender.connector
+    tokens = prompt(8)
+    pair.reserve("short", tokens, timeout_s=0.5)
+    slots = pair.sender.pool.allocate(8)
+    try:
+        sender.start_send("short", pair.spec())
+        for layer in range(pair.layout.num_layers - 1):  # the last layer never comes
+            sender.save_layer(layer, [LayerChunk("short", 0, slots)])
+        sender.finish_send("short", 8, 7, None)
+        pair.run_until(lambda: pair.ended("short"))
+    finally:
+        pair.run_until(lambda: not pair.sender.connector._sends)  # the sender heard it too
+        pair.sender.pool.free(slots)
+    last = pair.layout.num_layers - 1
+    final = pair.final("short")
+    assert final.finish_reason is FinishReason.ERROR and final.retry
+    assert f"incomplete KV after 0.5 s: layers [{last}] short" in final.error
+
+
 def test_abort_mid_transfer_on_the_sender(pair):
     tokens = prompt(200)
     pair.reserve("a", tokens, timeout_s=1.0)

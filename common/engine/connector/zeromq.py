@@ -1,14 +1,20 @@
 """The KV connector over ZeroMQ: layers as raw frames beside a msgpack header.
 
-Sending: one DEALER per receiver, CURVE-keyed as a fleet member; each layer's
-K/V go out with NOBLOCK as soon as the runner reports them written, so a
-receiver that stops reading fails its requests instead of blocking the loop.
-The receiver's KVAck (or the deadline after the first token) ends a send.
+Sending: a few DEALERs ("lanes") per receiver, CURVE-keyed as fleet members;
+each layer's K/V go out with NOBLOCK as soon as the runner reports them written,
+so a receiver that stops reading fails its requests instead of blocking the
+loop. Layer L always takes lane L % LANES, so the chunks of one layer stay in
+order while CURVE's encryption, which bounds one connection near 1.5 GB/s,
+runs on several of ZeroMQ's I/O threads at once. Control messages (the first
+token, group hellos) take lane 0. The receiver's KVAck (or the deadline after
+the first token) ends a send.
 
 Receiving: one ROUTER bound for the whole node. A layer is written into the
 reservation's slots only if it carries the reservation's secret, matches the
 layout, and continues where the last chunk of that layer ended; the first
-token completes the reservation once every layer holds the whole prompt.
+token completes the reservation once every layer holds the whole prompt. As
+lanes do not keep order between them, a first token that overtakes layers
+still on other lanes waits for them (at most until the reservation's deadline).
 """
 
 import logging
@@ -53,6 +59,9 @@ SEND_HWM = 1 << 15
 # at once when more than MAX_TARGETS are open.
 TARGET_IDLE_S = 60.0
 MAX_TARGETS = 256
+# Connections per receiver that layers are spread over (see the module docstring);
+# a node's ZeroMQ context runs this many I/O threads.
+LANES = 4
 DRAIN_LIMIT = 256  # messages read from one socket per poll, so a flood cannot starve steps
 WRONG_SECRET = "the reservation's secret does not match"
 
@@ -75,12 +84,17 @@ class _Recv:
 
 @dataclass
 class _Target:
-    sock: zmq.Socket
+    lanes: list[zmq.Socket]
     last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        for sock in self.lanes:
+            sock.close(linger=0)
 
 
 class ZmqConnector(KVConnector):
     transport = "zmq"
+    lanes = LANES  # connections per receiver that layer frames are spread over
 
     def __init__(
         self,
@@ -103,7 +117,8 @@ class ZmqConnector(KVConnector):
         # On a GPU, layers leave through the outbox (staging.py): copied on the
         # compute stream without waiting, sent in order once their copy is done.
         self._outbox = DeviceOutbox() if pool.device.type == "cuda" else None
-        self._early_done: list[tuple[bytes, PrefillDone]] = []  # first tokens ahead of KV
+        # First tokens that arrived ahead of their KV, by request id.
+        self._early_done: dict[str, tuple[bytes, PrefillDone]] = {}
         self._receiver: zmq.Socket | None = None
         self._endpoint: str | None = None
         if bind_host is not None:
@@ -117,7 +132,7 @@ class ZmqConnector(KVConnector):
         return self._endpoint
 
     def pollables(self) -> list:
-        socks = [t.sock for t in self._targets.values()]
+        socks = [sock for t in self._targets.values() for sock in t.lanes]
         return socks if self._receiver is None else [self._receiver, *socks]
 
     # ---- sending ----
@@ -151,12 +166,14 @@ class ZmqConnector(KVConnector):
         """Ship one layer chunk: here as two raw frames beside the header."""
         if self._outbox is None:
             k, v = gather_layer(self.pool, header.layer, chunk.slots)
-            self._send(chunk.request_id, send, [encode(header), k.numpy(), v.numpy()])
+            frames = [encode(header), k.numpy(), v.numpy()]
+            self._send(chunk.request_id, send, frames, lane=header.layer % self.lanes)
             return
         index = chunk.slots.long()
         k = self.pool.k_cache(header.layer)[index]  # (n, Hk, D) on the device
         v = self.pool.v_cache(header.layer)[index]
-        self._outbox.stage((chunk.request_id, send), encode(header), k, v)
+        key = (chunk.request_id, send, header.layer % self.lanes)
+        self._outbox.stage(key, encode(header), k, v)
 
     def finish_send(
         self,
@@ -181,13 +198,13 @@ class ZmqConnector(KVConnector):
         self._send(request_id, send, [encode(done)])
         send.deadline = time.monotonic() + send.spec.timeout_s
 
-    def _send(self, request_id: str, send: _Send, frames: list) -> None:
+    def _send(self, request_id: str, send: _Send, frames: list, lane: int = 0) -> None:
         if self._outbox:  # behind layers still being copied off the device
-            self._outbox.add((request_id, send), frames)
+            self._outbox.add((request_id, send, lane), frames)
             return
-        self._send_now(request_id, send, frames)
+        self._send_now(request_id, send, frames, lane)
 
-    def _send_now(self, request_id: str, send: _Send, frames: list) -> list:
+    def _send_now(self, request_id: str, send: _Send, frames: list, lane: int) -> list:
         """Send without blocking; the trackers of frames sent from our buffers."""
         if send.failure is not None:
             return []
@@ -195,7 +212,8 @@ class ZmqConnector(KVConnector):
         try:
             # copy=False: ZeroMQ sends straight from these buffers; the trackers say
             # when it is done with them.
-            self._target(send.spec.endpoint).send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            sock = self._target(send.spec.endpoint, lane)
+            sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             send.failure = f"cannot send the KV to {send.spec.endpoint}: {exc}"
             logger.warning("request %s: %s", request_id, send.failure)
@@ -206,25 +224,28 @@ class ZmqConnector(KVConnector):
         if self._outbox is None:
             return
 
-        def send_now(key: tuple[str, _Send], frames: list) -> list:
-            request_id, send = key
+        def send_now(key: tuple[str, _Send, int], frames: list) -> list:
+            request_id, send, lane = key
             if self._sends.get(request_id) is not send:
                 return []  # cancelled meanwhile: nothing to send
-            return self._send_now(request_id, send, frames)
+            return self._send_now(request_id, send, frames, lane)
 
         self._outbox.flush(send_now)
 
-    def _target(self, endpoint: str) -> zmq.Socket:
+    def _target(self, endpoint: str, lane: int = 0) -> zmq.Socket:
+        """The socket of ``lane`` to ``endpoint``, connected on first use."""
         target = self._targets.get(endpoint)
         if target is None:
+            target = self._targets[endpoint] = _Target([])
+        while len(target.lanes) <= lane:
             sock = self.ctx.socket(zmq.DEALER)
+            target.lanes.append(sock)  # closed with the target even if connect fails
             self.keys.connect_as_member(sock)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, SEND_HWM)
             sock.connect(endpoint)
-            target = self._targets[endpoint] = _Target(sock)
         target.last_used = time.monotonic()
-        return target.sock
+        return target.lanes[lane]
 
     # ---- receiving ----
 
@@ -246,16 +267,18 @@ class ZmqConnector(KVConnector):
     def cancel(self, request_id: str) -> None:
         self._sends.pop(request_id, None)
         self._recvs.pop(request_id, None)
+        self._early_done.pop(request_id, None)
 
     def poll(self) -> list[KVEvent]:
         self._flush_outbox()
         if self._receiver is not None:
             self._drain(self._receiver, self._on_receiver_message)
-        early, self._early_done = self._early_done, []
-        for identity, done in early:
+        early, self._early_done = self._early_done, {}
+        for identity, done in early.values():
             self._on_done(identity, done)
         for endpoint, target in list(self._targets.items()):
-            self._drain(target.sock, lambda frames, e=endpoint: self._on_ack(e, frames))
+            for sock in target.lanes:
+                self._drain(sock, lambda frames, e=endpoint: self._on_ack(e, frames))
         self._expire()
         self._close_idle_targets()
         events, self._events = self._events, []
@@ -263,7 +286,7 @@ class ZmqConnector(KVConnector):
 
     def close(self) -> None:
         for target in self._targets.values():
-            target.sock.close(linger=0)
+            target.close()
         if self._receiver is not None:
             self._receiver.close(linger=0)
 
@@ -383,14 +406,19 @@ class ZmqConnector(KVConnector):
             self._reply(identity, KVAck(request_id=request_id, error=WRONG_SECRET))
             return
         mismatch = self.layout.describe_mismatch(message.layout)
-        incomplete = [i for i, n in enumerate(recv.received) if n != recv.num_prompt_tokens]
         if mismatch:
             return self._fail_recv(request_id, f"KV layout mismatch ({mismatch})", identity)
-        if incomplete or message.num_prompt_tokens != recv.num_prompt_tokens:
-            reason = f"incomplete KV: layers {incomplete[:8]} missing tokens"
+        if message.num_prompt_tokens != recv.num_prompt_tokens:
+            reason = (
+                f"the sender's prompt has {message.num_prompt_tokens} tokens, "
+                f"the reservation {recv.num_prompt_tokens}"
+            )
             return self._fail_recv(request_id, reason, identity)
-        if not self._layers_landed(request_id):
-            self._early_done.append((identity, message))  # taken up again by poll
+        complete = all(n == recv.num_prompt_tokens for n in recv.received)
+        if not complete or not self._layers_landed(request_id):
+            # Layers still on other lanes (or in flight): taken up again by poll; the
+            # reservation's deadline bounds the wait.
+            self._early_done[request_id] = (identity, message)
             return None
         del self._recvs[request_id]
         self._reply(identity, KVAck(request_id=request_id))
@@ -400,6 +428,7 @@ class ZmqConnector(KVConnector):
 
     def _fail_recv(self, request_id: str, reason: str, identity: bytes | None = None) -> None:
         self._recvs.pop(request_id, None)
+        self._early_done.pop(request_id, None)
         self._events.append(KVFailed(request_id, reason))
         if identity is not None:
             self._reply(identity, KVAck(request_id=request_id, error=reason))
@@ -410,11 +439,16 @@ class ZmqConnector(KVConnector):
     def _expire(self) -> None:
         now = time.monotonic()
         for request_id, recv in list(self._recvs.items()):
-            if now >= recv.deadline:
-                self._fail_recv(
-                    request_id,
-                    f"KV did not arrive within {recv.spec.timeout_s:g} s; reservation released",
-                )
+            if now < recv.deadline:
+                continue
+            parked = self._early_done.get(request_id)
+            if parked is None:
+                reason = f"KV did not arrive within {recv.spec.timeout_s:g} s"
+            else:  # the first token came, some layers never did
+                short = [i for i, n in enumerate(recv.received) if n != recv.num_prompt_tokens]
+                reason = f"incomplete KV after {recv.spec.timeout_s:g} s: layers {short[:8]} short"
+            identity = parked[0] if parked else None
+            self._fail_recv(request_id, f"{reason}; reservation released", identity)
         for request_id, send in list(self._sends.items()):
             if send.failure is not None:
                 reason = send.failure
@@ -435,4 +469,4 @@ class ZmqConnector(KVConnector):
         excess = len(self._targets) - MAX_TARGETS
         for rank, (last_used, endpoint) in enumerate(idle):
             if rank < excess or now - last_used > TARGET_IDLE_S:
-                self._targets.pop(endpoint).sock.close(linger=0)
+                self._targets.pop(endpoint).close()
