@@ -17,20 +17,39 @@ LocalFleet with devices, per-role node options and log files.
 
 prints the CPU seconds each fleet process has used so far, as JSON (take two
 and subtract, to see which process a run kept busy).
+
+    python3 bench/serving_fleet.py --phases-of "$LIGHTPD_BENCH_URL" --last N
+
+prints where the last N requests' time to first token went, from the state
+timelines the control plane keeps (p50 and p90 of each step, in ms): queued ->
+prefilling (waiting for the decode node's slots), prefilling -> transferring
+(the prefill node computing the prompt), transferring -> decoding (the KV
+hand-off and the first token), or queued -> decoding where a node prefills
+locally.
 """
 
 import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from controlplane.node_process import NodeProcess, start_node
-from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet
+from tests.e2e.fleet import ADMIN_TOKEN, API_KEY, CLUSTER_TOKEN, LocalFleet
+
+PHASES = (
+    ("queued", "prefilling"),
+    ("prefilling", "transferring"),
+    ("transferring", "decoding"),
+    ("queued", "decoding"),
+)
 
 
 @dataclass
@@ -92,9 +111,36 @@ def cpu_report(pids: str) -> dict:
     return {"time": time.time(), "cpu_s": {k: cpu_seconds(int(v)) for k, v in parts.items()}}
 
 
+def phases(url: str, last: int) -> dict[str, dict[str, float]]:
+    """p50 and p90 (ms) of each timeline step over the last ``last`` requests."""
+    reply = httpx.get(
+        f"{url}/admin/requests",
+        params={"limit": last},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=30,
+    )
+    reply.raise_for_status()
+    steps: dict[str, list[float]] = {}
+    for request in reply.json():
+        at = {step["state"]: step["at"] for step in request["timeline"]}
+        for begin, end in PHASES:
+            if begin in at and end in at:
+                steps.setdefault(f"{begin}->{end}", []).append(1000 * (at[end] - at[begin]))
+    return {
+        name: {
+            "n": len(ms),
+            "p50": statistics.median(ms),
+            "p90": statistics.quantiles(ms, n=10)[-1] if len(ms) > 1 else ms[0],
+        }
+        for name, ms in steps.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-of", help="print the CPU seconds of these fleet processes")
+    parser.add_argument("--phases-of", metavar="URL", help="print where TTFT went")
+    parser.add_argument("--last", type=int, default=100, help="requests --phases-of reads")
     parser.add_argument("--model")
     parser.add_argument("--devices", default="cpu", help="comma-separated, used in turn")
     parser.add_argument("--prefill-nodes", type=int, default=1)
@@ -107,6 +153,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cpu_of:
         print(json.dumps(cpu_report(args.cpu_of)))
+        return
+    if args.phases_of:
+        print(json.dumps(phases(args.phases_of, args.last)))
         return
     if not args.model:
         parser.error("--model is needed to start a fleet")

@@ -89,6 +89,8 @@ if has fleet; then
       || exit 1
     after=$(python3 -m bench.serving_fleet --cpu-of "$LIGHTPD_BENCH_PIDS")
     echo "{\"before\": $before, \"after\": $after}" > "$WORK/cpu_${LABEL}_rate$r.json"
+    python3 -m bench.serving_fleet --phases-of "$LIGHTPD_BENCH_URL" --last "$n" \
+      > "$WORK/phases_${LABEL}_rate$r.json"
     tar -czf "$OUT/serving.tar.gz" -C "$WORK" . 2>/dev/null
   done'
   export MODEL_DIR WORK="$work" OUT="$out"

@@ -46,7 +46,7 @@ def load_runs(folder: Path) -> dict[str, dict[str, tuple[Summary, dict]]]:
     runs: dict[str, dict[str, tuple[Summary, dict]]] = {}
     for path in sorted(folder.glob("*_rate*.json")):
         label, rate = path.stem.rsplit("_rate", 1)
-        if label.startswith("cpu"):
+        if label.startswith(("cpu_", "phases_")):
             continue
         result = load_result(path)
         runs.setdefault(rate, {})[label] = (Summary.from_json(result["summary"]), result["config"])
@@ -136,6 +136,19 @@ def cpu_lines(folder: Path, runs: dict) -> list[str]:
     return lines
 
 
+def phase_lines(folder: Path) -> list[str]:
+    """Where TTFT went, from ``phases_{label}_rate{R}.json`` (serving_fleet --phases-of)."""
+    lines = []
+    for path in sorted(folder.glob("phases_*rate*.json")):
+        label, rate = path.stem.removeprefix("phases_").rsplit("_rate", 1)
+        steps = json.loads(path.read_text())
+        parts = ", ".join(
+            f"{name} p50 {s['p50']:.1f} ms (p90 {s['p90']:.1f})" for name, s in steps.items()
+        )
+        lines.append(f"- {label}, rate {rate}: {parts}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path)
@@ -148,6 +161,10 @@ def main() -> None:
     cpu = cpu_lines(args.folder, runs)
     if cpu:
         print("\nCPU of the fleet's processes during each fleet run:\n" + "\n".join(cpu))
+    phase = phase_lines(args.folder)
+    if phase:
+        title = "Where the time to first token went (control-plane timelines):"
+        print(f"\n{title}\n" + "\n".join(phase))
     if args.plot:
         plot(runs, args.plot)
 

@@ -39,6 +39,8 @@ from common.wire.sockets import bind, send, serving_socket
 
 logger = logging.getLogger(__name__)
 
+IDLE_POLL_MS = 20
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -120,7 +122,7 @@ class NodeServer(ABC):
                 poller = zmq.Poller()
                 for sock in (self.control, *self.connector.pollables()):
                     poller.register(sock, zmq.POLLIN)
-                ready = dict(poller.poll(0 if self.engine.has_work else 20))
+                ready = dict(poller.poll(self._poll_timeout_ms()))
                 if self.control in ready:
                     drain(self.control, self._on_control)
                 self._step()
@@ -132,6 +134,14 @@ class NodeServer(ABC):
             self.connector.close()
             self.auth.stop()
             self.ctx.destroy(linger=0)
+
+    def _poll_timeout_ms(self) -> int:
+        """Not at all while there is a batch to run; briefly while a transfer moves
+        without socket activity (device copies, collective operations); else until a
+        message comes, waking every IDLE_POLL_MS for the clock and the heartbeat."""
+        if self.engine.has_work:
+            return 0
+        return 1 if self.connector.busy() else IDLE_POLL_MS
 
     def _step(self) -> None:
         try:

@@ -86,6 +86,11 @@ class KVConnector(ABC):
         """Sockets or file descriptors whose activity ``poll`` should be called for."""
         return []
 
+    def busy(self) -> bool:
+        """Whether a transfer may progress with no activity on ``pollables`` (a copy or
+        a collective operation in flight): the caller should poll again soon."""
+        return False
+
     # ---- sending ----
 
     @abstractmethod

@@ -298,6 +298,10 @@ class CollectiveConnector(ZmqConnector):
 
     # ---- both ----
 
+    def busy(self) -> bool:
+        pairs = [*self._out.values(), *self._in.values()]
+        return super().busy() or any(pair.inflight for pair in pairs) or bool(self._in_flight)
+
     def poll(self):
         for pair in [*self._out.values(), *self._in.values()]:
             pair.reap()

@@ -135,6 +135,10 @@ class ZmqConnector(KVConnector):
         socks = [sock for t in self._targets.values() for sock in t.lanes]
         return socks if self._receiver is None else [self._receiver, *socks]
 
+    def busy(self) -> bool:
+        # Layers still being copied off the device; first tokens waiting for layers.
+        return bool(self._outbox) or bool(self._early_done)
+
     # ---- sending ----
 
     def start_send(self, request_id: str, spec: KVSendSpec) -> None:
