@@ -1,11 +1,16 @@
 """The control plane's FastAPI app."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as redis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
@@ -15,15 +20,19 @@ from common.tokenizer import load_tokenizer
 from common.wire.identity import model_fingerprint
 from controlplane.api import admin, dashboard, nodes, openai, system
 from controlplane.api.dashboard import STATIC_DIR
-from controlplane.api.errors import error_response, install_error_handlers
+from controlplane.api.errors import error_response, install_error_handlers, redis_unavailable
 from controlplane.deps import AppState
 from controlplane.dispatcher import Dispatcher
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
 from controlplane.node_client import NodeClient
 from controlplane.settings import Settings
-from controlplane.store import Store
+from controlplane.store import REDIS_DOWN, Store
 from controlplane.timeseries import Timeseries
+
+logger = logging.getLogger(__name__)
+REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call in this, not minutes
+REDIS_REPLY_TIMEOUT_S = 10.0
 
 
 class RequireJson:
@@ -89,13 +98,30 @@ class LimitBody:
 
 def redis_client(settings: Settings) -> redis.Redis:
     """A client whose callers wait for a free connection rather than fail: a burst of
-    requests larger than the pool queues for Redis instead of erroring."""
+    requests larger than the pool queues for Redis instead of erroring. A call that
+    finds its pooled connection closed (Redis restarted since) is sent again once on
+    a new one, so a restart costs no call its answer."""
     pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_wait_s,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_REPLY_TIMEOUT_S,
+        retry=Retry(NoBackoff(), retries=1),
     )
     return redis.Redis(connection_pool=pool)
+
+
+def install_redis_error_handler(app: FastAPI) -> None:
+    """A request that needs Redis while it is down (or refusing) gets a JSON 503 with
+    Retry-After; the store learns of the outage, so it serves from memory meanwhile."""
+
+    @app.exception_handler(RedisError)
+    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        request.app.state.lightpd.store.outage.failed(exc)
+        if not isinstance(exc, REDIS_DOWN):
+            logger.error("Redis refused a call: %r", exc)
+        return redis_unavailable()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -132,6 +158,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequireJson)
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)  # outermost: runs first
     install_error_handlers(app)
+    install_redis_error_handler(app)
     for module in (openai, admin, nodes, system, dashboard):
         app.include_router(module.router)
     app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")

@@ -88,8 +88,10 @@ def up(
     try:
         redis_url = os.environ.get("LIGHTPD_REDIS_URL")
         if not redis_url:
-            started = _step("starting redis")
-            redis = EmbeddedRedis().start()
+            # Its data (API keys, request history) persists in the fleet's folder, so
+            # it outlives a restart of Redis and of the fleet.
+            started = _step(f"starting redis (data in {home() / 'redis'})")
+            redis = EmbeddedRedis(data_dir=home() / "redis").start()
             redis_url = redis.url
             _done(started)
         env = {
@@ -152,6 +154,7 @@ def up(
         typer.echo("\nStopping the fleet ...")
         for node in nodes:
             node.stop()
+        _forget_nodes(url, admin_token, [n.node_id for n in nodes])
         for process in processes:
             process.terminate()
             process.wait(timeout=15)
@@ -159,6 +162,17 @@ def up(
             redis.stop()
         fleet_file().unlink(missing_ok=True)
         typer.echo("stopped.")
+
+
+def _forget_nodes(url: str, admin_token: str, node_ids: list[str]) -> None:
+    """Take the stopped nodes out of the registry, which Redis keeps on disk: they left
+    on purpose, and the next `lightctl up` should not list them as dead."""
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    for node_id in node_ids:
+        try:
+            httpx.delete(f"{url}/admin/nodes/{node_id}", headers=headers, timeout=2)
+        except httpx.TransportError:
+            return  # the control plane is gone already; the records expire in a day
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60) -> None:

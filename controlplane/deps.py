@@ -51,6 +51,9 @@ def _bearer(request: Request) -> str | None:
 
 
 async def require_api_key(request: Request, state: State) -> None:
+    """A configured key, or one made in /admin/api-keys. While Redis is down the
+    configured keys and those Redis confirmed lately still work; any other key is
+    answered 503 (Redis's error), not 401, since it may well be valid."""
     keys = state.settings.api_key_set
     if not keys and not await state.store.has_api_keys():
         return  # no key configured anywhere: the API is open

@@ -4,6 +4,12 @@ The registry is read from Redis at most every ``refresh_s`` and shared by all
 requests of this process. Decode nodes are ranked by free KV slots, prefill
 nodes by queued prompt tokens, both net of the work this process has sent them
 since their last heartbeat counted it. Draining and dead nodes get nothing new.
+
+While Redis is down the last registry read serves on. When it is back, nodes whose
+heartbeats could not reach it meanwhile are listed as dead (or, if it lost its
+data, not at all) until they register again, a second or two later; for
+``node_ttl_s`` after the last failed Redis call, such a node keeps its place
+here, so that its running requests are not taken for lost.
 """
 
 import asyncio
@@ -12,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from controlplane.schemas import NodePublic, NodeRole
-from controlplane.store import Store
+from controlplane.store import REDIS_DOWN, Store
 
 
 class Fleet:
@@ -28,11 +34,31 @@ class Fleet:
     async def nodes(self, max_age_s: float | None = None) -> list[NodePublic]:
         """The registry as read at most ``max_age_s`` (default ``refresh_s``) ago."""
         max_age_s = self.refresh_s if max_age_s is None else max_age_s
+        if self.store.outage.down:  # no asking again before refresh_s, however urgent
+            max_age_s = max(max_age_s, self.refresh_s)
         async with self._lock:
             if time.monotonic() - self._fetched_at > max_age_s:
-                self._nodes = {n.node_id: n for n in await self.store.nodes()}
+                try:
+                    nodes = await self.store.nodes()
+                except REDIS_DOWN as exc:
+                    self.store.outage.failed(exc)
+                else:
+                    self.store.outage.recovered()
+                    self._nodes = self._after_outage(nodes)
                 self._fetched_at = time.monotonic()
         return list(self._nodes.values())
+
+    def _after_outage(self, nodes: list[NodePublic]) -> dict[str, NodePublic]:
+        """``nodes`` as read, except that right after an outage a node that was alive
+        and now reads dead or gone keeps its last entry (see the module's note)."""
+        read = {n.node_id: n for n in nodes}
+        if not self.store.outage.failed_within(self.store.node_ttl_s):
+            return read
+        for node_id, node in self._nodes.items():
+            lapsed = node_id not in read or read[node_id].status == "dead"
+            if lapsed and node.status != "dead":
+                read[node_id] = node
+        return read
 
     def cached_nodes(self) -> list[NodePublic]:
         return list(self._nodes.values())

@@ -1,4 +1,7 @@
-"""Errors in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in OpenAI's format: {"error": {"message", "type", "param", "code"}}.
+
+Every error the app answers has this shape, an unexpected exception's 500 too.
+"""
 
 import json
 
@@ -18,6 +21,7 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+REDIS_RETRY_AFTER_S = 2  # what a client is told to wait while Redis is unreachable
 
 
 class OpenAIError(Exception):
@@ -60,6 +64,16 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status, headers)
 
 
+def redis_unavailable() -> JSONResponse:
+    """The answer to a request that needs Redis while it cannot be reached."""
+    return error_response(
+        503,
+        "the fleet's state store (Redis) cannot be reached; try again shortly",
+        code="redis_unavailable",
+        headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -79,3 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return error_response(exc.status_code, detail)
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette would answer a plain-text 500; the exception is still logged.
+        return error_response(500, "internal error in the control plane")

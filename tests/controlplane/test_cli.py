@@ -8,7 +8,9 @@ import sys
 import threading
 import time
 
-from controlplane.embedded_redis import free_port
+import redis
+
+from controlplane.embedded_redis import EmbeddedRedis, free_port
 
 LIGHTCTL = os.path.join(os.path.dirname(sys.executable), "lightctl")
 
@@ -82,6 +84,12 @@ def test_up_brings_the_fleet_up_answers_and_stops_on_ctrl_c(tmp_path):
     assert process.returncode == 0, rest
     assert "stopped." in rest
     assert not (tmp_path / "home" / "fleet.json").exists()
+    # Redis kept its data (API keys, history) in the fleet's folder, on disk, but
+    # not the nodes, which left on purpose: the next `up` lists none of them as dead.
+    with EmbeddedRedis(data_dir=tmp_path / "home" / "redis") as kept:
+        data = redis.Redis.from_url(kept.url)
+        assert data.zcard("lightpd:requests") == 1  # the example request
+        assert data.smembers("lightpd:nodes") == set()
 
 
 def test_up_refuses_a_fleet_without_decode_nodes_before_starting_anything(tmp_path):
