@@ -41,8 +41,12 @@ class Settings(BaseSettings):
     max_attempts: int = 3  # tries of a request whose node fails before its first token
     # Prompts of at most this many tokens are prefilled on their decode node, which
     # saves the hand-off where it costs more than it spares; 0: only when no
-    # prefill node can take the request (a fleet without any is colocated).
-    local_prefill_tokens: int = Field(0, ge=0)
+    # prefill node can take the request (a fleet without any is colocated). 128 from
+    # the two-H200 figures (docs/benchmarks.md, issue 13): the hand-off adds 6-16 ms
+    # to a first token whatever the prompt's length, while 128 tokens of an 8B model
+    # take about 3.5 ms of a decode step (a 512-token prompt prefilled locally shows
+    # as 57-60 ms ITL p99 at 32 req/s, 14 ms when handed off).
+    local_prefill_tokens: int = Field(128, ge=0)
     # Larger request bodies are refused (413) before they are read whole: the chat
     # template and the tokenizer take time in proportion to the body.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)

@@ -74,6 +74,8 @@ class LocalFleet:
             "LIGHTPD_NODE_TTL_S": str(self.node_ttl_s),
             "LIGHTPD_CONTROL_PLANE": self.url,
             "PYTHONUNBUFFERED": "1",
+            # Every prompt takes the KV hand-off, however short (the tests' are).
+            "LIGHTPD_LOCAL_PREFILL_TOKENS": "0",
             **self.settings,
         }
 
