@@ -41,7 +41,10 @@ class DecodeServer(NodeServer):
                     message.prompt_token_ids,
                     message.params,
                     queue_timeout_s=message.queue_timeout_s,
+                    output_token_ids=message.output_token_ids,
                 )
+            elif message.output_token_ids:
+                raise RequestError("a resumed request must be prefilled here")
             else:
                 self.engine.reserve(
                     message.request_id,

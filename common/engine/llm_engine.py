@@ -62,13 +62,18 @@ class LLMEngine:
         params: SamplingParams,
         kv_target: KVSendSpec | None = None,
         queue_timeout_s: float | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
         """Queue a request; raises RequestError (and changes nothing) if it cannot run.
         With ``kv_target``, only its prompt runs here and its KV goes there. With a
         (finite) ``queue_timeout_s`` it waits in order for at most that long
         (``expire_waiting``), and its admission is reported like a reservation's
-        (``pop_admitted``)."""
-        request = self._new_request(request_id, prompt_token_ids, params)
+        (``pop_admitted``). ``output_token_ids`` resumes a request generated
+        elsewhere: they are computed after the prompt and count as its output
+        (sampling step, penalties, token limits), so it goes on as if never moved."""
+        request = self._new_request(request_id, prompt_token_ids, params, output_token_ids)
+        if output_token_ids and kv_target is not None:
+            raise RequestError("a resumed request is decoded where it is computed")
         if kv_target is not None:
             if self.connector is None:
                 raise RequestError("this engine has no KV connector to send with")
@@ -179,12 +184,16 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def _new_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        output_token_ids: Sequence[int] = (),
     ) -> Request:
         """A request built and checked; it is the engine's once ``_queue``d."""
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        return self.requests.build(request_id, prompt_token_ids, params)
+        return self.requests.build(request_id, prompt_token_ids, params, output_token_ids)
 
     def _queue(self, request: Request) -> None:
         self._requests[request.request_id] = request

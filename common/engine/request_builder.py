@@ -17,14 +17,22 @@ class RequestBuilder:
         self.num_built = 0
 
     def build(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        output_token_ids: Sequence[int] = (),
     ) -> Request:
-        """A Request ready to queue; RequestError says why one cannot run."""
+        """A Request ready to queue; RequestError says why one cannot run.
+        ``output_token_ids``: what it generated before it moved here (resumed)."""
         prompt = list(prompt_token_ids)
         self.validate(prompt, params)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops.update(self.model_config.eos_token_ids)
+        outputs = list(output_token_ids)
+        if outputs:
+            self.validate_resumed(prompt, outputs, params, stops)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
         request = Request(
             request_id=request_id,
@@ -34,9 +42,31 @@ class RequestBuilder:
             stop_token_ids=frozenset(stops),
             rng_key=seed_to_key(seed),
             arrival=self.num_built,
+            output_token_ids=outputs,
         )
         self.num_built += 1
         return request
+
+    def validate_resumed(
+        self, prompt: list[int], outputs: list[int], params: SamplingParams, stops: set[int]
+    ) -> None:
+        """A resumed request must still have a token to generate, here."""
+        total = len(prompt) + len(outputs)
+        if total >= self.max_model_len:
+            raise RequestError(
+                f"the resumed request holds {total} tokens, but this engine's context is "
+                f"{self.max_model_len} tokens and at least one must be left to generate"
+            )
+        if len(outputs) >= params.max_new_tokens:
+            raise RequestError(
+                f"the resumed request already has its {params.max_new_tokens} output tokens"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in outputs if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"output token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(outputs) > params.min_new_tokens and outputs[-1] in stops:
+            raise RequestError("the resumed request already ended with a stop token")
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:

@@ -19,7 +19,9 @@ import msgspec
 
 from common.wire.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2
+# 3: the Lease; a node of 3 aborts the requests of a control plane that stops
+# renewing it, so it must not serve a control plane of 2, which never does.
+PROTOCOL_VERSION = 3
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_QUEUE_TIMEOUT_S = 3600.0
 MAX_KV_TIMEOUT_S = 600.0
@@ -32,6 +34,7 @@ Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=64)]
 Endpoint = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^tcp://[^\s/]+:[0-9]{1,5}$")]
 Text = Annotated[str, msgspec.Meta(max_length=1 << 16)]
 Prompt = Annotated[list[TokenId], msgspec.Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+Outputs = Annotated[tuple[TokenId, ...], msgspec.Meta(max_length=MAX_PROMPT_TOKENS)]
 QueueTimeout = Annotated[float, msgspec.Meta(ge=0, le=MAX_QUEUE_TIMEOUT_S)]
 KVTimeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_KV_TIMEOUT_S)]
 
@@ -79,7 +82,12 @@ class Reserve(Message, tag="reserve"):
     token and abort must carry ``secret``. Its tokens go back to the sender.
 
     With ``prefill_here`` the decode node computes the prompt itself (no prefill
-    node, or a short prompt): no KV will come, and its first token is its own."""
+    node, or a short prompt): no KV will come, and its first token is its own.
+
+    ``output_token_ids`` (with ``prefill_here`` only) resumes a request that
+    another decode node was generating: the tokens it already streamed, which
+    this node recomputes after the prompt and counts as output (the sampling
+    step, penalties, max and min tokens), so the stream continues exactly."""
 
     call_id: CallId
     request_id: Id
@@ -89,6 +97,7 @@ class Reserve(Message, tag="reserve"):
     queue_timeout_s: QueueTimeout = 180.0
     kv_timeout_s: KVTimeout = 30.0
     prefill_here: bool = False
+    output_token_ids: Outputs = ()
 
 
 Transport = Annotated[str, msgspec.Meta(max_length=16)]  # "zmq", "nccl" or "gloo"
@@ -213,6 +222,16 @@ class HealthCheck(Message, tag="health_check"):
     call_id: CallId
 
 
+# How often a control plane renews its lease with each node it is connected to.
+LEASE_RENEW_S = 1.0
+
+
+class Lease(Message, tag="lease"):
+    """The control plane on this connection is alive. Not answered. A node takes a
+    control plane that sent nothing at all (no Lease, no other message) for its
+    lease time for gone, and aborts the requests that came over its connection."""
+
+
 class NodeStats(msgspec.Struct, kw_only=True):
     """A node's load, refreshed by its loop; sent in heartbeats and health answers."""
 
@@ -278,6 +297,7 @@ AnyMessage = (
     | Tokens
     | Abort
     | HealthCheck
+    | Lease
     | Health
     | Error
 )

@@ -461,3 +461,52 @@ def test_a_local_request_past_its_queue_timeout_is_expired_holding_nothing(tiny_
     engine.add_request("late", late, GREEDY, queue_timeout_s=5.0)  # its id is free again
     engine.step()
     assert engine.pop_admitted() == ["late"]
+
+
+def run_one(engine: LLMEngine, request_id: str, prompt, params, outputs=()) -> list[int]:
+    engine.add_request(request_id, prompt, params, output_token_ids=outputs)
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        for output in engine.step():
+            tokens += output.new_token_ids
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True),
+        SamplingParams(
+            temperature=1.0,
+            top_p=0.9,
+            seed=7,
+            max_new_tokens=20,
+            min_new_tokens=12,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            presence_penalty=0.4,
+        ),
+    ],
+    ids=["greedy", "seeded-with-penalties"],
+)
+def test_a_resumed_request_continues_exactly_where_it_stopped(tiny_model, params):
+    # Migration resubmits prompt + the tokens already streamed: the continuation must
+    # be what the uninterrupted request would have produced (same random stream
+    # position, penalties over the whole history, the same token budget).
+    engine = make_engine(tiny_model("llama"))
+    prompt = random_prompts([9], engine.model_config.vocab_size)[0]
+    whole = run_one(engine, "whole", prompt, params)
+    for cut in (1, 7, len(whole) - 1):
+        rest = run_one(engine, f"resumed-{cut}", prompt, params, whole[:cut])
+        assert whole[:cut] + rest == whole, cut
+    assert engine.pool.num_free_slots == 2048
+
+
+def test_a_resumed_request_that_cannot_go_on_is_refused(tiny_model):
+    engine = make_engine(tiny_model("llama"))
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    with pytest.raises(RequestError, match="already has its 4 output tokens"):
+        engine.add_request("done", [5, 6], params, output_token_ids=[7, 8, 9, 10])
+    with pytest.raises(RequestError, match="output token id 999999 is outside"):
+        engine.add_request("bad", [5, 6], params, output_token_ids=[999999])
+    assert not engine.has_unfinished()
