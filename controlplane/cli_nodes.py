@@ -91,11 +91,20 @@ def node_list(control_plane: Url = None, admin_token: AdminTokenOpt = None) -> N
 
 
 @node_app.command("drain")
-def node_drain(node_id: str, control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None:
-    """Send a node no new requests; its running ones finish."""
+def node_drain(
+    node_id: str,
+    migrate: Annotated[
+        bool, typer.Option(help="Move its running requests to other decode nodes now.")
+    ] = False,
+    control_plane: Url = None,
+    admin_token: AdminTokenOpt = None,
+) -> None:
+    """Send a node no new requests; its running ones finish there, or with --migrate
+    continue on other decode nodes at once (the node is then empty)."""
     url = control_plane_url(control_plane)
-    admin_request("POST", url, f"/admin/nodes/{node_id}/drain", token(admin_token, "admin_token"))
-    typer.echo(f"{node_id}: draining")
+    path = f"/admin/nodes/{node_id}/drain" + ("?migrate=true" if migrate else "")
+    reply = admin_request("POST", url, path, token(admin_token, "admin_token"))
+    typer.echo(f"{node_id}: {reply['status']}")
 
 
 @node_app.command("remove")

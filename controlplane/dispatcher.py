@@ -16,8 +16,16 @@ A request whose KV hand-off fails before its first token is tried again on
 other nodes (up to ``max_attempts``); so is one whose node dies then, but only
 once: a request that was on two nodes that died is failed, since it may be
 what killed them. A request that a node failed for its own sake (it would fail
-anywhere) is failed with the node's reason, not retried. One that fails after
-its first token ends with an error event. A node counts as failed when the
+anywhere) is failed with the node's reason, not retried.
+
+A request whose decode node dies, leaves the registry or is drained with
+``--migrate`` (status "migrating") after its first token moves: another decode
+node gets the prompt and every token streamed so far (``output_token_ids``),
+recomputes them and goes on, counting them as output, so seeded sampling,
+penalties and limits continue exactly and the client's stream goes on with no
+token twice or missing. The same bounds hold (two node deaths, ``max_attempts``
+tries, ``queue_timeout_s`` to find room); past them the stream ends with an
+error event. A node counts as failed when the
 registry loses it or marks it dead (no heartbeat for the TTL, or a stuck
 serving loop) or a call to it times out. The caller closing the stream aborts
 the request on both nodes.
@@ -113,6 +121,7 @@ class Dispatcher:
         error: str | None = None
         tried: set[str] = set()
         deaths = 0
+        generated: list[int] = []  # every token streamed, whichever node made it
         admitted = admitted or asyncio.Event()
         queued = False
 
@@ -139,11 +148,20 @@ class Dispatcher:
             )
             deadline = time.monotonic() + self.settings.queue_timeout_s
             for attempt in range(self.settings.max_attempts):
-                decode, prefill = await self._pick(tried, len(prompt))
+                resume = tuple(generated)
+                try:
+                    decode, prefill = await self._pick(tried, len(prompt) + len(resume), resume)
+                except NoCapacityError as exc:
+                    if not resume:
+                        raise
+                    error, ended = f"the request could not move to another node: {exc}", True
+                    yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
+                    return
                 try:
                     async for event in self._attempt(
-                        request_id, attempt, prompt, params, prefill, decode, admit, deadline
-                    ):
+                        request_id, attempt, prompt, params, prefill, decode, admit, deadline,
+                        resume,
+                    ):  # fmt: skip
                         if event.token_ids and first_token_at is None:
                             first_token_at = time.monotonic()
                             self.metrics.ttft.observe(first_token_at - started)
@@ -151,6 +169,7 @@ class Dispatcher:
                                 request_id, "decoding", ttft_s=first_token_at - started
                             )
                         num_tokens += len(event.token_ids)
+                        generated += event.token_ids
                         self.timeseries.count("tokens", len(event.token_ids))
                         if event.finish_reason is not None:
                             state, error = _terminal_state(event)
@@ -165,10 +184,10 @@ class Dispatcher:
                     logger.warning("request %s: %s", request_id, exc)
                     tried.add(exc.node.node_id)
                     deaths += exc.died
-                    if first_token_at is not None:  # output already streamed: cannot redo
-                        error, ended = f"{exc}; the request was interrupted", True
-                        yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
-                        return
+                    if generated:  # it moves, with what it streamed so far
+                        self.metrics.migrations.inc()
+                        self.timeseries.count("migrated")
+                        deadline = time.monotonic() + self.settings.queue_timeout_s
                     if deaths >= MAX_NODE_DEATHS:
                         error, ended = (
                             f"{exc}; {deaths} nodes died while serving this request, "
@@ -211,15 +230,17 @@ class Dispatcher:
                 )
             )
 
-    async def _pick(self, tried: set[str], tokens: int) -> tuple[NodePublic, NodePublic | None]:
+    async def _pick(
+        self, tried: set[str], tokens: int, resume: tuple[int, ...] = ()
+    ) -> tuple[NodePublic, NodePublic | None]:
         """A decode node and a prefill node, each charged ``tokens`` in flight at once
         (the attempt gives them back), so a burst spreads before heartbeats catch up.
         No prefill node (None) when the decode node computes the prompt itself: the
-        prompt is short, or no prefill node can take it."""
+        prompt is short, no prefill node can take it, or the request resumes."""
         decode = await self.fleet.pick("decode", tried, tokens)
         if decode is None:
             raise NoCapacityError("no ready decode node can take the request", 5)
-        if tokens <= self.settings.local_prefill_tokens:
+        if resume or tokens <= self.settings.local_prefill_tokens:
             return decode, None
         return decode, await self.fleet.pick("prefill", tried, tokens)
 
@@ -233,12 +254,14 @@ class Dispatcher:
         decode: NodePublic,
         admit: Callable[[], None],
         deadline: float,
+        resume: tuple[int, ...] = (),
     ) -> AsyncIterator[TokenEvent]:
-        """One try; ``prefill`` None: the decode node computes the prompt itself."""
+        """One try; ``prefill`` None: the decode node computes the prompt itself (and
+        the ``resume`` tokens after it, which the request generated elsewhere)."""
         # A new id per attempt, so late events of a failed attempt cannot mix in.
         attempt_id = f"{request_id}.{attempt}"
         nodes = [n for n in (prefill, decode) if n is not None]
-        tokens = len(prompt)  # charged to each of them by _pick
+        tokens = len(prompt) + len(resume)  # charged to each of them by _pick
         self.client.open_stream(attempt_id)
         finished = False
         try:
@@ -252,6 +275,7 @@ class Dispatcher:
                         queue_timeout_s=max(0.0, deadline - time.monotonic()),
                         kv_timeout_s=self.settings.kv_timeout_s,
                         prefill_here=prefill is None,
+                        output_token_ids=resume,
                     ),
                     decode,
                 )
@@ -340,7 +364,11 @@ class Dispatcher:
     async def _events(
         self, attempt_id: str, watched: list[NodePublic]
     ) -> AsyncIterator[TokenEvent]:
+        """The attempt's events; NodeDown when a watched node dies, leaves the
+        registry, goes silent, or is drained with ``--migrate`` (checked once a
+        LIVENESS_CHECK_S, also while events flow)."""
         silence = 0.0
+        checked = time.monotonic()
         while True:
             event = await self.client.next_event(attempt_id, LIVENESS_CHECK_S)
             if event is not None:
@@ -348,11 +376,16 @@ class Dispatcher:
                 yield event
                 if event.finish_reason is not None:
                     return
-                continue
-            silence += LIVENESS_CHECK_S
-            for node in watched:
-                if not await self.fleet.is_alive(node.node_id):
-                    raise NodeDown(node, "left the registry")
+            else:
+                silence += LIVENESS_CHECK_S
+            if event is None or time.monotonic() - checked >= LIVENESS_CHECK_S:
+                checked = time.monotonic()
+                for node in watched:
+                    status = await self.fleet.status(node.node_id)
+                    if status is None or status == "dead":
+                        raise NodeDown(node, "left the registry")
+                    if status == "migrating":
+                        raise NodeDown(node, "is drained with --migrate", died=False)
             if silence >= self.settings.token_timeout_s:
                 raise NodeDown(watched[-1], f"sent nothing for {silence:g} s")
 

@@ -65,9 +65,14 @@ class Fleet:
 
     async def is_alive(self, node_id: str) -> bool:
         """Whether the node is in the registry and not dead (heartbeats lapsed)."""
+        status = await self.status(node_id)
+        return status is not None and status != "dead"
+
+    async def status(self, node_id: str) -> str | None:
+        """The node's status in the registry (cached briefly); None once it is gone."""
         await self.nodes()
         node = self._nodes.get(node_id)
-        return node is not None and node.status != "dead"
+        return None if node is None else node.status
 
     async def max_model_len(self) -> int | None:
         """The context every ready node can serve, or None when no node is ready."""

@@ -41,6 +41,11 @@ class Metrics:
         self.generation_tokens = Counter(
             "lightpd_generation_tokens", "Generated tokens", registry=self.registry
         )
+        self.migrations = Counter(
+            "lightpd_request_migrations",
+            "Requests moved to another decode node mid-stream (node died or drained)",
+            registry=self.registry,
+        )
         self.registry.register(_NodeCollector(nodes))
 
     def finish(

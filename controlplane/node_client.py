@@ -4,6 +4,8 @@ One DEALER per node, keyed with the fleet's CURVE keys, carries the calls and
 brings back both their replies (matched by ``call_id``) and the Tokens of the
 requests sent there: a request's events are accepted only from the nodes it was
 sent to. Each request gets a secret that its KV, first token and abort carry.
+Each second a Lease goes to every node over the same DEALER: a node aborts the
+requests of a control plane it has not heard from for its lease time.
 Used by the control plane and by tests.
 """
 
@@ -21,12 +23,14 @@ import zmq.asyncio
 
 from common.wire.auth import FleetKeys, new_secret
 from common.wire.messages import (
+    LEASE_RENEW_S,
     Abort,
     Accepted,
     Error,
     Health,
     HealthCheck,
     KVTarget,
+    Lease,
     Message,
     NodeStatus,
     Prefill,
@@ -79,6 +83,16 @@ class _Stream:
     sources: set[str] = field(default_factory=set)  # endpoints it was sent to
 
 
+def _lease_sent(sent: asyncio.Future) -> None:
+    """Collect a Lease send's outcome; a full queue (a node down or not reading)
+    is expected and says nothing new."""
+    if sent.cancelled():
+        return
+    exc = sent.exception()
+    if exc is not None and not isinstance(exc, zmq.Again):
+        logger.warning("could not send a lease: %s", exc)
+
+
 class NodeClient:
     def __init__(self, cluster_token: str) -> None:
         self.keys = FleetKeys.from_token(cluster_token)
@@ -90,6 +104,8 @@ class NodeClient:
         self._streams: dict[str, _Stream] = {}
         self._call_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
+        self._renewing: asyncio.Task | None = None
+        self._lease_sends: dict[str, asyncio.Future] = {}  # the last Lease sent per node
 
     async def __aenter__(self) -> "NodeClient":
         return self
@@ -118,10 +134,12 @@ class NodeClient:
         queue_timeout_s: float = 180.0,
         kv_timeout_s: float = 30.0,
         prefill_here: bool = False,
+        output_token_ids: tuple[int, ...] = (),
     ) -> Reserved:
         """Hold slots on a decode node; returns once they are granted. The node
         queues the request for up to ``queue_timeout_s``, then refuses it "busy".
-        With ``prefill_here`` the node computes the prompt itself (no Prefill)."""
+        With ``prefill_here`` the node computes the prompt itself (no Prefill), and
+        ``output_token_ids`` after it: what the request generated elsewhere."""
         stream = self._stream(request_id)
         stream.sources.add(endpoint)
         message = Reserve(
@@ -133,6 +151,7 @@ class NodeClient:
             queue_timeout_s=queue_timeout_s,
             kv_timeout_s=kv_timeout_s,
             prefill_here=prefill_here,
+            output_token_ids=output_token_ids,
         )
         return await self._call(endpoint, message, queue_timeout_s + RESERVE_GRACE_S)
 
@@ -203,7 +222,37 @@ class NodeClient:
             sock.connect(endpoint)
             self._dealers[endpoint] = sock
             self._tasks.append(asyncio.create_task(self._read(endpoint, sock)))
+            if self._renewing is None:
+                self._renewing = asyncio.create_task(self._renew_leases())
+                self._tasks.append(self._renewing)
         return sock
+
+    # ---- leases ----
+
+    async def _renew_leases(self) -> None:
+        """Every LEASE_RENEW_S, a Lease to every node this client is connected to:
+        a node frees the requests of a control plane it has not heard from for its
+        lease time (5 s by default), so only a vanished one loses them.
+
+        The Lease waits behind no call: it is sent without blocking, and a node
+        whose last Lease is still queued (it is not reading) gets no other; what
+        is queued renews the lease once read. A late tick is logged: it means
+        the event loop was blocked, the one thing that could starve renewals."""
+        lease = encode(Lease())
+        loop = asyncio.get_running_loop()
+        due = loop.time() + LEASE_RENEW_S
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            late = loop.time() - due
+            if late > LEASE_RENEW_S:
+                logger.warning("lease renewals ran %.1f s late: the event loop was blocked", late)
+            for endpoint, sock in list(self._dealers.items()):
+                previous = self._lease_sends.get(endpoint)
+                if previous is None or previous.done():
+                    sent = sock.send(lease, flags=zmq.NOBLOCK)
+                    sent.add_done_callback(_lease_sent)
+                    self._lease_sends[endpoint] = sent
+            due = loop.time() + LEASE_RENEW_S
 
     async def _read(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         while True:

@@ -5,7 +5,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 NodeRole = Literal["prefill", "decode"]
-NodeStatus = Literal["ready", "draining", "dead"]
+# "migrating": draining, and its running requests are moved to other nodes now.
+NodeStatus = Literal["ready", "draining", "migrating", "dead"]
 
 
 class NodeRegistration(BaseModel):

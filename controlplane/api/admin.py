@@ -19,10 +19,13 @@ async def list_nodes(state: State) -> list[NodePublic]:
 
 
 @router.post("/nodes/{node_id}/drain")
-async def drain_node(node_id: str, state: State) -> dict:
-    if not await state.store.set_status(node_id, "draining"):
+async def drain_node(node_id: str, state: State, migrate: bool = False) -> dict:
+    """No new requests go to the node; with ``migrate`` its running requests also
+    move to other decode nodes now (every control plane moves its own)."""
+    status = "migrating" if migrate else "draining"
+    if not await state.store.set_status(node_id, status):
         raise OpenAIError(404, f"no node {node_id}", code="node_not_found")
-    return {"node_id": node_id, "status": "draining"}
+    return {"node_id": node_id, "status": status}
 
 
 @router.delete("/nodes/{node_id}")

@@ -1,5 +1,6 @@
 """Growing, draining and losing nodes while traffic runs; membership checks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -150,37 +151,133 @@ def test_node_add_and_drain_while_traffic_runs(model):
         fleet.stop()
 
 
-def test_killing_a_decode_node_retries_or_fails_cleanly(model):
-    fleet = LocalFleet(model, node_ttl_s=2.0, node_args=("--num-kv-slots", "4096")).start(decode=2)
+MIGRATION_TOKENS = 120
+MIGRATION_STREAMS = 16
+
+
+class Stream(threading.Thread):
+    """One greedy chat stream, its SSE data lines kept as they arrive."""
+
+    def __init__(self, fleet: LocalFleet) -> None:
+        super().__init__(daemon=True)
+        self.fleet = fleet
+        self.lines: list[str] = []
+
+    def run(self) -> None:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": MIGRATION_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        url = f"{self.fleet.url}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    self.lines.append(line)
+
+    def chunks(self) -> list[dict]:
+        return [json.loads(line[6:]) for line in self.lines if line != "data: [DONE]"]
+
+    def text(self) -> str:
+        deltas = [c["choices"][0]["delta"] for c in self.chunks() if c["choices"]]
+        return "".join(delta.get("content") or "" for delta in deltas)
+
+    def usage(self) -> dict | None:
+        return next((c["usage"] for c in self.chunks() if c.get("usage")), None)
+
+
+def migrate_mid_stream(fleet: LocalFleet, move) -> tuple[str, list[Stream]]:
+    """The text of an uninterrupted run, then MIGRATION_STREAMS streams during which
+    ``move(victim)`` takes one decode node away once every stream has started."""
+    reference = Stream(fleet)
+    reference.run()
+    assert reference.lines[-1] == "data: [DONE]"
+    streams = [Stream(fleet) for _ in range(MIGRATION_STREAMS)]
+    for stream in streams:
+        stream.start()
+    deadline = time.monotonic() + 60
+    while not all(len(s.lines) >= 3 for s in streams):  # each is decoding somewhere
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.02)
+    nodes = fleet.admin("GET", "/admin/nodes").json()
+    decoders = [n for n in nodes if n["role"] == "decode"]
+    victim_id = max(decoders, key=lambda n: n["stats"]["num_running"])["node_id"]
+    move(next(n for n in fleet.nodes if n.node_id == victim_id))
+    for stream in streams:
+        stream.join(timeout=120)
+    assert not any(s.is_alive() for s in streams), "a stream hung"
+    return reference.text(), streams
+
+
+def assert_all_continued(reference: str, streams: list[Stream]) -> None:
+    for stream in streams:
+        assert stream.lines[-1] == "data: [DONE]"
+        assert not any('"error"' in line for line in stream.lines), stream.lines[-3:]
+        assert stream.text() == reference  # no token lost or repeated across the move
+        assert stream.usage()["completion_tokens"] == MIGRATION_TOKENS
+
+
+@pytest.mark.parametrize("transport", ["zmq", "nccl"])
+def test_streams_on_a_killed_decode_node_continue_on_the_other(model, transport):
+    node_args = ("--num-kv-slots", "4096", "--kv-transport", transport)
+    fleet = LocalFleet(model, node_ttl_s=2.0, node_args=node_args).start(decode=2)
     try:
-        victim = next(n for n in fleet.nodes if n.role == "decode")
-        results: list = []
+        killed = []
 
-        def one() -> None:
-            results.append(chat(fleet, 60, stream=True))
+        def kill(node) -> None:
+            node.kill()
+            killed.append(node)
 
-        threads = [threading.Thread(target=one) for _ in range(12)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        victim.kill()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads), "a request hung"
-        assert len(results) == 12
-        finished = [
-            r
-            for r in results
-            if r[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(r)
-        ]
-        failed = [r for r in results if any('"error"' in line for line in r)]
-        assert len(finished) + len(failed) == 12
-        assert all("the request was interrupted" in "".join(r) for r in failed)
+        reference, streams = migrate_mid_stream(fleet, kill)
+        assert_all_continued(reference, streams)
+        metrics = httpx.get(f"{fleet.url}/metrics", timeout=10).text
+        moved = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("lightpd_request_migrations_total")
+        )
+        assert moved >= 1
         # The dead node stays listed as dead (and gets nothing) until it is removed.
+        victim = killed[0]
         fleet.wait_for(lambda ns: {n["node_id"]: n["status"] for n in ns}[victim.node_id] == "dead")
         assert chat(fleet, 5).status_code == 200  # new requests go to the survivor
         assert fleet.admin("DELETE", f"/admin/nodes/{victim.node_id}").status_code == 200
         fleet.wait_for(lambda ns: victim.node_id not in {n["node_id"] for n in ns})
+        fleet.wait_for(lambda ns: all(idle(n) for n in ns))  # nothing leaked on survivors
+    finally:
+        fleet.stop()
+
+
+def idle(node: dict) -> bool:
+    stats = node["stats"]
+    return stats["num_free_slots"] == node["num_slots"] and stats["num_running"] == 0
+
+
+def test_drain_migrate_empties_a_decode_node_at_once(model):
+    fleet = LocalFleet(model, node_args=("--num-kv-slots", "4096")).start(decode=2)
+    try:
+        drained = []
+
+        def drain(node) -> None:
+            done = run_lightctl(fleet, "node", "drain", "--migrate", node.node_id)
+            assert done.returncode == 0, done.stderr
+            assert "migrating" in done.stdout
+            drained.append(node)
+
+        reference, streams = migrate_mid_stream(fleet, drain)
+        assert_all_continued(reference, streams)
+        node_id = drained[0].node_id
+        # The node is alive and empty, and gets no new request.
+        fleet.wait_for(lambda ns: idle(next(n for n in ns if n["node_id"] == node_id)))
+        assert chat(fleet, 5).status_code == 200
+        nodes = {n["node_id"]: n for n in fleet.admin("GET", "/admin/nodes").json()}
+        assert nodes[node_id]["status"] == "migrating"
+        assert nodes[node_id]["stats"]["num_running"] == 0
     finally:
         fleet.stop()
 
