@@ -14,8 +14,9 @@ then and never carries an error for a request that never ran.
 
 A request whose KV hand-off fails before its first token is tried again on
 other nodes (up to ``max_attempts``); so is one whose node dies then, but only
-once: a request that was on two nodes that died is failed, since it may be
-what killed them. A request that a node failed for its own sake (it would fail
+once per role: a request that was on two prefill nodes, or two decode nodes,
+that died is failed, since it may be what killed them (one of each is two
+faults, more likely unrelated). A request that a node failed for its own sake (it would fail
 anywhere) is failed with the node's reason, not retried.
 
 A request whose decode node dies, leaves the registry or is drained with
@@ -23,12 +24,13 @@ A request whose decode node dies, leaves the registry or is drained with
 node gets the prompt and every token streamed so far (``output_token_ids``),
 recomputes them and goes on, counting them as output, so seeded sampling,
 penalties and limits continue exactly and the client's stream goes on with no
-token twice or missing. The same bounds hold (two node deaths, ``max_attempts``
-tries, ``queue_timeout_s`` to find room); past them the stream ends with an
-error event. A node counts as failed when the
-registry loses it or marks it dead (no heartbeat for the TTL, or a stuck
-serving loop) or a call to it times out. The caller closing the stream aborts
-the request on both nodes.
+token twice or missing. The same bounds hold (two deaths of one role,
+``max_attempts`` failures on live nodes, ``queue_timeout_s`` to find room);
+past them the stream ends with an error event.
+
+A node counts as failed when the registry loses it or marks it dead (no
+heartbeat for the TTL, or a stuck serving loop) or a call to it times out. The
+caller closing the stream aborts the request on both nodes.
 
 Each request's timeline goes to Redis at its transitions: queued (waiting for a
 decode node's reservation), prefilling (the prefill node has the prompt; its
@@ -56,7 +58,7 @@ from controlplane.timeseries import Timeseries
 
 logger = logging.getLogger(__name__)
 LIVENESS_CHECK_S = 1.0
-MAX_NODE_DEATHS = 2  # a request on this many nodes that died is not tried again
+MAX_NODE_DEATHS = 2  # a request on this many nodes of one role that died is not tried again
 
 
 class NoCapacityError(RuntimeError):
@@ -72,12 +74,16 @@ class RequestRejected(ValueError):
 
 
 class NodeDown(RuntimeError):
-    """The attempt failed with its node (``died``: the node itself is gone)."""
+    """The attempt failed with its node (``died``: the node itself is gone;
+    ``drained``: it is alive but its requests move, ``--migrate``)."""
 
-    def __init__(self, node: NodePublic, reason: str, died: bool = True) -> None:
+    def __init__(
+        self, node: NodePublic, reason: str, died: bool = True, drained: bool = False
+    ) -> None:
         super().__init__(f"{node.role} node {node.node_id} {reason}")
         self.node = node
         self.died = died
+        self.drained = drained
 
 
 class NodeBusyError(RuntimeError):
@@ -120,7 +126,7 @@ class Dispatcher:
         ended = False  # the event that ends the request went out
         error: str | None = None
         tried: set[str] = set()
-        deaths = 0
+        deaths = {"prefill": 0, "decode": 0}  # nodes that died while serving it, by role
         generated: list[int] = []  # every token streamed, whichever node made it
         admitted = admitted or asyncio.Event()
         queued = False
@@ -147,7 +153,10 @@ class Dispatcher:
                 request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
             )
             deadline = time.monotonic() + self.settings.queue_timeout_s
-            for attempt in range(self.settings.max_attempts):
+            failures = 0  # attempts that failed on a live node (refusals, hand-offs)
+            attempt = -1
+            while failures < self.settings.max_attempts:
+                attempt += 1  # node deaths are bounded by MAX_NODE_DEATHS instead
                 resume = tuple(generated)
                 try:
                     decode, prefill = await self._pick(tried, len(prompt) + len(resume), resume)
@@ -179,33 +188,33 @@ class Dispatcher:
                 except NodeBusyError as exc:  # its queue is full: another node may have room
                     logger.info("request %s: %s", request_id, exc)
                     tried.add(exc.node.node_id)
+                    failures += 1
                     continue
                 except NodeDown as exc:
                     logger.warning("request %s: %s", request_id, exc)
                     tried.add(exc.node.node_id)
-                    deaths += exc.died
+                    deaths[exc.node.role] += exc.died
+                    failures += not exc.died and not exc.drained
                     if generated:  # it moves, with what it streamed so far
                         self.metrics.migrations.inc()
                         self.timeseries.count("migrated")
                         deadline = time.monotonic() + self.settings.queue_timeout_s
-                    if deaths >= MAX_NODE_DEATHS:
+                    if deaths[exc.node.role] >= MAX_NODE_DEATHS:
                         error, ended = (
-                            f"{exc}; {deaths} nodes died while serving this request, "
-                            "so it is not tried again",
+                            f"{exc}; {deaths[exc.node.role]} {exc.node.role} nodes died while "
+                            "serving this request, so it is not tried again",
                             True,
                         )
                         yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
                         return
             if admitted.is_set():  # it ran, and failed on every node it was sent to
                 error, ended = (
-                    f"no node could serve the request after {self.settings.max_attempts} attempts",
+                    f"no node could serve the request: {failures} attempts failed",
                     True,
                 )
                 yield TokenEvent(request_id=request_id, finish_reason="error", error=error)
                 return
-            raise NoCapacityError(
-                f"no node could take the request after {self.settings.max_attempts} attempts"
-            )
+            raise NoCapacityError(f"no node could take the request: {failures} attempts failed")
         except (NoCapacityError, RequestRejected) as exc:
             error = str(exc)
             raise
@@ -364,9 +373,9 @@ class Dispatcher:
     async def _events(
         self, attempt_id: str, watched: list[NodePublic]
     ) -> AsyncIterator[TokenEvent]:
-        """The attempt's events; NodeDown when a watched node dies, leaves the
-        registry, goes silent, or is drained with ``--migrate`` (checked once a
-        LIVENESS_CHECK_S, also while events flow)."""
+        """The attempt's events; NodeDown when a watched node goes silent and is dead
+        or gone from the registry, stays silent too long, or is drained with
+        ``--migrate`` (checked once a LIVENESS_CHECK_S, also while events flow)."""
         silence = 0.0
         checked = time.monotonic()
         while True:
@@ -382,10 +391,12 @@ class Dispatcher:
                 checked = time.monotonic()
                 for node in watched:
                     status = await self.fleet.status(node.node_id)
-                    if status is None or status == "dead":
-                        raise NodeDown(node, "left the registry")
                     if status == "migrating":
-                        raise NodeDown(node, "is drained with --migrate", died=False)
+                        raise NodeDown(node, "is drained with --migrate", died=False, drained=True)
+                    # A node streaming to us is alive, whatever a registry that missed its
+                    # heartbeats (a Redis restart) says: only silence makes it dead.
+                    if event is None and status in (None, "dead"):
+                        raise NodeDown(node, "left the registry")
             if silence >= self.settings.token_timeout_s:
                 raise NodeDown(watched[-1], f"sent nothing for {silence:g} s")
 

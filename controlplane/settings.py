@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_queued: int = Field(1024, ge=0)
     kv_timeout_s: float = Field(30.0, gt=0, le=600)  # admitted, until its KV is complete
     token_timeout_s: float = 120.0  # longest silence of a running request
-    max_attempts: int = 3  # tries of a request whose node fails before its first token
+    max_attempts: int = 3  # failed tries on live nodes (busy, failed hand-offs) per request
     # Prompts of at most this many tokens are prefilled on their decode node, which
     # saves the hand-off where it costs more than it spares; 0: only when no
     # prefill node can take the request (a fleet without any is colocated). 128 from
@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # Larger request bodies are refused (413) before they are read whole: the chat
     # template and the tokenizer take time in proportion to the body.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # On SIGTERM or SIGINT the API refuses new requests (503 with Retry-After) and
+    # those running get this long to finish; the rest then end with an error (a
+    # stream with an error event and [DONE]) and are aborted on their nodes.
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
 
     @field_validator("model")
     @classmethod
