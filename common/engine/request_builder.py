@@ -83,3 +83,6 @@ class RequestBuilder:
         bad = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad is not None:
             raise RequestError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")

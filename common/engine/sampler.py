@@ -37,6 +37,9 @@ class SamplingBatch:
     num_top_logprobs: int  # -1: no logprobs wanted in this batch
     # Ids that may not be sampled yet (min_new_tokens), -1 padded: (B, S) or None.
     suppressed_ids: torch.Tensor | None = None
+    # logit_bias: ids (-1 padded) and the biases added to their logits, (B, K) or None.
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
     # Penalties: None when no request in the batch uses them.
     repetition_penalties: torch.Tensor | None = None  # (B,)
     presence_penalties: torch.Tensor | None = None  # (B,)
@@ -71,6 +74,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Choose one token per row of ``logits`` [B, V]; no host sync."""
         logits = logits.float()
+        if batch.bias_ids is not None:
+            logits = self._bias(logits, batch.bias_ids, batch.bias_values)
         logprobs = logits.log_softmax(dim=-1) if batch.num_top_logprobs >= 0 else None
         if batch.repetition_penalties is not None:
             logits = self._apply_penalties(logits, batch)
@@ -125,6 +130,12 @@ class Sampler:
         # Presence and frequency penalties as in OpenAI's API, over the output only.
         logits = logits - batch.frequency_penalties[:, None] * counts
         return logits - batch.presence_penalties[:, None] * (counts > 0).float()
+
+    def _bias(self, logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        dump = self.vocab_size  # padding lands in an extra column, dropped after
+        padded = torch.nn.functional.pad(logits, (0, 1))
+        padded.scatter_add_(1, torch.where(ids >= 0, ids.long(), dump), values)
+        return padded[:, :dump]
 
     def _suppress(self, logits: torch.Tensor, suppressed_ids: torch.Tensor) -> torch.Tensor:
         dump = self.vocab_size

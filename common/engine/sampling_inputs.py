@@ -62,6 +62,12 @@ class SamplingInputs:
             batch.suppressed_ids = self._tensor(
                 [s + [-1] * (width - len(s)) for s in suppressed], torch.int64
             )
+        if any(p.logit_bias for p in params):
+            width = max(len(p.logit_bias) for p in params)
+            pad = [(-1, 0.0)] * width
+            rows = [list(p.logit_bias) + pad[len(p.logit_bias) :] for p in params]
+            batch.bias_ids = self._tensor([[t for t, _ in r] for r in rows], torch.int64)
+            batch.bias_values = self._tensor([[b for _, b in r] for r in rows], torch.float32)
         if any(p.uses_penalties for p in params):
             self._add_penalties(batch, requests, table)
         return batch

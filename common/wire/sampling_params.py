@@ -5,6 +5,7 @@ import msgspec
 INT32_LIMIT = 1 << 31
 SEED_LIMIT = 1 << 63
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API allows
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -13,6 +14,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ``temperature == 0`` is greedy. ``top_k`` of 0 or -1 disables top-k.
     ``logprobs``: None returns none, 0 the chosen token's, N also the top N.
     ``seed`` makes the request's random choices depend on nothing else.
+    ``logit_bias``: (token id, bias in [-100, 100]) pairs added to the logits
+    before anything else (penalties, masks, temperature), as OpenAI's API does.
     """
 
     max_new_tokens: int = 16
@@ -28,6 +31,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +82,18 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             (
                 all(0 <= t < INT32_LIMIT for t in self.stop_token_ids),
                 f"stop_token_ids must be in [0, {INT32_LIMIT})",
+            ),
+            (
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(self.logit_bias)}",
+            ),
+            (
+                all(0 <= t < INT32_LIMIT for t, _ in self.logit_bias),
+                f"logit_bias token ids must be in [0, {INT32_LIMIT})",
+            ),
+            (
+                all(-100 <= b <= 100 for _, b in self.logit_bias),
+                "logit_bias values must be in [-100, 100]",
             ),
         ]
         for ok, message in checks:

@@ -510,3 +510,24 @@ def test_a_resumed_request_that_cannot_go_on_is_refused(tiny_model):
     with pytest.raises(RequestError, match="output token id 999999 is outside"):
         engine.add_request("bad", [5, 6], params, output_token_ids=[999999])
     assert not engine.has_unfinished()
+
+
+def test_logit_bias_steers_greedy_decoding_and_bad_ids_are_refused(tiny_model):
+    engine = make_engine(tiny_model("llama"))
+    prompt = random_prompts([6], engine.model_config.vocab_size)[0]
+    plain = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    unbiased = run_one(engine, "plain", prompt, plain)
+    forced = SamplingParams(
+        temperature=0, max_new_tokens=5, ignore_eos=True, logit_bias=((11, 100.0),)
+    )
+    assert run_one(engine, "forced", prompt, forced) == [11] * 5
+    banned = SamplingParams(
+        temperature=0, max_new_tokens=5, ignore_eos=True, logit_bias=((unbiased[0], -100.0),)
+    )
+    assert run_one(engine, "banned", prompt, banned)[0] != unbiased[0]
+    vocab = engine.model_config.vocab_size
+    bad = SamplingParams(temperature=0, logit_bias=((vocab, 1.0),))
+    with pytest.raises(RequestError, match=f"logit_bias token id {vocab} is outside"):
+        engine.add_request("bad", prompt, bad)
+    with pytest.raises(ValueError, match="logit_bias values must be in"):
+        SamplingParams(logit_bias=((1, 101.0),))

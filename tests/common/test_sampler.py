@@ -209,3 +209,30 @@ def test_penalties_over_a_history_longer_than_the_vocabulary(kind):
     assert not torch.allclose(expected, logits), "the penalty should change something"
     assert torch.allclose(sampler._apply_penalties(logits.clone(), batch), expected)
     assert torch.equal(sampler(logits, batch).token_ids, expected.argmax(-1))
+
+
+def test_logit_bias_is_added_to_the_logits_of_its_rows_only():
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    logits = random_logits(3)
+    # Row 0 forces token 7, row 1 bans its argmax and nudges token 3, row 2 has none.
+    banned = int(logits[1].argmax())
+    bias_ids = torch.tensor([[7, -1], [banned, 3], [-1, -1]])
+    bias_values = torch.tensor([[100.0, 0.0], [-100.0, 0.5], [0.0, 0.0]])
+    batch = make_batch(
+        3,
+        temperatures=torch.zeros(3),
+        all_greedy=True,
+        num_top_logprobs=0,
+        bias_ids=bias_ids,
+        bias_values=bias_values,
+    )
+    out = sampler(logits, batch)
+    expected = logits.clone()
+    expected[0, 7] += 100
+    expected[1, banned] -= 100
+    expected[1, 3] += 0.5
+    assert torch.equal(out.token_ids, expected.argmax(-1))
+    assert out.token_ids[0] == 7 and out.token_ids[1] != banned
+    # Logprobs are of the biased distribution, as OpenAI's API reports them.
+    chosen = expected.log_softmax(-1).gather(1, out.token_ids[:, None]).squeeze(1)
+    assert torch.allclose(out.logprobs, chosen)
