@@ -16,7 +16,6 @@ from common.engine.connector import KVRecvSpec
 from common.node.runtime import token_event
 from common.node.server import Client, NodeServer
 from common.wire.messages import Error, Message, Reserve, Reserved, TokenEvent
-from common.wire.sockets import send
 
 
 class DecodeServer(NodeServer):
@@ -67,7 +66,7 @@ class DecodeServer(NodeServer):
             client = self.clients.pop(request_id)
             reason = "no KV slots freed up within the request's queue timeout"
             error = Error(call_id=call_id, request_id=request_id, code="busy", message=reason)
-            send(self.control, client.origin, error)
+            self.send_to_origin(client.origin, error)
 
     def _answer_admitted(self) -> None:
         for request_id in self.engine.pop_admitted():
@@ -82,7 +81,7 @@ class DecodeServer(NodeServer):
                 layout=self.layout,
                 kv_transport=self.connector.transport,
             )
-            send(self.control, client.origin, reserved)
+            self.send_to_origin(client.origin, reserved)
 
     def publish(self, outputs: list[RequestOutput]) -> None:
         # A request prefilled here has its first token (or even its end) in the step

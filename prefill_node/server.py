@@ -12,7 +12,6 @@ from common.engine.connector import KVSendSpec
 from common.node.runtime import error_event
 from common.node.server import Client, NodeServer
 from common.wire.messages import Accepted, Message, Prefill, TokenEvent
-from common.wire.sockets import send
 
 
 class PrefillServer(NodeServer):
@@ -44,9 +43,8 @@ class PrefillServer(NodeServer):
             self.refuse(identity, message, str(exc), "invalid")
             return True
         self.clients[message.request_id] = Client(identity, message.secret)
-        send(
-            self.control, identity, Accepted(call_id=message.call_id, request_id=message.request_id)
-        )
+        accepted = Accepted(call_id=message.call_id, request_id=message.request_id)
+        self.send_to_origin(identity, accepted)
         return True
 
     def event_for(self, output: RequestOutput) -> TokenEvent | None:

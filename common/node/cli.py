@@ -18,7 +18,7 @@ import typer
 from common.engine import EngineConfig
 from common.node.registrar import Registrar
 from common.node.runtime import default_node_id
-from common.node.server import NodeConfig, NodeServer
+from common.node.server import DEFAULT_LEASE_S, NodeConfig, NodeServer
 
 Model = Annotated[str, typer.Option(help="Local Hugging Face model directory.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda:N.")]
@@ -101,6 +101,14 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 "or auto (nccl on a GPU, else zmq)."
             ),
         ] = "auto",
+        lease_s: Annotated[
+            float,
+            typer.Option(
+                help="Seconds a control plane may send nothing (it renews its lease every "
+                "second) before this node takes it for gone and aborts its requests, "
+                "freeing their KV; at least 2."
+            ),
+        ] = DEFAULT_LEASE_S,
     ) -> None:
         def start() -> None:
             if not cluster_token:
@@ -129,6 +137,7 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 control_port=port,
                 kv_port=kv_port,
                 kv_transport=kv_transport,
+                lease_s=lease_s,
             )
             serve(make_server(config), role, control_plane, cluster_token)
 
@@ -148,8 +157,11 @@ def serve(server: NodeServer, role: str, control_plane: str | None, cluster_toke
         if reason:
             print(("error: " if code else "") + reason, file=sys.stderr, flush=True)
         server.stop()
-        # Whatever the loop is doing, the process ends within the grace period.
-        threading.Timer(STOP_GRACE_S, lambda: os._exit(exit_code or 0)).start()
+        # Whatever the loop is doing, the process ends within the grace period; a
+        # daemon, so a node that stops cleanly exits at once rather than waiting it out.
+        deadline = threading.Timer(STOP_GRACE_S, lambda: os._exit(exit_code or 0))
+        deadline.daemon = True
+        deadline.start()
 
     signal.signal(signal.SIGTERM, lambda *_: stop())
     signal.signal(signal.SIGINT, lambda *_: stop())

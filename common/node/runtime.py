@@ -3,7 +3,8 @@
 No send on a serving loop may block: every reply and token message goes out with
 NOBLOCK through a ROUTER in mandatory mode, so a peer that is gone or has stopped
 reading (its queue reached the high-water mark) makes the send fail at once
-instead of hanging the loop; the requests of that peer are then aborted.
+instead of hanging the loop; the requests of that peer are then aborted, as are
+those of a control plane that has said nothing for its lease time (``Leases``).
 """
 
 import logging
@@ -112,12 +113,12 @@ def receive(sock: zmq.Socket) -> tuple[bytes, Message, list[zmq.Frame]] | None:
     return identity, message, frames[2:]
 
 
-def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]], None]) -> None:
+def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]], None]) -> bool:
     """Handle the messages waiting on a ROUTER socket; bounded, so a flood of
-    messages cannot starve the running batch."""
+    messages cannot starve the running batch. True if none is left waiting."""
     for _ in range(256):
         if not sock.poll(0, zmq.POLLIN):
-            return
+            return True
         received = receive(sock)
         if received is None:
             continue
@@ -136,6 +137,34 @@ def drain(sock: zmq.Socket, handler: Callable[[bytes, Message, list[zmq.Frame]],
                     message=f"the node could not handle this {type(message).__name__}: {exc}",
                 ),
             )
+    return not sock.poll(0, zmq.POLLIN)
+
+
+class Leases:
+    """When each control plane was last heard from, by the identity of its
+    connection: any message renews its lease. One silent for ``lease_s`` is taken
+    for gone, and only the requests that came over that same connection are its.
+
+    The caller asks ``expired`` once it has read what waits on the socket, so a
+    serving loop that was itself stalled (a long step) reads the renewals that
+    queued up meanwhile before it judges anyone."""
+
+    def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self._heard: dict[bytes, float] = {}
+
+    def heard(self, origin: bytes) -> None:
+        self._heard[origin] = time.monotonic()
+
+    def expired(self, owners: set[bytes]) -> list[bytes]:
+        """The ``owners`` (origins that hold requests here) silent past the lease.
+        Forgets every other origin, so peers holding no request cost nothing."""
+        now = time.monotonic()
+        self._heard = {o: self._heard.get(o, now) for o in owners}
+        return [o for o, heard in self._heard.items() if now - heard > self.lease_s]
+
+    def forget(self, origin: bytes) -> None:
+        self._heard.pop(origin, None)
 
 
 class LoopClock:

@@ -9,10 +9,13 @@ decode) adds only what its requests mean: ``handle`` for its messages,
 outputs tell the control plane.
 
 Who may speak for a request here: the control plane whose connection brought
-it (its tokens go back there) and whoever holds its secret (its abort).
+it (its tokens go back there, and its messages renew the request's lease) and
+whoever holds its secret (its abort). A control plane that cannot be reached,
+or has sent nothing for ``lease_s``, is gone: its requests are aborted.
 """
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +26,15 @@ from common.engine import EngineConfig, LLMEngine, RequestOutput
 from common.engine.connector.collective import CollectiveConnector
 from common.engine.connector.zeromq import LANES, ZmqConnector
 from common.engine.kv_transfer import kv_layout
-from common.node.runtime import LoopClock, Publisher, RateMeter, drain
+from common.node.runtime import Leases, LoopClock, Publisher, RateMeter, drain, error_event
 from common.wire.auth import FleetKeys, same_secret, start_authenticator
 from common.wire.messages import (
+    LEASE_RENEW_S,
     Abort,
     Error,
     Health,
     HealthCheck,
+    Lease,
     Message,
     NodeStats,
     NodeStatus,
@@ -40,6 +45,9 @@ from common.wire.sockets import bind, send, serving_socket
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 20
+LEASE_CHECK_S = 0.25  # how often the loop looks for control planes past their lease
+DEFAULT_LEASE_S = 5.0
+MAX_LEASE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,18 @@ class NodeConfig:
     # torch.distributed group per node pair: NCCL on GPUs, Gloo on CPU), or "auto"
     # (nccl when this node's device is a GPU, else zmq).
     kv_transport: str = "auto"
+    # A control plane renews its lease every LEASE_RENEW_S; one that has sent this
+    # node nothing for lease_s is taken for gone and its requests here are aborted.
+    lease_s: float = DEFAULT_LEASE_S
 
     def __post_init__(self) -> None:
         if self.kv_transport not in ("auto", "zmq", "nccl"):
             raise ValueError(f"--kv-transport must be auto, zmq or nccl, not {self.kv_transport!r}")
+        if not 2 * LEASE_RENEW_S <= self.lease_s <= MAX_LEASE_S:
+            raise ValueError(
+                f"--lease-s must be between {2 * LEASE_RENEW_S:g} (twice the control plane's "
+                f"renewal period) and {MAX_LEASE_S:g}, not {self.lease_s:g}"
+            )
 
 
 @dataclass
@@ -97,6 +113,10 @@ class NodeServer(ABC):
         self.engine.attach(self.connector)
         self.publisher = Publisher(self.control, config.node_id)
         self.clients: dict[str, Client] = {}
+        self.leases = Leases(config.lease_s)
+        self._next_lease_check = 0.0
+        self._last_drained = time.monotonic()  # when no message last waited unread
+        self._unreachable: set[bytes] = set()  # origins a send failed to, this round
         self.tokens_per_s = RateMeter()
         self.clock = LoopClock()
         # Refreshed by the loop; read by the heartbeat thread.
@@ -123,11 +143,12 @@ class NodeServer(ABC):
                 for sock in (self.control, *self.connector.pollables()):
                     poller.register(sock, zmq.POLLIN)
                 ready = dict(poller.poll(self._poll_timeout_ms()))
-                if self.control in ready:
-                    drain(self.control, self._on_control)
+                drained = drain(self.control, self._on_control) if self.control in ready else True
+                self._expire_leases(drained)
                 self._step()
-                for origin in self.publisher.flush():
-                    self._drop_origin(origin)
+                lost, self._unreachable = {*self._unreachable, *self.publisher.flush()}, set()
+                for origin in lost:
+                    self._abort_origin(origin, "a control plane is gone or stopped reading")
                 self.current = self.status()
                 self.clock.tick()
         finally:
@@ -159,6 +180,9 @@ class NodeServer(ABC):
     # ---- control socket ----
 
     def _on_control(self, identity: bytes, message: Message, frames: list) -> None:
+        self.leases.heard(identity)  # whatever it says, its sender is alive
+        if isinstance(message, Lease):
+            return  # that is all a Lease says
         if isinstance(message, HealthCheck):
             send(self.control, identity, self._health(message.call_id))
         elif isinstance(message, Abort):
@@ -218,13 +242,48 @@ class NodeServer(ABC):
                 del self.clients[output.request_id]
         self.tokens_per_s.add(generated)
 
-    def _drop_origin(self, origin: bytes) -> None:
-        """A control plane that is gone or stopped reading: free its requests' KV."""
+    def send_to_origin(self, origin: bytes, message: Message) -> None:
+        """Send to the control plane of a request; one that cannot take it is gone
+        (or not reading), and all its requests here are aborted after this step."""
+        if not send(self.control, origin, message):
+            self._unreachable.add(origin)
+
+    def _expire_leases(self, drained: bool) -> None:
+        """Abort the requests of control planes silent past their lease. Judged once
+        every message that came is read (a loop that was stalled reads the renewals
+        that queued up meanwhile first), or after a whole lease of backlog: the
+        socket reads its peers in turn, so by then each live one has been heard."""
+        now = time.monotonic()
+        if drained:
+            self._last_drained = now
+        elif now - self._last_drained < self.leases.lease_s:
+            return
+        if now < self._next_lease_check:
+            return
+        self._next_lease_check = now + LEASE_CHECK_S
+        owners = {client.origin for client in self.clients.values()}
+        for origin in self.leases.expired(owners):
+            silence = f"sent nothing for {self.leases.lease_s:g} s (its lease)"
+            for request_id in self._abort_origin(origin, f"a control plane {silence}"):
+                # Were it alive after all (its loop blocked that long), it learns why.
+                error = f"aborted by the node: this control plane {silence}"
+                self.publisher.add(origin, error_event(request_id, error))
+
+    def _abort_origin(self, origin: bytes, reason: str) -> list[str]:
+        """Abort every request that came from ``origin`` (wherever it is: queued,
+        reserved, prefilling, decoding, sending its KV) and free its KV; returns
+        their ids."""
+        self.leases.forget(origin)
         lost = [rid for rid, c in self.clients.items() if c.origin == origin]
-        logger.warning("a control plane stopped reading; aborting its %d requests", len(lost))
+        if not lost:
+            return lost
+        logger.warning("%s; aborting its %d requests", reason, len(lost))
         for request_id in lost:
             del self.clients[request_id]
-            self.engine.abort(request_id)
+        # Published like any ending (the role forgets them too); with their clients
+        # gone, nothing is sent for them.
+        self.publish([o for rid in lost if (o := self.engine.abort(rid)) is not None])
+        return lost
 
     def _health(self, call_id: int) -> Health:
         return Health(call_id=call_id, status=self.status())

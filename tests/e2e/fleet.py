@@ -51,6 +51,23 @@ def raw_call(
 
 
 @dataclass
+class ControlPlane:
+    """A control plane process of its own (beside a LocalFleet's) and its URL."""
+
+    process: subprocess.Popen
+    url: str
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@dataclass
 class LocalFleet:
     model: str
     node_ttl_s: float = 3.0
@@ -61,6 +78,7 @@ class LocalFleet:
     url: str = ""
     control_plane_log: Path | None = None  # None: the control plane writes to ours
     settings: dict[str, str] = field(default_factory=dict)  # more LIGHTPD_* settings
+    more_control_planes: list[ControlPlane] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -103,6 +121,20 @@ class LocalFleet:
         self.wait_for(lambda nodes: node.node_id in {n["node_id"] for n in nodes})
         return node
 
+    def add_control_plane(self, **settings: str) -> ControlPlane:
+        """Another control plane on the fleet's Redis, with more LIGHTPD_* settings
+        (``LIGHTPD_SHUTDOWN_GRACE_S="2"``); it writes to our output. The nodes keep
+        their heartbeats going to the first one."""
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "controlplane"],
+            env={**self.env, "LIGHTPD_PORT": str(port), **settings},
+        )
+        control_plane = ControlPlane(process, f"http://127.0.0.1:{port}")
+        self.more_control_planes.append(control_plane)
+        wait_healthy(control_plane.url)
+        return control_plane
+
     def admin(self, method: str, path: str) -> httpx.Response:
         return httpx.request(
             method,
@@ -122,6 +154,8 @@ class LocalFleet:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        for control_plane in self.more_control_planes:
+            control_plane.stop()
         for node in self.nodes:
             node.stop()
         if self.control_plane is not None:
