@@ -1,6 +1,7 @@
 """The control plane's FastAPI app."""
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,19 +21,27 @@ from common.tokenizer import load_tokenizer
 from common.wire.identity import model_fingerprint
 from controlplane.api import admin, dashboard, nodes, openai, system
 from controlplane.api.dashboard import STATIC_DIR
-from controlplane.api.errors import error_response, install_error_handlers, redis_unavailable
+from controlplane.api.errors import (
+    error_response,
+    install_error_handlers,
+    redis_unavailable,
+    stopping_error,
+)
 from controlplane.deps import AppState
 from controlplane.dispatcher import Dispatcher
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics
 from controlplane.node_client import NodeClient
 from controlplane.settings import Settings
-from controlplane.store import REDIS_DOWN, Store
+from controlplane.shutdown import Shutdown
+from controlplane.store import PENDING_BATCH, REDIS_DOWN, Store
 from controlplane.timeseries import Timeseries
 
 logger = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call in this, not minutes
 REDIS_REPLY_TIMEOUT_S = 10.0
+LAST_WRITES_S = 2.0  # at exit, for request states that wait for Redis
+API_PREFIX = "/v1"
 
 
 class RequireJson:
@@ -96,6 +105,27 @@ class LimitBody:
         await self.app(scope, receive_within_limit, send)
 
 
+class RefuseWhenStopping:
+    """Requests to the OpenAI API are counted while they run, and refused (503) once
+    the control plane is shutting down; everything else (health, admin, node
+    heartbeats) is served as before. A plain ASGI middleware, for RequireJson's
+    reasons."""
+
+    def __init__(self, app: ASGIApp, shutdown: Shutdown) -> None:
+        self.app = app
+        self.shutdown = shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if self.shutdown.stopping:
+            await stopping_error().response()(scope, receive, send)
+            return
+        with self.shutdown.running():
+            await self.app(scope, receive, send)
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A client whose callers wait for a free connection rather than fail: a burst of
     requests larger than the pool queues for Redis instead of erroring. A call that
@@ -122,6 +152,34 @@ def install_redis_error_handler(app: FastAPI) -> None:
         if not isinstance(exc, REDIS_DOWN):
             logger.error("Redis refused a call: %r", exc)
         return redis_unavailable()
+
+
+async def _last_request_writes(store: Store, timeout_s: float) -> None:
+    """At exit: stop the store's retries of the request states Redis missed, after one
+    last try of at most ``timeout_s``; what it does not take is lost, with a log line.
+    (It reaches into the store's writer: a ``Store.close`` would be its place.)"""
+    writes = store._request_writes
+
+    async def write_all() -> None:
+        while batch := writes._take(PENDING_BATCH):
+            if not await writes._write(batch):
+                return
+
+    await _cancelled(writes._retry)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(write_all(), timeout_s)
+    await _cancelled(writes._retry)  # a write that failed queued its batch, and a retry
+    if writes.pending:
+        logger.warning(
+            "%d request states never reached Redis; their records stay as last written",
+            len(writes.pending),
+        )
+
+
+async def _cancelled(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -152,11 +210,14 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
+                await _last_request_writes(store, LAST_WRITES_S)
         await client.aclose()
 
     app = FastAPI(title="lightpd", lifespan=lifespan)
+    app.state.shutdown = Shutdown(settings.shutdown_grace_s)  # begun by __main__'s server
     app.add_middleware(RequireJson)
-    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)  # outermost: runs first
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RefuseWhenStopping, shutdown=app.state.shutdown)  # outermost: runs first
     install_error_handlers(app)
     install_redis_error_handler(app)
     for module in (openai, admin, nodes, system, dashboard):

@@ -2,13 +2,14 @@
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass, field
 
 from common.tokenizer import Tokenizer
 from common.wire.messages import TokenLogprobs
 from common.wire.sampling_params import SamplingParams
 from controlplane.dispatcher import Dispatcher
+from controlplane.shutdown import EndedByShutdown, Shutdown
 from controlplane.text_stream import TextStream
 
 
@@ -60,32 +61,51 @@ async def run_choice(
 
 
 async def merge(
-    dispatcher: Dispatcher, tokenizer: Tokenizer, choices: list[Choice]
+    dispatcher: Dispatcher,
+    tokenizer: Tokenizer,
+    choices: list[Choice],
+    shutdown: Shutdown | None = None,
 ) -> AsyncIterator[Delta]:
-    """Deltas of all choices as they come; cancelling the consumer cancels every choice."""
+    """Deltas of all choices as they come; cancelling the consumer cancels every choice.
+    When ``shutdown``'s grace is over, the deltas end with EndedByShutdown at once,
+    and the shutdown waits for the choices' aborts."""
     queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
         try:
-            async for delta in run_choice(dispatcher, tokenizer, choice):
-                await queue.put(delta)
+            async with aclosing(run_choice(dispatcher, tokenizer, choice)) as deltas:
+                async for delta in deltas:
+                    if asyncio.current_task().cancelling():
+                        # Python 3.11's wait_for returns an event that came with the
+                        # cancel instead of raising it: the choice must still stop.
+                        raise asyncio.CancelledError
+                    await queue.put(delta)
         except Exception as exc:  # handed to the consumer, which re-raises it
             await queue.put(exc)
 
     tasks = [asyncio.create_task(pump(c)) for c in choices]
     remaining = len(choices)
-    try:
-        while remaining:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.finish_reason is not None:
-                remaining -= 1
-            yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    end_on_shutdown = (
+        nullcontext()
+        if shutdown is None
+        else shutdown.ending(lambda: queue.put_nowait(EndedByShutdown()))
+    )
+    with end_on_shutdown:
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            if shutdown is not None and shutdown.ended:
+                shutdown.clean_up_later(tasks)
+            else:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class StartedStream:

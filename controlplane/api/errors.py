@@ -22,6 +22,9 @@ _TYPES = {
     503: "service_unavailable",
 }
 REDIS_RETRY_AFTER_S = 2  # what a client is told to wait while Redis is unreachable
+NO_NODE_RETRY_AFTER_S = 5  # while no node is ready (one starting takes seconds)
+STOPPING_RETRY_AFTER_S = 1  # another control plane, or this one restarted, may serve it
+STOPPING_MESSAGE = "this control plane is shutting down; send the request again"
 
 
 class OpenAIError(Exception):
@@ -39,6 +42,9 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
 def error_body(
@@ -74,10 +80,23 @@ def redis_unavailable() -> JSONResponse:
     )
 
 
+def stopping_error() -> OpenAIError:
+    """For a request this control plane will not serve since it is shutting down: a
+    new one, or one still running at the end of the grace. The connection closes,
+    so a client's next attempt opens another (to another control plane, behind a
+    load balancer)."""
+    return OpenAIError(
+        503,
+        STOPPING_MESSAGE,
+        code="shutting_down",
+        headers={"Retry-After": str(STOPPING_RETRY_AFTER_S), "Connection": "close"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

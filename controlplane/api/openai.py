@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import random
 import time
 import uuid
@@ -12,12 +13,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.tokenizer import encode_chat
 from common.wire.sampling_params import SamplingParams
-from controlplane.api.errors import OpenAIError, error_body, error_response
+from controlplane.api.errors import (
+    NO_NODE_RETRY_AFTER_S,
+    OpenAIError,
+    error_body,
+    error_response,
+    stopping_error,
+)
 from controlplane.choices import Choice, Delta, StartedStream, merge
 from controlplane.deps import ApiKey, AppState, State
 from controlplane.dispatcher import NoCapacityError, RequestRejected
 from controlplane.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from controlplane.shutdown import EndedByShutdown, Shutdown
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[ApiKey])
 
 
@@ -94,7 +103,11 @@ async def _serve(
 ) -> JSONResponse | StreamingResponse:
     max_len = await state.fleet.max_model_len()
     if max_len is None:
-        raise OpenAIError(503, "no node is ready to serve requests")
+        raise OpenAIError(
+            503,
+            "no node is ready to serve requests",
+            headers={"Retry-After": str(NO_NODE_RETRY_AFTER_S)},
+        )
     vocab = len(state.tokenizer)
     choices = []
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -126,11 +139,12 @@ async def _serve(
             choices.append(
                 Choice(index, f"{response_id}-{index}", prompt, params, body.stop_strings)
             )
-    emitter = _Emitter(state, response_id, chat, body, prompts)
+    shutdown: Shutdown = request.app.state.shutdown
+    emitter = _Emitter(state, shutdown, response_id, chat, body, prompts)
     if body.stream:
         # The response starts only once every choice holds decode slots, so a request
         # that cannot be served gets a plain HTTP error, never an error inside a 200.
-        deltas = merge(state.dispatcher, state.tokenizer, choices)
+        deltas = merge(state.dispatcher, state.tokenizer, choices, shutdown)
         started = await _until_admitted(request, deltas, choices)
         return StreamingResponse(emitter.stream(choices, started), media_type="text/event-stream")
     task = asyncio.create_task(emitter.collect(choices))
@@ -176,6 +190,8 @@ async def _until_admitted(
                     break
                 except (NoCapacityError, RequestRejected) as exc:
                     raise _http_error(exc) from exc
+                except EndedByShutdown as exc:
+                    raise stopping_error() from exc
                 started.early.append(delta)
                 started.pending = asyncio.ensure_future(anext(deltas))
             elif not done and await request.is_disconnected():
@@ -221,12 +237,14 @@ class _Emitter:
     def __init__(
         self,
         state: AppState,
+        shutdown: Shutdown,
         response_id: str,
         chat: bool,
         body: SamplingFields,
         prompts: list[list[int]],
     ) -> None:
         self.state = state
+        self.shutdown = shutdown
         self.id = response_id
         self.chat = chat
         self.body = body
@@ -258,7 +276,7 @@ class _Emitter:
         texts = {c.index: "" for c in choices}
         logprobs = {c.index: [] for c in choices}
         reasons: dict[int, str] = {}
-        deltas = merge(self.state.dispatcher, self.state.tokenizer, choices)
+        deltas = merge(self.state.dispatcher, self.state.tokenizer, choices, self.shutdown)
         try:
             async for delta in deltas:
                 if delta.error is not None:
@@ -270,6 +288,8 @@ class _Emitter:
                     reasons[delta.index] = delta.finish_reason
         except (NoCapacityError, RequestRejected) as exc:
             raise _http_error(exc) from exc
+        except EndedByShutdown as exc:
+            raise stopping_error() from exc
         finally:
             await deltas.aclose()
         wants_logprobs = choices[0].params.logprobs is not None
@@ -288,23 +308,26 @@ class _Emitter:
         return {**self._envelope(False), "choices": out, "usage": self.usage()}
 
     async def stream(self, choices: list[Choice], deltas: StartedStream) -> AsyncIterator[str]:
+        """SSE events up to ``data: [DONE]``, which always comes: whatever ends the
+        deltas early (no node for a retry, the end of a shutdown's grace, a bug) is
+        told in an error event before it. Each event goes out whole."""
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         wants_logprobs = choices[0].params.logprobs is not None
-        if self.chat:  # the first chunk of each choice names the role
-            for c in choices:
-                yield self._sse(
-                    self._chunk(
-                        {
-                            "index": c.index,
-                            "logprobs": None,
-                            "finish_reason": None,
-                            "delta": {"role": "assistant", "content": ""},
-                        },
-                        include_usage,
-                    )
-                )
         held_logprobs: dict[int, list] = {}  # of tokens whose text is not out yet
         try:
+            if self.chat:  # the first chunk of each choice names the role
+                for c in choices:
+                    yield self._sse(
+                        self._chunk(
+                            {
+                                "index": c.index,
+                                "logprobs": None,
+                                "finish_reason": None,
+                                "delta": {"role": "assistant", "content": ""},
+                            },
+                            include_usage,
+                        )
+                    )
             async for delta in deltas:
                 self.completion_tokens += len(delta.token_ids)
                 if delta.error is not None:
@@ -323,8 +346,12 @@ class _Emitter:
                     entry["text"] = delta.text
                 yield self._sse(self._chunk(entry, include_usage))
         except (NoCapacityError, RequestRejected) as exc:  # a retry found no node
-            status = 503 if isinstance(exc, NoCapacityError) else 400
-            yield self._sse(error_body(status, str(exc)))
+            yield self._error_event(_http_error(exc))
+        except EndedByShutdown:
+            yield self._error_event(stopping_error())
+        except Exception:
+            logger.exception("stream %s failed", self.id)
+            yield self._error_event(OpenAIError(500, "internal error in the control plane"))
         finally:
             await deltas.aclose()
         if include_usage:
@@ -340,6 +367,10 @@ class _Emitter:
     @staticmethod
     def _sse(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    @classmethod
+    def _error_event(cls, error: OpenAIError) -> str:
+        return cls._sse(error_body(error.status, error.message, error.param, error.code))
 
     def _logprobs(self, entries) -> dict:
         decode = self.state.tokenizer.decode

@@ -1,6 +1,6 @@
 import asyncio
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -11,10 +11,14 @@ HEALTH_REDIS_WAIT_S = 1.0
 
 
 @router.get("/health")
-async def health(state: State) -> dict:
+async def health(state: State, request: Request) -> dict:
     """Liveness: 200 while this process serves, Redis or not, since it keeps serving
     from memory while Redis is down (restarting it would lose that); then the status
-    is "degraded" and says so, with the request states that wait for Redis."""
+    is "degraded" and says so, with the request states that wait for Redis. While it
+    shuts down the status is "stopping": it takes no new API requests."""
+    shutdown = request.app.state.shutdown
+    if shutdown.stopping:
+        return {"status": "stopping", "running_requests": shutdown.num_running}
     try:
         await asyncio.wait_for(state.store.redis.ping(), HEALTH_REDIS_WAIT_S)
     except (RedisError, OSError, TimeoutError) as exc:
