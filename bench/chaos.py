@@ -166,15 +166,13 @@ class Chaos:
     def strike(self, fault: str) -> None:
         """Carry out one fault (blocking; runs in a thread)."""
         fleet = self.fleet
-        if fault == "kill a decode node":
-            victim = next(n for n in fleet.nodes if n.role == "decode" and n.process.poll() is None)
-            victim.kill()
-        elif fault == "kill the prefill node":
-            victim = next(
-                (n for n in fleet.nodes if n.role == "prefill" and n.process.poll() is None), None
-            )
-            if victim is not None:
-                victim.kill()
+        if fault in ("kill a decode node", "kill the prefill node"):
+            role = "decode" if "decode" in fault else "prefill"
+            nodes = fleet.admin("GET", "/admin/nodes").json()
+            running = {n["node_id"]: n["stats"]["num_running"] for n in nodes}
+            candidates = [n for n in live_nodes(fleet) if n.role == role]
+            if candidates:  # the busiest, so that the fault hits running streams
+                max(candidates, key=lambda n: running.get(n.node_id, 0)).kill()
         elif fault == "restart Redis":
             fleet.redis.kill()
             time.sleep(REDIS_DOWN_S)

@@ -293,8 +293,11 @@ class NodeClient:
 
     async def next_event(self, request_id: str, timeout: float) -> TokenEvent | None:
         """The request's next event, or None if none came within ``timeout``."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that lands as the event arrives, and the request runs on.
         try:
-            return await asyncio.wait_for(self._streams[request_id].queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._streams[request_id].queue.get()
         except TimeoutError:
             return None
 
@@ -304,7 +307,8 @@ class NodeClient:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout)
+                    async with asyncio.timeout(timeout):
+                        event = await queue.get()
                 except TimeoutError as exc:
                     raise NodeTimeout(f"request {request_id}: nothing for {timeout:g} s") from exc
                 yield event
