@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Bounds checked before any work: numbers fit the nodes' int32 and int64 fields, and
 # lists are short enough that a request costs little to check and to serve.
@@ -17,19 +17,56 @@ MAX_MESSAGES = 4096
 MAX_USER_CHARS = 256
 MAX_PROMPTS = 64  # in a batch of prompts
 MAX_PROMPT_TOKENS = 1 << 20  # in a prompt of token ids
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+# OpenAI parameters we do not implement yet, with what to say; any other unknown
+# field is refused too (explicit nulls, which some clients send, mean "not set").
+NOT_YET = {
+    "suffix": "lightpd does not implement suffix (fill-in-the-middle)",
+    "tools": "tool calls are not supported yet",
+    "tool_choice": "tool calls are not supported yet",
+    "functions": "function calls are not supported yet",
+    "function_call": "function calls are not supported yet",
+    "parallel_tool_calls": "tool calls are not supported yet",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+}
+
+
+class Strict(BaseModel):
+    """A request part that refuses fields it does not know, naming them (a field set
+    to null is taken as not sent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_and_name_the_unsupported(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        known = cls.model_fields
+        data = {k: v for k, v in data.items() if k in known or v is not None}
+        for name in data:
+            if name not in known and name in NOT_YET:
+                raise ValueError(f"unsupported parameter '{name}': {NOT_YET[name]}")
+        return data
+
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # the vocabulary is checked later
 MaxTokens = Annotated[int | None, Field(ge=1, le=INT32_MAX)]
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields both endpoints share: OpenAI's, then the usual vLLM/SGLang extras."""
+class ResponseFormat(Strict):
+    type: Literal["text"]  # json_object and json_schema come with structured output
 
-    model_config = ConfigDict(extra="ignore")
+
+class SamplingFields(Strict):
+    """Fields both endpoints share: OpenAI's, then the usual vLLM/SGLang extras."""
 
     model: str
     n: int = Field(1, ge=1, le=MAX_N)
@@ -48,6 +85,26 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_bounded_biases(cls, bias: dict[str, float] | None) -> dict | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        for key, value in bias.items():
+            if not key.isdigit() or int(key) > INT32_MAX:
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {value} for token {key}")
+        return bias
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -72,6 +129,17 @@ class CompletionRequest(SamplingFields):
     max_tokens: MaxTokens = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    # Generate best_of candidates per prompt, return the n with the highest mean
+    # token logprob (whole responses only, as OpenAI and vLLM).
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of larger than n cannot be streamed")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -94,16 +162,32 @@ class CompletionRequest(SamplingFields):
         return prompt
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=MAX_USER_CHARS)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: object) -> object:
+        # Checked here, so that an error names what the user sent (an image part),
+        # not each member of the union it failed to match.
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise ValueError(
+                        f"content parts of type {kind!r} are not supported: "
+                        "this server takes text parts only"
+                    )
+        elif content is not None and not isinstance(content, str):
+            raise ValueError("content must be a string or a list of text parts")
+        return content
 
     def text(self) -> str:
         if self.content is None:

@@ -105,7 +105,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return error_response(400, f"the body is not valid JSON: {first.get('msg')}")
         param = ".".join(location) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if first.get("type") == "extra_forbidden":
+            # A parameter we do not implement: refused by name, never dropped.
+            message = f"unsupported parameter '{param}': this server does not implement it"
+            return error_response(400, message, param, "unsupported_parameter")
+        msg = str(first.get("msg")).removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else msg
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

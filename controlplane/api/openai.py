@@ -58,7 +58,10 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     _check_model(body, state)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+        for m in body.messages
+    ]
     try:  # off the event loop: a long conversation takes seconds to template and encode
         prompt = await asyncio.to_thread(encode_chat, state.tokenizer, messages)
     except Exception as exc:  # a template may reject a conversation (roles out of order)
@@ -109,6 +112,12 @@ async def _serve(
             headers={"Retry-After": str(NO_NODE_RETRY_AFTER_S)},
         )
     vocab = len(state.tokenizer)
+    bad = next((t for t, _ in body.logit_bias_pairs if t >= vocab), None)
+    if bad is not None:
+        raise OpenAIError(400, f"logit_bias: token id {bad} is not below {vocab}", "logit_bias")
+    # best_of > n: more candidates, each with its token logprobs, the n best kept.
+    candidates = getattr(body, "best_of", None) or body.n
+    scored = logprobs if candidates == body.n or logprobs is not None else 0
     choices = []
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     for p_index, prompt in enumerate(prompts):
@@ -133,14 +142,15 @@ async def _serve(
                 "generated.",
                 "max_tokens",
             )
-        for n_index in range(body.n):
-            index = p_index * body.n + n_index
-            params = _sampling_params(body, max_tokens or room, logprobs, n_index)
+        for n_index in range(candidates):
+            index = p_index * candidates + n_index
+            params = _sampling_params(body, max_tokens or room, scored, n_index)
             choices.append(
                 Choice(index, f"{response_id}-{index}", prompt, params, body.stop_strings)
             )
     shutdown: Shutdown = request.app.state.shutdown
     emitter = _Emitter(state, shutdown, response_id, chat, body, prompts)
+    emitter.candidates, emitter.wants_logprobs = candidates, logprobs is not None
     if body.stream:
         # The response starts only once every choice holds decode slots, so a request
         # that cannot be served gets a plain HTTP error, never an error inside a 200.
@@ -226,6 +236,7 @@ def _sampling_params(
             logprobs=logprobs,
             stop_token_ids=tuple(body.stop_token_ids),
             ignore_eos=body.ignore_eos,
+            logit_bias=body.logit_bias_pairs,
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
@@ -245,6 +256,8 @@ class _Emitter:
     ) -> None:
         self.state = state
         self.shutdown = shutdown
+        self.candidates = body.n  # per prompt; more than n with best_of
+        self.wants_logprobs = False
         self.id = response_id
         self.chat = chat
         self.body = body
@@ -292,13 +305,12 @@ class _Emitter:
             raise stopping_error() from exc
         finally:
             await deltas.aclose()
-        wants_logprobs = choices[0].params.logprobs is not None
         out = []
-        for c in choices:
+        for index, c in self._best(choices, logprobs):
             entry = {
-                "index": c.index,
+                "index": index,
                 "finish_reason": reasons.get(c.index, "abort"),
-                "logprobs": self._logprobs(logprobs[c.index]) if wants_logprobs else None,
+                "logprobs": self._logprobs(logprobs[c.index]) if self.wants_logprobs else None,
             }
             if self.chat:
                 entry["message"] = {"role": "assistant", "content": texts[c.index]}
@@ -306,6 +318,25 @@ class _Emitter:
                 entry["text"] = texts[c.index]
             out.append(entry)
         return {**self._envelope(False), "choices": out, "usage": self.usage()}
+
+    def _best(self, choices: list[Choice], logprobs: dict[int, list]) -> list[tuple[int, Choice]]:
+        """The choices to return with their indices: all of them, or with best_of the
+        n of each prompt's candidates with the highest mean token logprob."""
+        n = self.body.n
+        if self.candidates == n:
+            return [(c.index, c) for c in choices]
+
+        def mean_logprob(c: Choice) -> float:
+            values = [e.logprob for e in logprobs[c.index]]
+            return sum(values) / len(values) if values else float("-inf")
+
+        kept = []
+        for first in range(0, len(choices), self.candidates):
+            group = choices[first : first + self.candidates]
+            best = sorted(group, key=mean_logprob, reverse=True)[:n]
+            base = first // self.candidates * n
+            kept += [(base + rank, c) for rank, c in enumerate(best)]
+        return kept
 
     async def stream(self, choices: list[Choice], deltas: StartedStream) -> AsyncIterator[str]:
         """SSE events up to ``data: [DONE]``, which always comes: whatever ends the

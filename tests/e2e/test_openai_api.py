@@ -298,3 +298,75 @@ def test_admin_api_metrics_and_a_second_control_plane(fleet, client):
     finally:
         second.terminate()
         second.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    "extra, named, says",
+    [
+        ({"suffix": "tail"}, "suffix", "fill-in-the-middle"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calls"),
+        ({"frobnicate": 1}, "frobnicate", "does not implement it"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "text"),
+        ({"best_of": 2, "n": 3}, "best_of", "at least n"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias", "not below"),
+    ],
+)
+def test_parameters_we_do_not_implement_are_refused_by_name(fleet, extra, named, says):
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, **extra}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    reply = httpx.post(f"{fleet.url}/v1/completions", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert named in (error["param"] or "") or named in error["message"]
+    assert says in error["message"], error
+
+
+def test_image_parts_and_nulls_get_what_a_user_expects(fleet, client):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}, image]}],
+            max_tokens=2,
+        )
+    message = refused.value.body["message"]
+    assert "'image_url'" in message and "messages.0.content" in message
+    assert ".str" not in message  # the field the user sent, not the union's members
+    # Clients that send explicit nulls for what they do not use are served.
+    body = {
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 2,
+        "tools": None,
+        "functions": None,
+        "logit_bias": None,
+        "response_format": {"type": "text"},
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    reply = httpx.post(f"{fleet.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+
+
+def test_logit_bias_and_best_of(fleet, client):
+    tokenizer = load_tokenizer(fleet.model)
+    forced = tokenizer.encode("fox")[-1]
+    biased = client.completions.create(
+        model=MODEL_NAME,
+        prompt="Hello",
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(forced): 100},
+        extra_body={"ignore_eos": True},
+    )
+    assert biased.choices[0].text == tokenizer.decode([forced] * 4)
+    # best_of: the candidate with the highest mean token logprob among best_of seeded
+    # samples (candidate i samples with seed + i, like choice i of n).
+    common = dict(model=MODEL_NAME, prompt="Once upon", max_tokens=6, temperature=1.0, seed=11)
+    best = client.completions.create(**common, n=1, best_of=3)
+    every = client.completions.create(**common, n=3, logprobs=0)
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
+    assert best.choices[0].text == every.choices[means.index(max(means))].text
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # all 3 ran
