@@ -4,22 +4,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODEL ?= .cache/models/tiny-llama
+# Empty: lightctl's default, a tiny model with random weights (it answers gibberish).
+MODEL :=
 
 .PHONY: run test lint format clean chromium
 
+# The first install takes a few minutes: each step says
+# what it does, and pip shows what it fetches (no -q).
 $(STAMP): pyproject.toml
+	@echo "==> [1/4] creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 triton==3.6.0
-	$(BIN)/pip install -q -e '.[test]'
+	@echo "==> [2/4] upgrading pip"
+	$(BIN)/pip install --upgrade pip
+	@echo "==> [3/4] installing torch 2.13.0 and triton 3.6.0 (the largest download)"
+	$(BIN)/pip install torch==2.13.0 triton==3.6.0
+	@echo "==> [4/4] installing lightpd and its test tools (.[test], editable)"
+	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
+	@echo "==> installed into $(VENV)"
 
-$(MODEL)/config.json: | $(STAMP)
-	$(BIN)/lightctl model tiny --arch llama --out $(MODEL)
-
-run: $(STAMP) $(MODEL)/config.json
-	$(BIN)/lightctl up --model $(MODEL)
+# `make run MODEL=/path/to/model` serves a real checkpoint (a Hugging Face folder).
+run: $(STAMP)
+	$(BIN)/lightctl up $(MODEL)
 
 # The dashboard's browser tests drive Debian's Chromium (through Playwright).
 CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
