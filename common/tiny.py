@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 BOS, EOS, PAD = "<|bos|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|im_start|>"]
@@ -59,6 +59,39 @@ _FAMILIES = {
     ),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1e6),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, rope_theta=1e6, head_dim=32),
+    # MoE: few narrow experts, top-2, so a CPU test runs every expert in milliseconds.
+    "mixtral": dict(
+        model_type="mixtral",
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+        intermediate_size=96,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    # Layer 1 keeps the dense MLP (mlp_only_layers); sparse layers add the shared expert.
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+        num_hidden_layers=3,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),
 }
 
 

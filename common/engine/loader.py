@@ -1,7 +1,9 @@
 """Build a model from a local Hugging Face directory and load its safetensors strictly."""
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +18,10 @@ from common.engine.models import get_model_class
 # Buffers some checkpoints carry that we compute ourselves.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PROGRESS_MIN_BYTES = 1 << 30
+# One projection of one expert, as MoE checkpoints store them.
+_EXPERT_TENSOR = re.compile(
+    r"(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<projection>\w+)\.weight"
+)
 
 
 class WeightLoadError(ValueError):
@@ -54,7 +60,7 @@ def load_model(
 
 def load_weights(model: nn.Module, files: list[Path], device: torch.device) -> None:
     params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules_mapping", {})
+    names = _NameMap.of(model)
     expected = {name: _shards_of(param) for name, param in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     errors: list[str] = []
@@ -63,8 +69,8 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device) -> N
     for name, tensor in _iter_tensors(files, device):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        param_name, shard = _map_name(name, packed)
-        if param_name not in params:
+        param_name, shard = names.to_param(name)
+        if param_name not in params or shard not in expected[param_name]:
             errors.append(f"unexpected tensor {name!r}")
             continue
         param = params[param_name]
@@ -81,7 +87,7 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device) -> N
 
     for param_name, shards in expected.items():
         for shard in shards - loaded[param_name]:
-            errors.append(f"missing tensor {_checkpoint_name(param_name, shard, packed)!r}")
+            errors.append(f"missing tensor {names.to_checkpoint(param_name, shard)!r}")
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -89,24 +95,58 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device) -> N
 
 
 def _shards_of(param: nn.Parameter) -> set:
+    """The checkpoint tensors that make up ``param``: shard keys, or {None} for one tensor."""
+    if hasattr(param, "shards"):  # set by the module, e.g. stacked experts
+        return set(param.shards)
     owner = (
         getattr(param.weight_loader, "__self__", None) if hasattr(param, "weight_loader") else None
     )
     return set(owner.shard_offsets) if owner is not None else {None}
 
 
-def _map_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
-    for part, (fused, shard) in packed.items():
-        if f".{part}." in name:
-            return name.replace(f".{part}.", f".{fused}."), shard
-    return name, None
+@dataclass(frozen=True)
+class _NameMap:
+    """Checkpoint tensor names <-> (our parameter, shard), from what the model declares."""
 
+    packed: dict[str, tuple[str, str]]  # q_proj -> (qkv_proj, "q")
+    experts: dict[str, tuple[str, str]]  # one expert's gate_proj -> (w13, "gate")
+    renamed: dict[str, str]  # checkpoint module -> ours (block_sparse_moe -> mlp)
 
-def _checkpoint_name(param_name: str, shard: str | None, packed: dict) -> str:
-    for part, (fused, fused_shard) in packed.items():
-        if fused_shard == shard and f".{fused}." in param_name:
-            return param_name.replace(f".{fused}.", f".{part}.")
-    return param_name
+    @classmethod
+    def of(cls, model: nn.Module) -> "_NameMap":
+        return cls(
+            getattr(model, "packed_modules_mapping", {}),
+            getattr(model, "expert_modules_mapping", {}),
+            getattr(model, "renamed_modules", {}),
+        )
+
+    def to_param(self, name: str) -> tuple[str, Hashable]:
+        for theirs, ours in self.renamed.items():
+            name = name.replace(f".{theirs}.", f".{ours}.")
+        match = _EXPERT_TENSOR.fullmatch(name)
+        if match and match["projection"] in self.experts:
+            stacked, shard = self.experts[match["projection"]]
+            return f"{match['prefix']}.experts.{stacked}", (int(match["expert"]), shard)
+        for part, (fused, shard) in self.packed.items():
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), shard
+        return name, None
+
+    def to_checkpoint(self, param_name: str, shard: Hashable) -> str:
+        name = param_name
+        if isinstance(shard, tuple):  # (expert, shard) of a stacked expert parameter
+            expert, expert_shard = shard
+            prefix, stacked = param_name.rsplit(".", 1)
+            part = next(p for p, key in self.experts.items() if key == (stacked, expert_shard))
+            name = f"{prefix}.{expert}.{part}.weight"
+        else:
+            for part, (fused, fused_shard) in self.packed.items():
+                if fused_shard == shard and f".{fused}." in name:
+                    name = name.replace(f".{fused}.", f".{part}.")
+                    break
+        for theirs, ours in self.renamed.items():
+            name = name.replace(f".{ours}.", f".{theirs}.")
+        return name
 
 
 def _iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:

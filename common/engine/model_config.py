@@ -41,6 +41,30 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts family."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each routed expert
+    renormalize: bool  # divide the top-k probabilities by their sum
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    sparse_step: int = 1  # every sparse_step-th layer is sparse ...
+    dense_layers: tuple[int, ...] = ()  # ... except these, which keep the dense MLP
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= self.num_experts:
+            raise ModelConfigError(
+                f"num_experts_per_tok ({self.top_k}) must be in 1..num_experts ({self.num_experts})"
+            )
+        if self.intermediate_size <= 0 or self.sparse_step <= 0:
+            raise ModelConfigError("moe intermediate size and decoder_sparse_step must be positive")
+
+    def is_sparse(self, layer_id: int) -> bool:
+        return layer_id not in self.dense_layers and (layer_id + 1) % self.sparse_step == 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -60,6 +84,7 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     sliding_window: int | None = None
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -94,9 +119,10 @@ class ModelConfig:
         get_model_class(archs[0])  # raises with the supported list
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
-        # Qwen2 always has q/k/v biases (and none on o_proj) without a flag for them.
+        # Qwen2 has q/k/v biases (and none on o_proj): Qwen2-MoE says so in
+        # `qkv_bias`, Qwen2 without a flag.
         attention_bias = raw.get("attention_bias", False)
-        is_qwen2 = archs[0] == "Qwen2ForCausalLM"
+        is_qwen2 = archs[0] in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         sliding = raw.get("sliding_window")
         if raw.get("use_sliding_window") is False:
             sliding = None
@@ -113,13 +139,44 @@ class ModelConfig:
             rope=_parse_rope(raw),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            qkv_bias=is_qwen2 or attention_bias,
+            qkv_bias=raw.get("qkv_bias", True) if is_qwen2 else attention_bias,
             o_proj_bias=not is_qwen2 and attention_bias,
             mlp_bias=raw.get("mlp_bias", False),
             dtype=parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             eos_token_ids=_eos_ids(raw, model_dir),
             sliding_window=sliding,
+            moe=_parse_moe(raw, archs[0]),
         )
+
+
+def _parse_moe(raw: dict, architecture: str) -> MoEConfig | None:
+    if architecture == "MixtralForCausalLM":
+        # Every layer sparse, experts as wide as `intermediate_size`, top-k always renormalised.
+        return MoEConfig(
+            num_experts=raw["num_local_experts"],
+            top_k=raw["num_experts_per_tok"],
+            intermediate_size=raw["intermediate_size"],
+            renormalize=True,
+        )
+    if architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        # transformers writes Qwen3-MoE's count as `num_local_experts`; published
+        # checkpoints say `num_experts`.
+        num_experts = raw.get("num_experts", raw.get("num_local_experts"))
+        if not num_experts:
+            return None  # no experts: every layer keeps the dense MLP
+        shared = 0
+        if architecture == "Qwen2MoeForCausalLM":
+            shared = raw["shared_expert_intermediate_size"]
+        return MoEConfig(
+            num_experts=num_experts,
+            top_k=raw["num_experts_per_tok"],
+            intermediate_size=raw["moe_intermediate_size"],
+            renormalize=raw.get("norm_topk_prob", False),
+            shared_expert_intermediate_size=shared,
+            sparse_step=raw.get("decoder_sparse_step", 1),
+            dense_layers=tuple(raw.get("mlp_only_layers") or ()),
+        )
+    return None
 
 
 def _parse_rope(raw: dict) -> RopeConfig:

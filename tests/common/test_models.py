@@ -13,6 +13,9 @@ ARCHES = [
     ("mistral", {}),
     ("qwen2", {}),  # q/k/v biases, tied
     ("qwen3", {}),  # q/k norms, head_dim != hidden / heads
+    ("mixtral", {}),  # MoE in every layer, top-2 renormalised
+    ("qwen2_moe", {}),  # q/k/v biases, a dense layer among MoE ones, shared expert
+    ("qwen3_moe", {}),  # q/k norms, MoE top-2 renormalised
 ]
 PROMPT_LENGTHS = (1, 5, 17, 40, 64)
 

@@ -9,6 +9,9 @@ _ARCHITECTURES = {
     "MistralForCausalLM": ("common.engine.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("common.engine.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("common.engine.models.qwen3", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("common.engine.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("common.engine.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("common.engine.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)

@@ -1,5 +1,6 @@
 """The Llama family: Llama 2/3/3.1/3.2, Mistral and Qwen2 (config-driven differences)."""
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -49,9 +50,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = PackedLinear(
             config.hidden_size, {"gate": size, "up": size}, bias=config.mlp_bias
         )
@@ -61,13 +62,25 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+# Builds the MLP of layer ``layer_id``: the hook where MoE families put their sparse block.
+MLPFactory = Callable[[ModelConfig, int], nn.Module]
+
+
+def dense_mlp(config: ModelConfig, layer_id: int) -> nn.Module:
+    return LlamaMLP(config)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, layer_id: int, attention_cls: type[LlamaAttention]
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        attention_cls: type[LlamaAttention],
+        mlp_factory: MLPFactory,
     ) -> None:
         super().__init__()
         self.self_attn = attention_cls(config, layer_id)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp_factory(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -86,11 +99,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, attention_cls: type[LlamaAttention]) -> None:
+    def __init__(
+        self, config: ModelConfig, attention_cls: type[LlamaAttention], mlp_factory: MLPFactory
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, attention_cls) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, attention_cls, mlp_factory)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -105,6 +121,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
+    mlp_factory: MLPFactory = staticmethod(dense_mlp)
     # checkpoint projection -> (our fused module, shard)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -117,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.attention_cls)
+        self.model = LlamaModel(config, self.attention_cls, self.mlp_factory)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
