@@ -245,7 +245,9 @@ def settle(fleet: LocalFleet, urls: list[str], report: ChaosReport) -> None:
     deadline = time.monotonic() + SETTLE_S
     while True:
         nodes = [n for n in fleet.admin("GET", "/admin/nodes").json() if n["status"] != "dead"]
-        held = sum(n["num_slots"] - n["stats"]["num_free_slots"] for n in nodes)
+        reported = [n for n in nodes if n["stats"] is not None]  # new nodes report soon
+        held = sum(n["num_slots"] - n["stats"]["num_free_slots"] for n in reported)
+        held += len(nodes) - len(reported) if time.monotonic() < deadline else 0
         running = fleet.admin("GET", "/admin/requests?running=true&limit=1000").json()
         if (held == 0 and not running) or time.monotonic() > deadline:
             break

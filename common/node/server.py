@@ -193,7 +193,10 @@ class NodeServer(ABC):
 
     def _on_abort(self, message: Abort) -> None:
         client = self.clients.get(message.request_id)
-        if client is None or not same_secret(message.secret, client.secret):
+        if client is None:  # it ended here already (the abort crossed its last token)
+            logger.debug("abort of %s, which is not running here", message.request_id)
+            return
+        if not same_secret(message.secret, client.secret):
             logger.warning("ignored an abort of %s without its secret", message.request_id)
             return
         output = self.engine.abort(message.request_id)
