@@ -189,7 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = Store(client, settings.node_ttl_s, settings.node_stall_s)
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint)
-        metrics = Metrics(fleet.cached_nodes)
+        metrics = Metrics(fleet.cached_nodes, settings.model_name)
         # The flusher reads the registry itself: routing's cache keeps its own timing.
         timeseries = Timeseries(client, store.nodes)
         async with NodeClient(settings.cluster_token) as node_client:
@@ -222,5 +222,6 @@ def create_app(settings: Settings) -> FastAPI:
     install_redis_error_handler(app)
     for module in (openai, admin, nodes, system, dashboard):
         app.include_router(module.router)
+    app.include_router(openai.tokens_router)
     app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
     return app

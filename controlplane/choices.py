@@ -41,7 +41,10 @@ async def run_choice(
     """Deltas of one choice, the last with a finish_reason (stop, length, abort or error).
     Leaving early (a stop string, a disconnect) aborts the request on its nodes."""
     text = TextStream(tokenizer, choice.stops)
-    events = dispatcher.generate(choice.request_id, choice.prompt, choice.params, choice.admitted)
+    stopped_here = asyncio.Event()
+    events = dispatcher.generate(
+        choice.request_id, choice.prompt, choice.params, choice.admitted, stopped_here
+    )
     async with aclosing(events):
         async for event in events:
             if event.finish_reason == "error":
@@ -52,6 +55,7 @@ async def run_choice(
             )
             if text.stopped:
                 delta.finish_reason = "stop"
+                stopped_here.set()  # complete: finished, not aborted
                 yield delta
                 return
             if event.finish_reason is not None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import math
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -63,6 +64,7 @@ def bench(
     TTFT/TPOT/ITL/E2E percentiles, throughput and goodput (vLLM's definitions)."""
     from controlplane.bench import report
 
+    command_started = time.perf_counter()
     console = Console()
     if compare is not None:
         _compare(console, *compare)
@@ -98,8 +100,10 @@ def bench(
         f"warm-up {warmup}"
     )
     progress = report.ProgressView(console, workload.num_requests, label)
+    runner: Runner | None = None
 
     async def go() -> list:
+        nonlocal runner
         client = StreamClient(client_config)
         try:
             runner = Runner(client, load, progress.update)
@@ -115,12 +119,12 @@ def bench(
         raise fail(str(exc)) from exc
     finally:
         progress.stop()
-    summary = summarize(records, slo=slo_ms)
+    total_wall_s = time.perf_counter() - command_started
+    summary = summarize(records, slo=slo_ms, wall_s=runner.wall_s, total_wall_s=total_wall_s)
     console.print(f"{label}: {name} at {client_config.url}", highlight=False)
     console.print(report.summary_table(summary))
-    first_error = next((r.error for r in records if r.error), None)
-    if first_error:
-        console.print(f"[red]{summary.num_errors} errors[/red]; the first: {first_error}")
+    for line in report.error_lines(summary):
+        console.print(line, style="red", highlight=False, markup=False)
     if out is not None:
         config = {
             "label": label,
@@ -136,7 +140,7 @@ def bench(
             "tokenizer": str(tokenizer) if tokenizer else None,
             **{k: getattr(spec, k) for k in spec.__dataclass_fields__},
         }
-        report.write_result(out, report.result_json(config, records, slo_ms))
+        report.write_result(out, report.result_json(config, records, slo_ms, summary))
         console.print(f"wrote {out}")
     if plots is not None:
         from controlplane.bench.plots import write_plots

@@ -1,4 +1,4 @@
-"""lightctl node add|list|drain|remove and lightctl status."""
+"""lightctl node add|list|drain|undrain|remove and lightctl status."""
 
 import os
 import sys
@@ -103,6 +103,17 @@ def node_drain(
     continue on other decode nodes at once (the node is then empty)."""
     url = control_plane_url(control_plane)
     path = f"/admin/nodes/{node_id}/drain" + ("?migrate=true" if migrate else "")
+    reply = admin_request("POST", url, path, token(admin_token, "admin_token"))
+    typer.echo(f"{node_id}: {reply['status']}")
+
+
+@node_app.command("undrain")
+def node_undrain(
+    node_id: str, control_plane: Url = None, admin_token: AdminTokenOpt = None
+) -> None:
+    """Let a draining or migrating node take new requests again."""
+    url = control_plane_url(control_plane)
+    path = f"/admin/nodes/{node_id}/undrain"
     reply = admin_request("POST", url, path, token(admin_token, "admin_token"))
     typer.echo(f"{node_id}: {reply['status']}")
 

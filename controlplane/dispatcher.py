@@ -49,7 +49,7 @@ from collections.abc import AsyncIterator, Callable
 from common.wire.messages import KVTarget, TokenEvent
 from common.wire.sampling_params import SamplingParams
 from controlplane.fleet import Fleet
-from controlplane.metrics import Metrics
+from controlplane.metrics import Metrics, RequestTimes
 from controlplane.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
 from controlplane.schemas import NodePublic
 from controlplane.settings import Settings
@@ -116,13 +116,18 @@ class Dispatcher:
         prompt: list[int],
         params: SamplingParams,
         admitted: asyncio.Event | None = None,
+        stopped_here: asyncio.Event | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Events of one request until the one that finishes it. ``admitted`` is set
-        once a decode node holds slots for it."""
+        once a decode node holds slots for it. A caller that ends the request itself
+        because it is complete (a stop string) sets ``stopped_here`` before closing
+        this generator, so it counts as finished, not aborted."""
         started = time.monotonic()
         first_token_at: float | None = None
         num_tokens = 0
         state = "failed"
+        reason = "error"  # the finish reason it ends with (stop, length, abort, error)
+        admitted_at: float | None = None
         ended = False  # the event that ends the request went out
         error: str | None = None
         tried: set[str] = set()
@@ -132,10 +137,12 @@ class Dispatcher:
         queued = False
 
         def admit() -> None:
-            nonlocal queued
+            nonlocal queued, admitted_at
             if queued:
                 self.num_queued -= 1
                 queued = False
+            if admitted_at is None:
+                admitted_at = time.monotonic()
             admitted.set()
 
         self.timeseries.count("started")
@@ -173,7 +180,9 @@ class Dispatcher:
                     ):  # fmt: skip
                         if event.token_ids and first_token_at is None:
                             first_token_at = time.monotonic()
-                            self.metrics.ttft.observe(first_token_at - started)
+                            self.metrics.ttft.labels(self.settings.model_name).observe(
+                                first_token_at - started
+                            )
                             await self.store.record_request(
                                 request_id, "decoding", ttft_s=first_token_at - started
                             )
@@ -182,6 +191,7 @@ class Dispatcher:
                         self.timeseries.count("tokens", len(event.token_ids))
                         if event.finish_reason is not None:
                             state, error = _terminal_state(event)
+                            reason = event.finish_reason
                             ended = True
                         yield event
                     return
@@ -219,8 +229,9 @@ class Dispatcher:
             error = str(exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            if not ended:  # the caller left first (a disconnect, a stop string)
-                state = "aborted"
+            if not ended:  # the caller left first: a stop string, or a disconnect
+                stop = stopped_here is not None and stopped_here.is_set()
+                state, reason = ("finished", "stop") if stop else ("aborted", "abort")
             raise
         finally:
             if queued:
@@ -230,7 +241,9 @@ class Dispatcher:
             tpot = (
                 (elapsed - ttft) / (num_tokens - 1) if ttft is not None and num_tokens > 1 else None
             )
-            self.metrics.finish(state, elapsed, ttft, len(prompt), num_tokens)
+            queue_s = None if admitted_at is None else admitted_at - started
+            times = RequestTimes(elapsed, queue_s, ttft)
+            self.metrics.finish(state, reason, times, len(prompt), num_tokens)
             self.timeseries.request_ended(state, ttft, tpot)
             latencies = {"e2e_s": elapsed, **({"tpot_s": tpot} if tpot is not None else {})}
             await asyncio.shield(

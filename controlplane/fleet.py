@@ -74,6 +74,16 @@ class Fleet:
         node = self._nodes.get(node_id)
         return None if node is None else node.status
 
+    async def ready_counts(self) -> dict[str, int]:
+        """Ready nodes by role."""
+        ready = await self._ready(lambda n: True)
+        return {role: sum(n.role == role for n in ready) for role in ("prefill", "decode")}
+
+    async def servable(self) -> bool:
+        """Whether a request can be served now: a ready decode node (it prefills
+        itself when no prefill node can take the prompt)."""
+        return (await self.ready_counts())["decode"] > 0
+
     async def max_model_len(self) -> int | None:
         """The context every ready node can serve, or None when no node is ready."""
         ready = await self._ready(lambda n: True)

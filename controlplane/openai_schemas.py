@@ -203,3 +203,23 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: a prompt, or chat messages under the model's template."""
+
+    model: str
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_TOKENS)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Strict):
+    model: str
+    tokens: list[TokenId] = Field(max_length=MAX_PROMPT_TOKENS)

@@ -30,6 +30,7 @@ class NodeStats(BaseModel):
     num_queued_tokens: int = Field(ge=0)
     tokens_per_s: float = Field(ge=0)
     loop_age_s: float = Field(0.0, ge=0)  # since the serving loop last went round
+    num_preemptions: int = Field(0, ge=0)  # since the node started
 
 
 class NodeJoin(NodeRegistration):

@@ -301,6 +301,7 @@ class NodeServer(ABC):
             num_queued_tokens=engine.num_queued_tokens,
             tokens_per_s=self.tokens_per_s.rate(),
             loop_age_s=self.clock.age_s,
+            num_preemptions=engine.scheduler.num_preemptions,
         )
         return NodeStatus(
             node_id=self.config.node_id,

@@ -242,6 +242,7 @@ class NodeStats(msgspec.Struct, kw_only=True):
     num_queued_tokens: Count
     tokens_per_s: float
     loop_age_s: float = 0.0  # since the serving loop last went round
+    num_preemptions: Count = 0  # requests paused for KV room since the node started
 
 
 class NodeStatus(msgspec.Struct, kw_only=True):

@@ -28,6 +28,21 @@ async def drain_node(node_id: str, state: State, migrate: bool = False) -> dict:
     return {"node_id": node_id, "status": status}
 
 
+@router.post("/nodes/{node_id}/undrain")
+async def undrain_node(node_id: str, state: State) -> dict:
+    """A draining or migrating node takes new requests again ("ready"); requests
+    already moved elsewhere stay there. A dead node is refused: it becomes ready
+    by registering again."""
+    node = next((n for n in await state.store.nodes() if n.node_id == node_id), None)
+    if node is not None and node.status == "dead":
+        raise OpenAIError(
+            409, f"node {node_id} is dead: it is ready again once it registers", code="node_dead"
+        )
+    if node is None or not await state.store.set_status(node_id, "ready"):
+        raise OpenAIError(404, f"no node {node_id}", code="node_not_found")
+    return {"node_id": node_id, "status": "ready"}
+
+
 @router.delete("/nodes/{node_id}")
 async def remove_node(node_id: str, state: State) -> dict:
     if not await state.store.remove(node_id):
@@ -109,6 +124,7 @@ def _stats(state: State, nodes: list[NodePublic], num_running: int) -> dict:
                 "nodes": 0,
                 "ready": 0,
                 "draining": 0,
+                "migrating": 0,
                 "dead": 0,
                 "slots": 0,
                 "free_slots": 0,

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions."""
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, and
+vLLM's /tokenize and /detokenize."""
 
 import asyncio
 import json
@@ -23,27 +24,77 @@ from controlplane.api.errors import (
 from controlplane.choices import Choice, Delta, StartedStream, merge
 from controlplane.deps import ApiKey, AppState, State
 from controlplane.dispatcher import NoCapacityError, RequestRejected
-from controlplane.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from controlplane.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from controlplane.shutdown import EndedByShutdown, Shutdown
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[ApiKey])
 
 
+async def _models(state: AppState) -> list[dict]:
+    """The served model, once a request can be served (clients that wait for it to
+    be listed then get no 503)."""
+    if not await state.fleet.servable():
+        return []
+    return [
+        {
+            "id": state.settings.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "lightpd",
+            "max_model_len": await state.fleet.max_model_len(),
+        }
+    ]
+
+
 @router.get("/models")
 async def list_models(state: State) -> dict:
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": state.settings.model_name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "lightpd",
-                "max_model_len": await state.fleet.max_model_len(),
-            }
-        ],
-    }
+    return {"object": "list", "data": await _models(state)}
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: State) -> dict:
+    model = next((m for m in await _models(state) if m["id"] == model_id), None)
+    if model is None:
+        message = f"The model `{model_id}` does not exist."
+        raise OpenAIError(404, message, "model", "model_not_found")
+    return model
+
+
+# vLLM's tokenizer endpoints, at the root as vLLM has them, behind the same API keys.
+tokens_router = APIRouter(dependencies=[ApiKey])
+
+
+@tokens_router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: State) -> dict:
+    _check_model(body, state)
+    if body.messages is not None:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            tokens = await asyncio.to_thread(encode_chat, state.tokenizer, messages)
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), "messages") from exc
+    else:
+        encode = state.tokenizer.encode
+        add = body.add_special_tokens
+        tokens = await asyncio.to_thread(lambda: encode(body.prompt, add_special_tokens=add))
+    max_len = await state.fleet.max_model_len()
+    return {"count": len(tokens), "max_model_len": max_len, "tokens": tokens}
+
+
+@tokens_router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: State) -> dict:
+    _check_model(body, state)
+    vocab = len(state.tokenizer)
+    if any(t >= vocab for t in body.tokens):
+        raise OpenAIError(400, f"token ids must be below {vocab}", "tokens")
+    return {"prompt": await asyncio.to_thread(state.tokenizer.decode, body.tokens)}
 
 
 @router.post("/completions")

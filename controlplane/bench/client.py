@@ -81,37 +81,42 @@ class StreamClient:
     async def send(
         self, record: RequestRecord, prompt: str | list[int] | list[dict], max_tokens: int
     ) -> RequestRecord:
-        """Fill ``record`` (its ``sent_s`` is set by the caller) with what came back."""
+        """Fill ``record`` (its ``sent_s`` is set by the caller) with what came back;
+        ``e2e_s`` is set whether it completed or failed."""
         started = time.perf_counter()
         texts: list[str] = []
         try:
-            async with self.http.stream(
-                "POST", self.config.url, json=self.body(prompt, max_tokens)
-            ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    record.error = f"HTTP {response.status_code}: {_error_message(response.text)}"
-                    return record
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    now = time.perf_counter() - started
-                    self._read_chunk(json.loads(data), now, record, texts)
-                    if record.error:
-                        return record
-            record.e2e_s = time.perf_counter() - started
+            await self._stream(record, self.body(prompt, max_tokens), started, texts)
         except (httpx.HTTPError, ValueError) as exc:
             record.error = f"{type(exc).__name__}: {exc}"
-            return record
+        finally:
+            # A failed request ran too: its end bounds the run's duration.
+            record.e2e_s = time.perf_counter() - started
         record.output_text = "".join(texts)
         if not record.usage_reported:
             record.output_tokens = len(record.chunk_times_s)
-        if not record.chunk_times_s:
+        if not record.chunk_times_s and record.error is None:
             record.error = "the response streamed no output"
         return record
+
+    async def _stream(
+        self, record: RequestRecord, body: dict, started: float, texts: list[str]
+    ) -> None:
+        async with self.http.stream("POST", self.config.url, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                record.error = f"HTTP {response.status_code}: {_error_message(response.text)}"
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                now = time.perf_counter() - started
+                self._read_chunk(json.loads(data), now, record, texts)
+                if record.error:
+                    return
 
     def _read_chunk(self, chunk: dict, now: float, record: RequestRecord, texts: list[str]) -> None:
         if "error" in chunk:

@@ -9,19 +9,25 @@ Definitions follow vLLM's benchmark (benchmarks/serve.py):
 - Percentiles interpolate linearly between order statistics (numpy's default).
 - Goodput: requests per second that finished without error and met every SLO;
   a request with one output token has no TPOT and meets a TPOT SLO.
-- Throughputs: totals over the run's duration, from the first scheduled send to
-  the end of the last request.
+- Throughputs: totals over the run's duration, from the first send to the end
+  of the last request, completed or failed (a failure that ends last, e.g. a
+  timeout, is part of the run: leaving it out once made a 60.6 s run say 39.8 s).
+  The wall time of the measured run is reported beside it, from the runner's
+  own clock; the two differ only by the time before the first send.
 """
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from controlplane.bench.record import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 SLO_METRICS = ("ttft", "tpot", "e2e")
+MAX_ERROR_KINDS = 5  # distinct error messages kept in a summary, the most frequent
+MAX_ERROR_CHARS = 160
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -105,17 +111,26 @@ def meets_slo(record: RequestRecord, slo: dict[str, float]) -> bool:
 
 
 def run_duration(records: Sequence[RequestRecord]) -> float:
-    """From the run's start (time 0) to the end of its last request."""
-    ends = [r.finished_s for r in records if r.finished_s is not None]
-    return max(ends, default=0.0)
+    """From the first send to the end of the last request, completed or failed
+    (requests never sent, e.g. later turns of a failed conversation, take no time)."""
+    sent = [r for r in records if r.finished_s is not None]
+    if not sent:
+        return 0.0
+    return max(r.finished_s for r in sent) - min(r.sent_s for r in sent)
+
+
+def error_counts(records: Sequence[RequestRecord]) -> dict[str, int]:
+    """The most frequent error messages of failed requests, with how many had each."""
+    counts = Counter(r.error[:MAX_ERROR_CHARS] for r in records if r.error is not None)
+    return dict(counts.most_common(MAX_ERROR_KINDS))
 
 
 @dataclass(frozen=True)
 class Summary:
     num_requests: int
     num_completed: int
-    num_errors: int
-    duration_s: float
+    num_errors: int  # failed, or not sent because an earlier turn failed
+    duration_s: float  # first send to the end of the last request
     total_input_tokens: int
     total_output_tokens: int
     request_throughput: float  # completed requests / s
@@ -129,6 +144,9 @@ class Summary:
     slo: dict[str, float] | None = None
     num_good: int | None = None
     goodput: float | None = None  # good requests / s
+    wall_s: float | None = None  # the measured run by the runner's clock (after warm-up)
+    total_wall_s: float | None = None  # the whole command: set-up, warm-up and the run
+    errors: dict[str, int] = field(default_factory=dict)  # see ``error_counts``
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -143,6 +161,8 @@ def summarize(
     records: Sequence[RequestRecord],
     duration_s: float | None = None,
     slo: dict[str, float] | None = None,
+    wall_s: float | None = None,
+    total_wall_s: float | None = None,
 ) -> Summary:
     done = [r for r in records if r.ok]
     duration = run_duration(records) if duration_s is None else duration_s
@@ -171,43 +191,51 @@ def summarize(
         slo=slo,
         num_good=num_good,
         goodput=None if num_good is None else per_s(num_good),
+        wall_s=wall_s,
+        total_wall_s=total_wall_s,
+        errors=error_counts(records),
     )
 
 
 _BUCKETS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
-def timeline(
-    records: Sequence[RequestRecord], bucket_s: float | None = None
-) -> dict[str, list[float]]:
-    """Per time bucket of the run (by default about 40 buckets): output tokens/s,
-    completed requests/s, and requests in flight at the bucket's start. A chunk's
-    tokens are its request's output tokens spread evenly over its chunks (exact
-    when a chunk is a token)."""
-    duration = run_duration(records)
+def timeline(records: Sequence[RequestRecord], bucket_s: float | None = None) -> dict:
+    """Per time bucket from the run's start (by default about 40 buckets): output
+    tokens/s of completed requests, completed and failed requests/s (by when they
+    ended), and requests in flight at the bucket's start, failed ones included
+    until they failed. A chunk's tokens are its request's output tokens spread
+    evenly over its chunks (exact when a chunk is a token)."""
+    end_of_run = max((r.finished_s for r in records if r.finished_s is not None), default=0.0)
     if bucket_s is None:
-        bucket_s = next((b for b in _BUCKETS_S if b >= duration / 40), _BUCKETS_S[-1])
-    num_buckets = max(1, math.ceil(duration / bucket_s))
+        bucket_s = next((b for b in _BUCKETS_S if b >= end_of_run / 40), _BUCKETS_S[-1])
+    num_buckets = max(1, math.ceil(end_of_run / bucket_s))
     tokens = [0.0] * num_buckets
     completed = [0.0] * num_buckets
+    failed = [0.0] * num_buckets
     in_flight = [0] * num_buckets
 
     def bucket(t: float) -> int:
         return min(num_buckets - 1, int(t / bucket_s))
 
     for r in records:
+        if r.finished_s is None:  # never sent
+            continue
         if r.ok:
             share = r.output_tokens / len(r.chunk_times_s)
             for t in r.chunk_times_s:
                 tokens[bucket(r.sent_s + t)] += share / bucket_s
             completed[bucket(r.finished_s)] += 1 / bucket_s
-        end = r.finished_s if r.finished_s is not None else r.sent_s  # failed: not counted
+        else:
+            failed[bucket(r.finished_s)] += 1 / bucket_s
         for b in range(num_buckets):
-            if r.sent_s <= b * bucket_s < end:
+            if r.sent_s <= b * bucket_s < r.finished_s:
                 in_flight[b] += 1
     return {
+        "bucket_s": bucket_s,
         "start_s": [b * bucket_s for b in range(num_buckets)],
         "output_tokens_per_s": tokens,
         "completed_per_s": completed,
+        "failed_per_s": failed,
         "in_flight": in_flight,
     }

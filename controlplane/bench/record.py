@@ -10,7 +10,9 @@ class RequestRecord:
 
     ``chunk_times_s`` holds the arrival time of every streamed chunk that carried
     output (text, or the end of the choice), so TTFT is its first entry and ITL
-    its gaps.
+    its gaps. A failed request has ``error`` and, if it was sent, ``e2e_s`` up to
+    its failure: it ran that long, so the run's duration and in-flight counts
+    include it (only a turn not sent because an earlier one failed has none).
     """
 
     index: int  # position in the run's schedule
@@ -18,7 +20,7 @@ class RequestRecord:
     turn: int = 0
     scheduled_s: float = 0.0  # when the arrival schedule wanted it sent
     sent_s: float = 0.0
-    e2e_s: float | None = None  # send to last byte of the response
+    e2e_s: float | None = None  # send to the response's last byte, or to its failure
     chunk_times_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0  # as the server's usage reports them, else as planned
     output_tokens: int = 0
@@ -38,7 +40,7 @@ class RequestRecord:
 
     @property
     def finished_s(self) -> float | None:
-        """End of the request, from the start of the run."""
+        """End of the request (completed or failed), from the start of the run."""
         return None if self.e2e_s is None else self.sent_s + self.e2e_s
 
     def to_json(self, keep_text: bool = False) -> dict:

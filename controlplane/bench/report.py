@@ -19,9 +19,12 @@ _LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e
 def _rows(summary: Summary) -> list[tuple[str, float, str]]:
     """(label, value, format) of every figure shown."""
     rows = [
+        ("requests", summary.num_requests, "d"),
         ("requests completed", summary.num_completed, "d"),
-        ("errors", summary.num_errors, "d"),
-        ("duration (s)", summary.duration_s, ".2f"),
+        ("requests failed", summary.num_errors, "d"),
+        ("duration, first send to last end (s)", summary.duration_s, ".2f"),
+        ("wall time, measured run (s)", summary.wall_s, ".2f"),
+        ("wall time, with set-up and warm-up (s)", summary.total_wall_s, ".2f"),
         ("input tokens", summary.total_input_tokens, "d"),
         ("output tokens", summary.total_output_tokens, "d"),
         ("request throughput (req/s)", summary.request_throughput, ".2f"),
@@ -53,8 +56,21 @@ def summary_table(summary: Summary) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for label, value, fmt in _rows(summary):
-        table.add_row(label, _fmt(value, fmt))
+        style = "red" if label == "requests failed" and value else None
+        table.add_row(label, _fmt(value, fmt), style=style)
     return table
+
+
+def error_lines(summary: Summary) -> list[str]:
+    """Why requests failed: each distinct error with its count, the most frequent first."""
+    if not summary.num_errors:
+        return []
+    lines = [f"{summary.num_errors} of {summary.num_requests} requests failed:"]
+    lines += [f"  {count} x {message}" for message, count in summary.errors.items()]
+    shown = sum(summary.errors.values())
+    if shown < summary.num_errors:
+        lines.append(f"  {summary.num_errors - shown} with other errors")
+    return lines
 
 
 def compare_table(a: Summary, b: Summary, name_a: str, name_b: str) -> Table:
@@ -73,12 +89,19 @@ def compare_table(a: Summary, b: Summary, name_a: str, name_b: str) -> Table:
     return table
 
 
-def result_json(config: dict, records: list[RequestRecord], slo: dict[str, float] | None) -> dict:
+def result_json(
+    config: dict,
+    records: list[RequestRecord],
+    slo: dict[str, float] | None,
+    summary: Summary | None = None,
+) -> dict:
+    """The result file's content; ``summary`` when the caller has one (with wall times)."""
+    summary = summary or summarize(records, slo=slo)
     return {
         "lightpd_bench": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config,
-        "summary": summarize(records, slo=slo).to_json(),
+        "summary": summary.to_json(),
         "timeline": timeline(records),
         "requests": [r.to_json() for r in records],
     }

@@ -51,6 +51,7 @@ class Runner:
         self.load = load
         self.on_record = on_record
         self.chat = client.config.endpoint == "chat"
+        self.wall_s = 0.0  # the last run's, from its start to the end of its last request
 
     async def warm_up(self, warmup: Workload) -> None:
         """Send the warm-up requests (concurrently, within max concurrency); fail
@@ -82,6 +83,7 @@ class Runner:
                 for c, at in zip(conversations, arrivals, strict=True)
             )
         )
+        self.wall_s = self._now()
         return sorted((r for rs in per_conversation for r in rs), key=lambda r: r.index)
 
     async def _converse(

@@ -282,6 +282,25 @@ def test_drain_migrate_empties_a_decode_node_at_once(model):
         fleet.stop()
 
 
+def test_ready_and_models_only_once_a_decode_node_serves(model):
+    fleet = LocalFleet(model).start(prefill=0, decode=0)
+    try:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        not_ready = httpx.get(f"{fleet.url}/ready", timeout=10)
+        assert not_ready.status_code == 503 and not_ready.headers["Retry-After"]
+        assert not_ready.json()["error"]["code"] == "not_ready"
+        assert httpx.get(f"{fleet.url}/health", timeout=10).status_code == 200  # alive
+        models = httpx.get(f"{fleet.url}/v1/models", headers=headers, timeout=10).json()
+        assert models["data"] == []
+        fleet.add_node("decode")
+        assert httpx.get(f"{fleet.url}/ready", timeout=10).status_code == 200
+        models = httpx.get(f"{fleet.url}/v1/models", headers=headers, timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        assert chat(fleet, 3).status_code == 200  # and it serves (prefilling locally)
+    finally:
+        fleet.stop()
+
+
 def test_refused_nodes_say_why(model, tmp_path):
     fleet = LocalFleet(model).start(prefill=0, decode=0)
     try:

@@ -370,3 +370,81 @@ def test_logit_bias_and_best_of(fleet, client):
     means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices]
     assert best.choices[0].text == every.choices[means.index(max(means))].text
     assert best.usage.completion_tokens == every.usage.completion_tokens  # all 3 ran
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of ``name`` whose labels include ``labels`` (0 if none)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        have = dict(part.split("=", 1) for part in line[len(name) + 1 : line.index("}")].split(","))
+        if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_models_tokenize_detokenize_version_and_readiness(fleet, client):
+    tokenizer = load_tokenizer(fleet.model)
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    text = "The quick brown fox"
+    reply = httpx.post(
+        f"{fleet.url}/tokenize", json={"model": MODEL_NAME, "prompt": text}, headers=headers
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["tokens"] == tokenizer.encode(text)
+    assert reply.json()["count"] == len(tokenizer.encode(text))
+    chat = httpx.post(
+        f"{fleet.url}/tokenize", json={"model": MODEL_NAME, "messages": MESSAGES}, headers=headers
+    ).json()
+    assert chat["tokens"] == encode_chat(tokenizer, MESSAGES)
+    back = httpx.post(
+        f"{fleet.url}/detokenize",
+        json={"model": MODEL_NAME, "tokens": tokenizer.encode(text, add_special_tokens=False)},
+        headers=headers,
+    )
+    assert back.json()["prompt"] == text
+    assert (
+        httpx.post(f"{fleet.url}/tokenize", json={"model": MODEL_NAME, "prompt": "x"}).status_code
+        == 401
+    )
+    assert httpx.get(f"{fleet.url}/version").json()["version"]
+    ready = httpx.get(f"{fleet.url}/ready")
+    assert ready.status_code == 200 and ready.json()["decode_nodes"] == 1
+
+
+def test_stop_string_endings_count_as_finished_and_vllm_metric_families(fleet, client):
+    common = dict(model=MODEL_NAME, prompt="Once upon a time", temperature=0, max_tokens=12)
+    full = client.completions.create(**common).choices[0].text
+    assert len(full) > 4
+    before = httpx.get(f"{fleet.url}/metrics", timeout=10).text
+    stopped = client.completions.create(**common, stop=[full[2:4]])
+    assert stopped.choices[0].finish_reason == "stop"
+    after = httpx.get(f"{fleet.url}/metrics", timeout=10).text
+    labels = {"model_name": MODEL_NAME}
+    stop = "lightpd_request_success_total"
+    assert metric(after, stop, finished_reason="stop", **labels) == (
+        metric(before, stop, finished_reason="stop", **labels) + 1
+    )
+    aborted = "lightpd_requests_total"
+    assert metric(after, aborted, status="aborted", **labels) == metric(
+        before, aborted, status="aborted", **labels
+    )
+    for name in (
+        "lightpd_num_requests_running",
+        "lightpd_num_requests_waiting",
+        "lightpd_kv_cache_usage_perc",
+        "lightpd_num_preemptions_total",
+        "lightpd_request_queue_time_seconds_bucket",
+        "lightpd_request_prefill_time_seconds_bucket",
+        "lightpd_request_decode_time_seconds_bucket",
+        "lightpd_request_inference_time_seconds_bucket",
+        "lightpd_time_to_first_token_seconds_bucket",
+        "lightpd_e2e_request_latency_seconds_bucket",
+        "lightpd_request_prompt_tokens_bucket",
+        "lightpd_request_generation_tokens_bucket",
+    ):
+        assert f'{name}{{model_name="{MODEL_NAME}"' in after or f"{name}{{" in after, name
+        assert MODEL_NAME in next(line for line in after.splitlines() if line.startswith(name))

@@ -1,4 +1,6 @@
 // The cluster charts: uPlot line charts fed from /admin/overview's time series columns.
+// A point with no value (no request ended in that second, no node reported) is a gap:
+// lines are not drawn across idle periods, so a lone point shows as a dot.
 import { h, percent, rate, seconds } from "./format.js";
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
@@ -70,7 +72,7 @@ function options(chart, labels, width) {
         label,
         stroke: COLORS[i % COLORS.length],
         width: 1.5,
-        spanGaps: true,
+        spanGaps: false,
         points: { show: Boolean(chart.points), size: 4 },
         value: (u, value) => format(value),
       })),

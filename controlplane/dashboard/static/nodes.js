@@ -1,14 +1,17 @@
 // The nodes table: one row per node, kept across updates (buttons stay clickable),
-// sortable by any column, with drain and remove behind a confirmation.
+// sortable by any column, with drain and remove behind a confirmation and undrain.
 import { age, h, percent, rate } from "./format.js";
 
-const STATUS_ORDER = { ready: 0, draining: 1, dead: 2 };
+const STATUS_ORDER = { ready: 0, draining: 1, migrating: 2, dead: 3 };
+const DRAINED = ["draining", "migrating"];
 
+/** A row's figures; a dead node's last heartbeat is not shown as its load. */
 function figures(node, now) {
-  const stats = node.stats ?? {};
+  const stats = node.status === "dead" ? {} : (node.stats ?? {});
   const used = stats.num_free_slots === undefined ? 0 : node.num_slots - stats.num_free_slots;
   return {
     ...node,
+    live: node.status !== "dead" && Boolean(node.stats),
     used,
     reserved: stats.num_reserved_slots ?? 0,
     kv_use: used / node.num_slots,
@@ -37,7 +40,7 @@ function kvBar(row) {
 export class NodesTable {
   constructor(table, { confirm, act }) {
     this.tbody = table.tBodies[0];
-    this.rows = new Map(); // node id -> {tr, cells, drain}
+    this.rows = new Map(); // node id -> {tr, cells, drain, undrain}
     this.sortKey = "node_id";
     this.ascending = true;
     this.confirm = confirm;
@@ -94,34 +97,43 @@ export class NodesTable {
   }
 
   newRow(nodeId) {
-    const drain = h("button", { type: "button", class: "quiet", "data-action": "drain" }, "Drain");
-    const remove = h("button", { type: "button", class: "quiet danger", "data-action": "remove" }, "Remove");
+    const button = (action, label, extra = "") =>
+      h("button", { type: "button", class: `quiet ${extra}`, "data-action": action }, label);
+    const drain = button("drain", "Drain");
+    const undrain = button("undrain", "Undrain");
+    const remove = button("remove", "Remove", "danger");
     drain.addEventListener("click", () =>
       this.ask(nodeId, "drain", `Drain ${nodeId}? It takes no new requests; its running ones finish.`),
     );
+    undrain.addEventListener("click", () => this.act(nodeId, "undrain"));
     remove.addEventListener("click", () =>
       this.ask(nodeId, "remove", `Remove ${nodeId}? It leaves the fleet and stops at its next heartbeat.`),
     );
     const cells = Array.from({ length: 10 }, () => h("td"));
-    const tr = h("tr", { dataset: { nodeId } }, cells, h("td", { class: "actions" }, drain, remove));
-    return { tr, cells, drain };
+    const actions = h("td", { class: "actions" }, drain, undrain, remove);
+    const tr = h("tr", { dataset: { nodeId } }, cells, actions);
+    return { tr, cells, drain, undrain };
   }
 
-  fill({ tr, cells: c, drain }, row) {
+  fill({ tr, cells: c, drain, undrain }, row) {
     c[0].replaceChildren(h("code", {}, row.node_id));
     c[1].textContent = row.role;
     c[2].textContent = row.model_name;
+    c[2].className = "model";
     c[3].textContent = row.kv_transport ? `${row.device} · ${row.kv_transport}` : row.device;
     c[4].replaceChildren(h("span", { class: `status badge ${row.status}` }, row.status));
-    c[5].replaceChildren(row.stats ? kvBar(row) : "–");
+    c[5].replaceChildren(row.live ? kvBar(row) : "–");
     for (const [i, value] of [[6, row.running], [7, row.queued], [8, rate(row.tokens_per_s)]]) {
-      c[i].textContent = row.stats ? value : "–";
+      c[i].textContent = row.live ? value : "–";
       c[i].className = "num";
+      c[i].title = row.status === "dead" ? "dead: its last heartbeat's figures are not shown" : "";
     }
     c[9].textContent = age(row.heartbeat_age);
     c[9].className = "num";
     tr.className = row.status;
     drain.disabled = row.status !== "ready";
+    drain.hidden = DRAINED.includes(row.status);
+    undrain.hidden = !drain.hidden;
   }
 
   async ask(nodeId, action, question) {

@@ -1,8 +1,11 @@
-// The requests table: running and recent requests, each with its state timeline.
+// The requests table: running and recent requests, each with its state timeline on
+// one time axis shared by every row (so their order and overlap can be read off).
 import { h, seconds } from "./format.js";
 
 export const STATES = ["queued", "prefilling", "transferring", "decoding"];
 const ENDS = ["finished", "failed", "aborted"];
+const TICK_STEPS_S = [0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200];
+const MAX_TICKS = 4;
 
 export function legend(container) {
   container.replaceChildren(
@@ -12,12 +15,50 @@ export function legend(container) {
   );
 }
 
-/** One bar: a segment per state, as long as the request stayed in it. */
-function timeline(request, now) {
+function startOf(request) {
+  return request.timeline[0].at;
+}
+
+function endOf(request, now) {
+  return ENDS.includes(request.state) ? request.timeline.at(-1).at : now;
+}
+
+/** The shared axis: from the earliest start among the rows to now. */
+export function timeAxis(requests, now) {
+  const starts = requests.filter((r) => r.timeline.length).map(startOf);
+  const start = Math.min(now - 1, ...starts);
+  return { start, end: now, span: now - start };
+}
+
+function percentAt(axis, t) {
+  return `${(100 * Math.min(Math.max(t - axis.start, 0), axis.span)) / axis.span}%`;
+}
+
+function ago(back) {
+  if (back === 0) return "now";
+  if (back < 1) return `−${Math.round(back * 1000)} ms`;
+  if (back < 120) return `−${Number(back.toFixed(1))} s`;
+  if (back < 7200) return `−${Number((back / 60).toFixed(1))} min`;
+  return `−${Number((back / 3600).toFixed(1))} h`;
+}
+
+/** Tick labels for the axis header: "now" and round times before it. */
+export function axisTicks(axis) {
+  const step = TICK_STEPS_S.find((s) => axis.span / s <= MAX_TICKS) ?? TICK_STEPS_S.at(-1);
+  const ticks = [];
+  for (let k = 0; k * step <= axis.span + 1e-9; k++) {
+    const tick = h("span", { class: "tick" }, ago(k * step));
+    tick.style.left = percentAt(axis, axis.end - k * step);
+    ticks.push(tick);
+  }
+  return h("div", { class: "time-axis", "aria-label": `time axis, last ${seconds(axis.span)}` }, ticks);
+}
+
+/** One bar placed on the shared axis: a segment per state, as long as it lasted. */
+function timeline(request, now, axis) {
   const steps = request.timeline;
-  const start = steps[0].at;
-  const ended = ENDS.includes(request.state);
-  const end = ended ? steps[steps.length - 1].at : now;
+  const start = startOf(request);
+  const end = endOf(request, now);
   const total = Math.max(end - start, 1e-6);
   const segments = [];
   steps.forEach((step, i) => {
@@ -31,11 +72,18 @@ function timeline(request, now) {
     segments.push(span);
   });
   const bar = h("div", { class: "timeline-bar", title: `total ${seconds(end - start)}` }, segments);
-  const cap = ended ? h("i", { class: `end ${request.state}`, title: request.state }) : null;
-  return h("div", { class: "timeline-cell" }, bar, cap);
+  bar.style.left = percentAt(axis, start);
+  bar.style.width = `calc(${percentAt(axis, end)} - ${percentAt(axis, start)})`;
+  const track = h("div", { class: "timeline-track" }, bar);
+  if (ENDS.includes(request.state)) {
+    const cap = h("i", { class: `end ${request.state}`, title: request.state });
+    cap.style.left = percentAt(axis, end);
+    track.append(cap);
+  }
+  return track;
 }
 
-export function renderRequests(tbody, requests, now) {
+export function renderRequests(tbody, requests, now, axis) {
   const rows = [];
   for (const r of requests) {
     if (!r.timeline.length) continue;
@@ -43,14 +91,14 @@ export function renderRequests(tbody, requests, now) {
     const nodes = r.prefill_node ? `${r.prefill_node} → ${r.decode_node}` : "–";
     const out = r.output_tokens ?? "…";
     const retries = r.attempts > 1 ? ` (${r.attempts} tries)` : "";
-    const total = ENDS.includes(r.state) ? r.e2e_s : now - r.timeline[0].at;
+    const total = ENDS.includes(r.state) ? r.e2e_s : now - startOf(r);
     rows.push(
       h(
         "tr",
-        { dataset: { requestId: r.request_id, state: r.state }, class: r.state },
+        { dataset: { requestId: r.request_id, state: r.state, start: startOf(r) }, class: r.state },
         h("td", { title: r.request_id }, h("code", {}, shortId)),
         h("td", {}, h("span", { class: `badge ${r.state}` }, r.state)),
-        h("td", { class: "timeline" }, timeline(r, now)),
+        h("td", { class: "timeline" }, timeline(r, now, axis)),
         h("td", { class: "nodes" }, nodes + retries),
         h("td", { class: "num" }, `${r.prompt_tokens} → ${out}`),
         h("td", { class: "num" }, seconds(r.ttft_s)),
@@ -63,4 +111,35 @@ export function renderRequests(tbody, requests, now) {
     }
   }
   tbody.replaceChildren(...rows);
+}
+
+/**
+ * Failed requests kept apart, so that they stay listed after newer requests push
+ * them out of the recent ones: every failure the page saw (the latest MAX_KEPT).
+ */
+export class FailedRequests {
+  static MAX_KEPT = 200;
+
+  constructor() {
+    this.byId = new Map();
+  }
+
+  add(requests) {
+    for (const r of requests) {
+      if (r.state === "failed" && r.timeline.length) this.byId.set(r.request_id, r);
+    }
+    if (this.byId.size > FailedRequests.MAX_KEPT) {
+      const latest = this.list().slice(0, FailedRequests.MAX_KEPT);
+      this.byId = new Map(latest.map((r) => [r.request_id, r]));
+    }
+  }
+
+  /** The latest first. */
+  list() {
+    return [...this.byId.values()].sort((a, b) => startOf(b) - startOf(a));
+  }
+
+  get size() {
+    return this.byId.size;
+  }
 }
