@@ -2,9 +2,8 @@
 
 A family picks it with ``mlp_factory = staticmethod(sparse_mlp)``; the dense
 families never see this file. The routed experts are one function call,
-``moe_experts``, which the fused Triton kernel (``kernels/fused_moe.py``, same
-signature) replaces, and one module, ``MoEExperts``, which expert parallelism
-replaces by wrapping or swapping it.
+``moe_experts`` (the fused Triton kernel, ``kernels/fused_moe.py``), in one
+module, ``MoEExperts``, which expert parallelism wraps or swaps.
 
 Expert weights are stacked per layer, whatever the checkpoint calls them:
 ``w13`` [E, 2I, H] holds each expert's gate rows then its up rows, ``w2``
@@ -19,6 +18,7 @@ from torch import nn
 from common.engine.layers.linear import default_weight_loader
 from common.engine.model_config import ModelConfig, MoEConfig
 from common.engine.models.llama import LlamaMLP
+from kernels.fused_moe import fused_moe
 
 # One expert's checkpoint projection -> (our stacked parameter, shard), for the
 # families whose experts are named like the dense MLP (Qwen2-MoE, Qwen3-MoE).
@@ -73,8 +73,10 @@ def moe_experts_reference(
     return out.to(hidden.dtype)
 
 
-# The one call the kernel replaces: kernels/fused_moe.py's `fused_moe` has this signature.
-moe_experts = moe_experts_reference
+# The routed experts: the fused Triton kernel on GPUs (routing, tokens sorted by expert,
+# two grouped GEMMs), its plain-PyTorch reference elsewhere. The dense reference above
+# stays as the definition the tests hold both to.
+moe_experts = fused_moe
 
 
 class MoEExperts(nn.Module):
