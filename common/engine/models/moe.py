@@ -18,7 +18,7 @@ from torch import nn
 from common.engine.layers.linear import default_weight_loader
 from common.engine.model_config import ModelConfig, MoEConfig
 from common.engine.models.llama import LlamaMLP
-from kernels.fused_moe import fused_moe
+from kernels.fused_moe import fused_moe, moe_route_reference
 
 # One expert's checkpoint projection -> (our stacked parameter, shard), for the
 # families whose experts are named like the dense MLP (Qwen2-MoE, Qwen3-MoE).
@@ -27,18 +27,6 @@ GATE_UP_DOWN_EXPERTS = {
     "up_proj": ("w13", "up"),
     "down_proj": ("w2", "down"),
 }
-
-
-def route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the experts in fp32, then the top ``top_k`` of each token:
-    weights [T, k] fp32 (divided by their sum when ``renormalize``) and expert ids [T, k]."""
-    probs = torch.softmax(router_logits.float(), dim=-1)  # (T, E)
-    weights, expert_ids = torch.topk(probs, top_k, dim=-1)  # (T, k)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, expert_ids
 
 
 def moe_experts_reference(
@@ -61,10 +49,10 @@ def moe_experts_reference(
     """
     num_tokens, hidden_size = hidden.shape
     num_experts = w13.shape[0]
-    weights, expert_ids = route(router_logits, top_k, renormalize)
+    weights, expert_ids = moe_route_reference(router_logits, top_k, renormalize)
     # (T, E): each token's weight for every expert, zero where it was not routed
     combine = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=hidden.device)
-    combine.scatter_(1, expert_ids, weights)
+    combine.scatter_(1, expert_ids.long(), weights)
     out = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
     for expert in range(num_experts):
         gate, up = F.linear(hidden, w13[expert]).chunk(2, dim=-1)  # (T, I) each
