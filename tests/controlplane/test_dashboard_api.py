@@ -137,3 +137,61 @@ def test_overview_shows_dead_nodes_and_failed_requests_with_their_error(client, 
     series = client.get("/admin/timeseries?window=60&step=5", headers=headers).json()
     assert len(series["t"]) == 12 and series["step_s"] == 5
     assert client.get("/admin/timeseries?window=100000", headers=headers).status_code == 400
+
+
+def heartbeat(client: TestClient, node_id: str) -> None:
+    """Keep a node alive (the TTL here is 1 s) just before a step that needs it so."""
+    stats = dict(
+        num_free_slots=100, num_reserved_slots=0, num_running=0, num_queued=0,
+        num_queued_tokens=0, tokens_per_s=0.0,
+    )  # fmt: skip
+    reply = client.put(
+        f"/internal/nodes/{node_id}/heartbeat",
+        json=stats,
+        headers={
+            "Authorization": f"Bearer {CLUSTER}",
+            "X-Lightpd-Node-Session": f"session-of-{node_id}".ljust(16, "0"),
+        },
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def test_undrain_puts_a_draining_or_migrating_node_back_to_ready(client):
+    bearer = {"Authorization": f"Bearer {ADMIN}"}
+    register(client, "d1")
+    register(client, "d2")
+    assert client.post("/admin/nodes/d1/drain", headers=bearer).json()["status"] == "draining"
+    migrating = client.post("/admin/nodes/d2/drain?migrate=true", headers=bearer).json()
+    assert migrating["status"] == "migrating"
+    heartbeat(client, "d1")
+    heartbeat(client, "d2")
+    decode = client.get("/admin/overview", headers=bearer).json()["stats"]["roles"]["decode"]
+    assert (decode["ready"], decode["draining"], decode["migrating"]) == (0, 1, 1)
+
+    for node_id in ("d1", "d2"):
+        heartbeat(client, node_id)
+        reply = client.post(f"/admin/nodes/{node_id}/undrain", headers=bearer)
+        assert reply.status_code == 200 and reply.json() == {"node_id": node_id, "status": "ready"}
+    heartbeat(client, "d1")
+    heartbeat(client, "d2")
+    assert [n["status"] for n in client.get("/admin/nodes", headers=bearer).json()] == [
+        "ready",
+        "ready",
+    ]
+    heartbeat(client, "d1")
+    assert client.post("/admin/nodes/d1/undrain", headers=bearer).json()["status"] == "ready"
+
+    missing = client.post("/admin/nodes/nope/undrain", headers=bearer)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == "no node nope"
+    assert client.post("/admin/nodes/d1/undrain").status_code == 401
+    # From the dashboard: the session cookie and the dashboard's header.
+    sign_in(client)
+    assert client.post("/admin/nodes/d1/undrain").status_code == 403
+    heartbeat(client, "d1")
+    undrained = client.post("/admin/nodes/d1/undrain", headers={session.CSRF_HEADER: "1"})
+    assert undrained.json()["status"] == "ready"
+    # A dead node becomes ready by registering again, not by undrain.
+    time.sleep(1.3)
+    dead = client.post("/admin/nodes/d2/undrain", headers=bearer)
+    assert dead.status_code == 409 and "is dead" in dead.json()["error"]["message"]

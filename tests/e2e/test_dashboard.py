@@ -1,7 +1,10 @@
 """The admin dashboard in a real headless Chromium (Debian's, through Playwright)
-against a real fleet on CPU: sign-in, live nodes and charts under load, drain and
-remove with confirmation, a dead node and a failed request, a wrong token."""
+against a real fleet on CPU: sign-in, live nodes and charts under load, cards that
+name their window and data age, request timelines on one time axis, latency lines
+broken across idle seconds, drain, undrain and remove, a dead node without stale
+figures, failed requests kept by their filter, a 900 px wide window, a wrong token."""
 
+import itertools
 import os
 import re
 import threading
@@ -90,13 +93,69 @@ def node_list(fleet: LocalFleet) -> str:
     return listing.stdout
 
 
+def node_command(fleet: LocalFleet, *args: str) -> str:
+    run = run_lightctl(fleet, "node", *args, "--control-plane", fleet.url)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+def assert_timelines_share_one_axis(page: Page) -> None:
+    """Every row's track lies under the header's axis; bars start in the order their
+    requests did, and a running request's bar reaches "now" (the axis' right end)."""
+    layout = page.evaluate(
+        """() => {
+          const box = (e) => e.getBoundingClientRect();
+          const axis = box(document.querySelector('#requests-axis .time-axis'));
+          const rows = [...document.querySelectorAll('#requests tbody tr[data-start]')].map(r => ({
+            start: Number(r.dataset.start), state: r.dataset.state,
+            track: box(r.querySelector('.timeline-track')),
+            bar: box(r.querySelector('.timeline-bar')),
+          }));
+          return { axis: { x: axis.x, width: axis.width }, rows };
+        }"""
+    )
+    axis, rows = layout["axis"], layout["rows"]
+    assert len(rows) >= 2
+    for row in rows:
+        assert (
+            abs(row["track"]["x"] - axis["x"]) < 1
+            and abs(row["track"]["width"] - axis["width"]) < 1
+        )
+        if row["state"] in RUNNING_STATES:
+            assert abs(row["bar"]["x"] + row["bar"]["width"] - axis["x"] - axis["width"]) < 3
+    by_start = sorted(rows, key=lambda r: r["start"])
+    lefts = [r["bar"]["x"] for r in by_start]
+    assert all(b >= a - 1 for a, b in itertools.pairwise(lefts)), lefts
+    assert lefts[-1] > lefts[0]  # different starts, different places
+    ticks = page.locator("#requests-axis .tick")
+    expect(ticks.first).to_have_text("now")
+    assert ticks.count() >= 2
+
+
+def assert_fits_the_window(page: Page) -> None:
+    overflow = page.evaluate(
+        """() => ({
+          page: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+          inner: [...document.querySelectorAll('.scroll, section')]
+            .map(e => e.scrollWidth - e.clientWidth),
+        })"""
+    )
+    assert overflow["page"] <= 0, f"the page scrolls sideways by {overflow['page']} px"
+    assert max(overflow["inner"]) <= 0, f"a table overflows its section: {overflow['inner']}"
+
+
 def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser, tmp_path: Path):
     page = browser.new_page(viewport={"width": 1440, "height": 1250})
     problems: list[str] = []  # script errors and CSP violations fail the test
+    outage = threading.Event()  # while set, the page's reads get a 503 on purpose
+
+    def expected(text: str) -> bool:
+        return "status of 401" in text or (outage.is_set() and "status of 503" in text)
+
     page.on("pageerror", lambda exc: problems.append(str(exc)))
     page.on(
         "console",
-        lambda m: m.type == "error" and "status of 401" not in m.text and problems.append(m.text),
+        lambda m: m.type == "error" and not expected(m.text) and problems.append(m.text),
     )
     urls: list[str] = []
     page.on("request", lambda request: urls.append(request.url))
@@ -132,6 +191,14 @@ def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser, tmp_path
     expect(page.locator("#live")).to_have_text(re.compile(r"^live · "))
     assert chart_sum(page, "tokens") == 0 and chart_sum(page, "requests") == 0
 
+    # Every card names its window and shows the age of its data; with no request yet,
+    # the latency cards say so instead of keeping a value.
+    for name, window in (("nodes", "now"), ("requests", "last 60 s"), ("ttft", "last 60 s")):
+        expect(page.locator(f"#card-{name} .window")).to_have_text(window)
+    expect(page.locator("#card-tokens .age")).to_have_text(re.compile(r"^data from \d+\.\d s ago$"))
+    expect(page.locator("#card-ttft .value")).to_have_text("–")
+    expect(page.locator("#card-ttft .age")).to_have_text("none in the last 5 min")
+
     # Under load the charts move, the nodes show work, the requests their states.
     traffic = Traffic(fleet, workers=4)
     traffic.start()
@@ -158,6 +225,11 @@ def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser, tmp_path
         assert page.evaluate("window.lightpd.charts.plots.tokens.data[0].length") == 60
         assert chart_sum(page, "tokens") > 0
         assert page.evaluate("window.lightpd.polls") > polls
+        assert_timelines_share_one_axis(page)
+        expect(page.locator("#card-ttft .value")).not_to_have_text("–")
+        expect(page.locator("#card-ttft .age")).to_have_text(
+            re.compile(r"^newest sample \d+\.\d s ago$")
+        )
         screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "dashboard.png")
         page.screenshot(path=str(screenshot))
         assert screenshot.stat().st_size > 0
@@ -171,14 +243,31 @@ def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser, tmp_path
         expect(page.locator("#toast")).to_have_text(f"{first_decode}: draining")
         line = next(r for r in node_list(fleet).splitlines() if r.startswith(first_decode))
         assert "draining" in line
-        expect(victim.locator('button[data-action="drain"]')).to_be_disabled()
+        expect(victim.locator('button[data-action="drain"]')).to_be_hidden()
+        expect(victim.locator('button[data-action="undrain"]')).to_be_visible()
     finally:
         traffic.done.set()
         traffic.join(timeout=120)
     assert traffic.replies and all(r.status_code == 200 for r in traffic.replies)
 
+    # Idle seconds, then one request: the latency lines break over the seconds without
+    # data (uPlot leaves a gap) instead of joining the points across them.
+    time.sleep(3)
+    assert chat(fleet, 4).status_code == 200
+    page.wait_for_function(
+        """() => {
+          const plot = window.lightpd.charts.plots.ttft;
+          const values = plot.data[1];
+          const first = values.findIndex(v => v !== null);
+          const last = values.findLastIndex(v => v !== null);
+          const hole = values.slice(first, last).includes(null);
+          return hole && plot.series[1].spanGaps === false && plot.series[1]._paths.gaps.length > 0;
+        }""",
+        timeout=15_000,
+    )
+
     # Long requests on the one ready decode node, which dies: it shows as dead, and
-    # the requests it held as failed with their error.
+    # the requests it held as failed with their error (no ready node to move to).
     failed: list[list[str]] = []
     long_ones = [
         threading.Thread(target=lambda: failed.append(chat(fleet, 1500, stream=True)))
@@ -191,17 +280,78 @@ def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser, tmp_path
     while decoding_since(fleet, started) != 3:  # all past their first token: no retry
         assert time.monotonic() < deadline, "the long requests did not start decoding"
         time.sleep(0.2)
-    next(n for n in fleet.nodes if n.node_id == second_decode).kill()
     survivor = page.locator(f'#nodes tr[data-node-id="{second_decode}"]')
+    page.wait_for_function(  # it is decoding: it shows a rate
+        "id => parseFloat(document.querySelector(`#nodes tr[data-node-id='${id}']`).cells[8]"
+        ".textContent) > 0",
+        arg=second_decode,
+        timeout=10_000,
+    )
+    next(n for n in fleet.nodes if n.node_id == second_decode).kill()
     expect(survivor.locator(".status")).to_have_text("dead", timeout=15_000)
+    # They would move to another decode node, but the only other one is draining.
     interrupted = (
-        f"error: decode node {second_decode} left the registry; the request was interrupted"
+        "error: the request could not move to another node: "
+        "no ready decode node can take the request"
     )
     expect(page.locator("#requests tr.error-row")).to_have_text([interrupted] * 3, timeout=15_000)
     expect(page.locator("#requests tr[data-state=failed]")).to_have_count(3)
     for thread in long_ones:
         thread.join(timeout=60)
-    assert len(failed) == 3 and all("interrupted" in "".join(lines) for lines in failed)
+    assert len(failed) == 3 and all("could not move" in "".join(lines) for lines in failed)
+    # A dead node shows none of its last heartbeat's figures: no rate, no load.
+    for cell in (5, 6, 7, 8):
+        expect(survivor.locator("td").nth(cell)).to_have_text("–")
+    expect(page.locator("#card-nodes .detail")).to_have_text("1 draining · 0 migrating · 1 dead")
+
+    # 900 px wide, with a dead and a draining node and error rows: nothing overflows.
+    page.set_viewport_size({"width": 900, "height": 1250})
+    page.wait_for_timeout(1500)  # a new render at this width
+    assert_fits_the_window(page)
+
+    # Undrain from the page; then drain --migrate and undrain with lightctl.
+    victim.locator('button[data-action="undrain"]').click()
+    expect(victim.locator(".status")).to_have_text("ready", timeout=1000)
+    expect(page.locator("#toast")).to_have_text(f"{first_decode}: ready")
+    expect(victim.locator('button[data-action="drain"]')).to_be_enabled()
+    assert node_command(fleet, "drain", first_decode, "--migrate") == f"{first_decode}: migrating"
+    expect(victim.locator(".status")).to_have_text("migrating", timeout=5000)
+    expect(victim.locator('button[data-action="undrain"]')).to_be_visible()
+    assert node_command(fleet, "undrain", first_decode) == f"{first_decode}: ready"
+    expect(victim.locator(".status")).to_have_text("ready", timeout=5000)
+    missing = run_lightctl(fleet, "node", "undrain", "nope", "--control-plane", fleet.url)
+    assert missing.returncode == 2 and "no node nope" in missing.stderr
+
+    # Newer requests push the failed ones out of the recent list; the filter keeps them.
+    newer = [threading.Thread(target=lambda: [chat(fleet, 2) for _ in range(8)]) for _ in range(4)]
+    for thread in newer:
+        thread.start()
+    for thread in newer:
+        thread.join(timeout=120)
+    expect(page.locator("#requests tr[data-state=failed]")).to_have_count(0, timeout=10_000)
+    page.click('#request-filter button[data-filter="failed"]')
+    expect(page.locator('#request-filter button[data-filter="failed"]')).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    expect(page.locator("#failed-count")).to_have_text("3")
+    expect(page.locator("#requests tbody tr[data-state]")).to_have_count(3)
+    expect(page.locator("#requests tr[data-state=failed]")).to_have_count(3)
+    expect(page.locator("#requests tr.error-row")).to_have_text([interrupted] * 3)
+    assert_fits_the_window(page)
+    page.click('#request-filter button[data-filter="all"]')
+    expect(page.locator("#requests tbody tr[data-state]")).to_have_count(30)
+
+    # While updates fail, the cards say how old their data is and turn stale.
+    outage.set()
+    page.route("**/admin/overview*", lambda route: route.fulfill(status=503, json={}))
+    expect(page.locator("#live")).to_have_text(re.compile(r"^update failed"), timeout=5000)
+    expect(page.locator("#card-running")).to_have_class(re.compile(r"\bstale\b"), timeout=15_000)
+    expect(page.locator("#card-running .age")).to_have_text(
+        re.compile(r"^data from 1\d\.\d s ago$")
+    )
+    page.unroute("**/admin/overview*")
+    expect(page.locator("#card-running")).not_to_have_class(re.compile(r"\bstale\b"), timeout=5000)
+    outage.clear()
 
     # Remove the dead node, with a confirmation: gone from the page and from lightctl.
     confirm(page, survivor, "remove", "ok")

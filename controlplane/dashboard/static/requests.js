@@ -5,7 +5,8 @@ import { h, seconds } from "./format.js";
 export const STATES = ["queued", "prefilling", "transferring", "decoding"];
 const ENDS = ["finished", "failed", "aborted"];
 const TICK_STEPS_S = [0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200];
-const MAX_TICKS = 4;
+const NARROW = window.matchMedia("(max-width: 1180px)"); // as in style.css
+const MAX_TICKS = 3; // steps on the axis: 4 labels at most, so they fit 130 px
 
 export function legend(container) {
   container.replaceChildren(
@@ -47,8 +48,9 @@ export function axisTicks(axis) {
   const step = TICK_STEPS_S.find((s) => axis.span / s <= MAX_TICKS) ?? TICK_STEPS_S.at(-1);
   const ticks = [];
   for (let k = 0; k * step <= axis.span + 1e-9; k++) {
-    const tick = h("span", { class: "tick" }, ago(k * step));
-    tick.style.left = percentAt(axis, axis.end - k * step);
+    const at = axis.end - k * step;
+    const tick = h("span", { class: (at - axis.start) / axis.span < 0.15 ? "tick start" : "tick" }, ago(k * step));
+    tick.style.left = percentAt(axis, at);
     ticks.push(tick);
   }
   return h("div", { class: "time-axis", "aria-label": `time axis, last ${seconds(axis.span)}` }, ticks);
@@ -87,7 +89,8 @@ export function renderRequests(tbody, requests, now, axis) {
   const rows = [];
   for (const r of requests) {
     if (!r.timeline.length) continue;
-    const shortId = r.request_id.length > 22 ? `…${r.request_id.slice(-20)}` : r.request_id;
+    const idChars = NARROW.matches ? 12 : 20;
+    const shortId = r.request_id.length > idChars + 2 ? `…${r.request_id.slice(-idChars)}` : r.request_id;
     const nodes = r.prefill_node ? `${r.prefill_node} → ${r.decode_node}` : "–";
     const out = r.output_tokens ?? "…";
     const retries = r.attempts > 1 ? ` (${r.attempts} tries)` : "";

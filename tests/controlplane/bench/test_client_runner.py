@@ -79,13 +79,15 @@ def test_errors_are_recorded_with_the_servers_message():
     refused = httpx.Response(400, json={"error": {"message": "max_tokens is too large: 9"}})
     record, _ = send(COMPLETIONS, refused)
     assert not record.ok and record.error == "HTTP 400: max_tokens is too large: 9"
+    assert record.e2e_s is not None  # a failure ran until it failed: it counts in the duration
     in_stream = sse(
         {"choices": [{"index": 0, "text": "a"}]}, {"error": {"message": "generation failed: x"}}
     )
     record, _ = send(COMPLETIONS, httpx.Response(200, content=in_stream))
     assert not record.ok and "generation failed: x" in record.error
+    assert record.e2e_s >= record.chunk_times_s[0]
     record, _ = send(COMPLETIONS, httpx.Response(200, content=sse("[DONE]")))
-    assert record.error == "the response streamed no output"
+    assert record.error == "the response streamed no output" and record.e2e_s is not None
 
 
 def test_a_final_chunk_without_text_still_marks_the_output():
@@ -115,7 +117,7 @@ class FakeClient:
         await asyncio.sleep(0.01)
         self.in_flight -= 1
         if record.index == self.fail_index:
-            record.error = "HTTP 500: boom"
+            record.error, record.e2e_s = "HTTP 500: boom", 0.01
             return record
         record.chunk_times_s, record.e2e_s = [0.005, 0.01], 0.01
         record.output_tokens, record.output_text = max_tokens, f"reply {record.index}"
@@ -130,7 +132,10 @@ def run(client: FakeClient, spec: WorkloadSpec, load: LoadSpec, warmup: int = 0)
         await runner.warm_up(build_workload(spec, WordPrompts(), warmup=True, count=warmup))
         return await runner.run(build_workload(spec, WordPrompts()))
 
-    return asyncio.run(go()), seen
+    records = asyncio.run(go())
+    ends = [r.finished_s for r in records if r.finished_s is not None]
+    assert max(ends) <= runner.wall_s < max(ends) + 0.5  # the run's wall time
+    return records, seen
 
 
 def test_turns_carry_the_replies_received_and_concurrency_is_bounded():

@@ -6,6 +6,7 @@ import pytest
 
 from controlplane.bench.metrics import (
     Summary,
+    error_counts,
     inter_token_latencies,
     meets_slo,
     parse_slo,
@@ -18,7 +19,7 @@ from controlplane.bench.record import RequestRecord
 
 
 def records() -> list[RequestRecord]:
-    """Four requests: A and B stream, C failed, D has a single output token."""
+    """Four requests: A and B stream, C failed after 0.1 s, D has a single output token."""
     a = RequestRecord(
         0, sent_s=0.0, chunk_times_s=[0.1, 0.15, 0.25, 0.3], e2e_s=0.3, prompt_tokens=10,
         output_tokens=4,
@@ -27,7 +28,7 @@ def records() -> list[RequestRecord]:
     b = RequestRecord(
         1, sent_s=0.5, chunk_times_s=[0.2, 0.4], e2e_s=0.5, prompt_tokens=20, output_tokens=3
     )
-    c = RequestRecord(2, sent_s=0.2, prompt_tokens=7, error="HTTP 503: no capacity")
+    c = RequestRecord(2, sent_s=0.2, e2e_s=0.1, prompt_tokens=7, error="HTTP 503: no capacity")
     d = RequestRecord(
         3, sent_s=1.0, chunk_times_s=[0.05], e2e_s=0.05, prompt_tokens=5, output_tokens=1
     )
@@ -78,6 +79,35 @@ def test_summary_of_hand_computed_run():
     # E2E 300, 500, 50 ms
     assert (s.e2e_ms.mean, s.e2e_ms.p50) == pytest.approx((850 / 3, 300))
     assert s.goodput is None and s.num_good is None
+    assert s.errors == {"HTTP 503: no capacity": 1}
+
+
+def test_duration_runs_from_the_first_send_to_the_last_end_failures_included():
+    # E timed out after 2 s and ended last; F was never sent (an earlier turn failed).
+    e = RequestRecord(4, sent_s=0.1, e2e_s=2.0, error="ReadTimeout: timed out")
+    f = RequestRecord(5, sent_s=3.0, error="not sent: an earlier turn of its conversation failed")
+    s = summarize([*records(), e, f], wall_s=2.2, total_wall_s=5.0)
+    assert (s.num_requests, s.num_completed, s.num_errors) == (6, 3, 3)
+    assert s.duration_s == pytest.approx(2.1)  # not 1.05, the end of the last completed one
+    assert s.request_throughput == pytest.approx(3 / 2.1)
+    assert (s.wall_s, s.total_wall_s) == (2.2, 5.0)
+    assert s.errors == {
+        "HTTP 503: no capacity": 1,
+        "ReadTimeout: timed out": 1,
+        "not sent: an earlier turn of its conversation failed": 1,
+    }
+    # The duration starts at the first send, wherever the run's clock started.
+    late = [RequestRecord(0, sent_s=5.0, chunk_times_s=[0.1], e2e_s=0.5, output_tokens=1)]
+    assert summarize(late).duration_s == pytest.approx(0.5)
+
+
+def test_error_counts_keep_the_most_frequent_messages():
+    rs = [RequestRecord(i, error=f"HTTP 500: {i % 7}") for i in range(40)]
+    rs += [RequestRecord(99, error="x" * 500)]
+    counts = error_counts(rs)
+    assert len(counts) == 5 and all(n in (5, 6) for n in counts.values())
+    assert list(counts.values()) == sorted(counts.values(), reverse=True)
+    assert max(len(m) for m in error_counts([rs[-1]])) == 160
 
 
 def test_goodput_counts_requests_within_every_slo():
@@ -96,11 +126,16 @@ def test_summary_with_nothing_completed_has_no_latencies():
     s = summarize([RequestRecord(0, error="HTTP 500: boom")])
     assert (s.num_completed, s.num_errors, s.duration_s) == (0, 1, 0.0)
     assert math.isnan(s.request_throughput) and math.isnan(s.ttft_ms.p50)
+    s = summarize([RequestRecord(0, sent_s=1.0, e2e_s=0.5, error="HTTP 500: boom")])
+    assert (s.num_completed, s.num_errors, s.duration_s) == (0, 1, 0.5)
 
 
 def test_summary_round_trips_through_json():
-    s = summarize(records(), slo={"ttft": 150})
+    s = summarize(records(), slo={"ttft": 150}, wall_s=1.1, total_wall_s=3.0)
     assert Summary.from_json(s.to_json()) == s
+    # A result written before wall times and error counts still loads.
+    old = {k: v for k, v in s.to_json().items() if k not in ("wall_s", "total_wall_s", "errors")}
+    assert Summary.from_json(old).wall_s is None and Summary.from_json(old).errors == {}
 
 
 def test_parse_slo():
@@ -117,12 +152,19 @@ def test_parse_slo():
             parse_slo(bad)
 
 
-def test_timeline_buckets_tokens_completions_and_in_flight():
+def test_timeline_buckets_tokens_completions_failures_and_in_flight():
     series = timeline(records(), bucket_s=0.5)
-    assert series["start_s"] == [0.0, 0.5, 1.0]
+    assert series["start_s"] == [0.0, 0.5, 1.0] and series["bucket_s"] == 0.5
     # A's 4 tokens land in [0, 0.5); B's 3 (two chunks of 1.5) at 0.7 and 0.9; D's at 1.05.
     assert series["output_tokens_per_s"] == pytest.approx([8.0, 6.0, 2.0])
     # A ends at 0.3; B at 1.0 and D at 1.05 both in the last bucket.
     assert series["completed_per_s"] == pytest.approx([2.0, 0.0, 4.0])
-    # At 0.0: A; at 0.5: B (sent at 0.5); at 1.0: D (B ended at 1.0). C failed, not counted.
+    # C failed at 0.3.
+    assert series["failed_per_s"] == pytest.approx([2.0, 0.0, 0.0])
+    # At 0.0: A; at 0.5: B (sent at 0.5); at 1.0: D (B ended at 1.0).
     assert series["in_flight"] == [1, 1, 1]
+    # A failure in flight is counted until it failed, and its end extends the timeline.
+    slow = RequestRecord(4, sent_s=0.1, e2e_s=1.4, error="ReadTimeout")
+    series = timeline([*records(), slow], bucket_s=0.5)
+    assert series["in_flight"] == [1, 2, 2]
+    assert series["failed_per_s"] == pytest.approx([2.0, 0.0, 2.0])
