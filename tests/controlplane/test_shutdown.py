@@ -45,6 +45,7 @@ class FakeDispatch:
         prompt: list[int],
         params: SamplingParams,
         admitted: asyncio.Event | None = None,
+        stopped_here: asyncio.Event | None = None,
     ) -> AsyncIterator[TokenEvent]:
         assert admitted is not None
         admitted.set()
