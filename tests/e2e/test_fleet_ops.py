@@ -206,7 +206,8 @@ def migrate_mid_stream(fleet: LocalFleet, move) -> tuple[str, list[Stream]]:
         time.sleep(0.02)
     nodes = fleet.admin("GET", "/admin/nodes").json()
     decoders = [n for n in nodes if n["role"] == "decode"]
-    victim_id = max(decoders, key=lambda n: n["stats"]["num_running"])["node_id"]
+    # The busiest decode node (one that has not reported yet counts as idle).
+    victim_id = max(decoders, key=lambda n: (n["stats"] or {}).get("num_running", 0))["node_id"]
     move(next(n for n in fleet.nodes if n.node_id == victim_id))
     for stream in streams:
         stream.join(timeout=120)
