@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import httpx
 import typer
 
 from controlplane.cli_common import FleetHome, ensure_default_model, fail, home, say
-from controlplane.embedded_redis import EmbeddedRedis
+from controlplane.embedded_redis import EmbeddedRedis, free_port
 from controlplane.fleet_children import Children, Stopped, StopSignals, exit_cause, log_tail
 from controlplane.node_process import start_node
 
@@ -39,6 +40,7 @@ class NodeOptions:
     num_kv_slots: int | None
     max_model_len: int | None
     kv_transport: str
+    expert_parallel: bool = False  # the decode nodes form one expert-parallel group
 
 
 def up(
@@ -84,6 +86,13 @@ def up(
     kv_transport: Annotated[
         str, typer.Option(help="auto, zmq or nccl (Gloo on CPU): how KV tensors travel.")
     ] = "auto",
+    expert_parallel: Annotated[
+        bool,
+        typer.Option(
+            help="MoE models: the decode nodes form one expert-parallel group, each "
+            "holding 1/N of every MoE layer's experts (at least 2 decode nodes)."
+        ),
+    ] = False,
     example: Annotated[bool, typer.Option(help="Send one example request once up.")] = True,
 ) -> None:
     """Start the whole fleet here and serve until Ctrl-C (or SIGTERM)."""
@@ -93,6 +102,8 @@ def up(
         raise fail(f"--kv-transport must be auto, zmq or nccl, not {kv_transport!r}")
     if prefill_nodes < 0:
         raise fail("--prefill-nodes must be 0 or more (0: the decode nodes prefill)")
+    if expert_parallel and decode_nodes < 2:
+        raise fail("--expert-parallel needs --decode-nodes of 2 or more: they share the experts")
     if max_model_len is not None and max_model_len < 1:
         raise fail("--max-model-len must be at least 1")
     if model_dir and model and model_dir.resolve() != model.resolve():
@@ -108,7 +119,9 @@ def up(
         _check_port(host, port)
         signals = StopSignals()
         signals.install()
-        nodes = NodeOptions(prefill_nodes, decode_nodes, num_kv_slots, max_model_len, kv_transport)
+        nodes = NodeOptions(
+            prefill_nodes, decode_nodes, num_kv_slots, max_model_len, kv_transport, expert_parallel
+        )
         _run(fleet, signals, model, host, port, served_model_name, api_key, example, nodes)
     except Stopped as stop:  # before anything started
         say(f"\n{stop} received: stopped.")
@@ -226,7 +239,7 @@ def _check_port(host: str, port: int) -> None:
 
 def _client_url(host: str, port: int) -> str:
     """Where this machine reaches the control plane (a wildcard address is no target)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = _client_host(host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -281,26 +294,80 @@ def _start_nodes(
         extra += ["--num-kv-slots", str(nodes.num_kv_slots)]
     if nodes.max_model_len:
         extra += ["--max-model-len", str(nodes.max_model_len)]
+    group = []  # the decode nodes of an expert-parallel group, started together
+    if nodes.expert_parallel:  # where they meet: member 0 listens there
+        init = f"{_client_host(host)}:{free_port(_client_host(host))}"
     for i, (role, device) in enumerate(zip(roles, _devices(len(roles)), strict=True)):
         number = i if role == "prefill" else i - nodes.num_prefill
         name = f"the {role} node {number}"
-        log = children.fleet.logs / f"{role}-{number}.log"
+        if role == "decode" and nodes.expert_parallel:
+            ep = ["--ep-size", str(nodes.num_decode), "--ep-rank", str(number), "--ep-init", init]
+            group.append(_NodeStart(name, role, number, device, [*extra, *ep]))
+            continue
+        node = _NodeStart(name, role, number, device, extra)
         started = _step(f"starting {role} node {number} on {device}")
-        try:
-            node = start_node(
-                role,
-                str(model),
-                *extra,
-                device=device,
-                log=log,
-                cluster_token=cluster_token,
-                timeout=NODE_START_TIMEOUT_S,
-            )
-        except RuntimeError as exc:  # it exited, or was not ready in time
-            say()
-            raise fail(f"{name} did not start: {exc}" + log_tail(log), code=1) from None
-        children.nodes.append((name, node, log))
+        _start(children, node, model, cluster_token)
         _done(started)
+    if group:
+        devices = ", ".join(node.device for node in group)
+        started = _step(f"starting an expert-parallel group of decode nodes on {devices}")
+        _start_together(children, group, model, cluster_token)
+        _done(started)
+
+
+@dataclass(frozen=True)
+class _NodeStart:
+    name: str
+    role: str
+    number: int
+    device: str
+    args: list[str]
+
+
+def _start(children: Children, node: _NodeStart, model: Path, cluster_token: str) -> None:
+    log = children.fleet.logs / f"{node.role}-{node.number}.log"
+    try:
+        started = start_node(
+            node.role,
+            str(model),
+            *node.args,
+            device=node.device,
+            log=log,
+            cluster_token=cluster_token,
+            timeout=NODE_START_TIMEOUT_S,
+        )
+    except RuntimeError as exc:  # it exited, or was not ready in time
+        say()
+        raise fail(f"{node.name} did not start: {exc}" + log_tail(log), code=1) from None
+    children.nodes.append((node.name, started, log))
+
+
+def _start_together(
+    children: Children, nodes: list[_NodeStart], model: Path, cluster_token: str
+) -> None:
+    """Start nodes that wait for each other (the members of a group): at once, each
+    in a thread; the first that fails ends the start (stopping the fleet ends the
+    others, started or not)."""
+    failures: list[BaseException] = []
+
+    def start(node: _NodeStart) -> None:
+        try:
+            _start(children, node, model, cluster_token)
+        except BaseException as exc:  # typer.Exit from fail, after its message
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(node,), daemon=True) for node in nodes]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads) and not failures:
+        time.sleep(0.1)
+    if failures:
+        raise failures[0]
+
+
+def _client_host(host: str) -> str:
+    """The address of this machine's ``host`` that a client can connect to."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def _devices(num_nodes: int) -> list[str]:

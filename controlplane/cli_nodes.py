@@ -33,15 +33,27 @@ def node_add(
     kv_transport: Annotated[
         str, typer.Option(help="auto, zmq or nccl (Gloo on CPU): how KV tensors travel.")
     ] = "auto",
+    expert_parallel: Annotated[
+        int,
+        typer.Option(
+            help="MoE models: start N decode nodes here that form one expert-parallel "
+            "group, each holding 1/N of every MoE layer's experts; --device then takes "
+            "N devices, comma-separated (auto: the GPUs in turn, else the CPU)."
+        ),
+    ] = 1,
 ) -> None:
     """Start a node here that joins the fleet and takes work (runs until Ctrl-C)."""
     if role not in ("prefill", "decode"):
         raise fail(f"--role must be prefill or decode, not {role!r}")
+    if expert_parallel != 1 and (role != "decode" or expert_parallel < 2):
+        raise fail("--expert-parallel N takes a decode role and N of 2 or more")
+    devices = _group_devices(device, expert_parallel)
     if model is None:
         model = ensure_default_model()
     if not (model / "config.json").is_file():
         raise fail(f"model directory {model} not found (no config.json there)")
-    _check_device(device)
+    for each in devices:
+        _check_device(each)
     url = control_plane_url(control_plane)
     cluster = token(cluster_token, "cluster_token")
     if not cluster:
@@ -56,8 +68,6 @@ def node_add(
         f"{role}_node",
         "--model",
         str(model),
-        "--device",
-        device,
         "--host",
         host,
         "--control-plane",
@@ -69,7 +79,62 @@ def node_add(
         raise fail(f"--kv-transport must be auto, zmq or nccl, not {kv_transport!r}")
     args += ["--kv-transport", kv_transport]
     os.environ["LIGHTPD_CLUSTER_TOKEN"] = cluster
-    os.execv(sys.executable, args)  # the node takes this process over
+    if expert_parallel > 1:
+        raise typer.Exit(_run_group(args, devices, host))
+    os.execv(sys.executable, [*args, "--device", device])  # the node takes this process over
+
+
+def _group_devices(device: str, size: int) -> list[str]:
+    """The device of each member of a group of ``size`` (one for a lone node)."""
+    if size == 1:
+        return [device]
+    if device == "auto":
+        import torch
+
+        count = torch.cuda.device_count()
+        return [f"cuda:{i % count}" if count else "cpu" for i in range(size)]
+    devices = device.split(",")
+    if len(devices) == 1:
+        return devices * size
+    if len(devices) != size:
+        raise fail(f"--device names {len(devices)} devices for a group of {size}")
+    return devices
+
+
+def _run_group(args: list[str], devices: list[str], host: str) -> int:
+    """Run the members of an expert-parallel group here (they meet at a free port of
+    ``host``, member 0 listening) until a signal; when one ends, the others do too
+    (a member alone holds only part of the model). Returns 0 once stopped by a
+    signal, else the exit code of the member that ended first."""
+    import signal
+    import subprocess
+    import time
+
+    from controlplane.embedded_redis import free_port
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # one to connect to
+    group = ["--ep-size", str(len(devices)), "--ep-init", f"{host}:{free_port(host)}"]
+    members = [
+        subprocess.Popen([*args, *group, "--device", device, "--ep-rank", str(rank)])
+        for rank, device in enumerate(devices)
+    ]
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: stopping.append(signum))
+    while not stopping and all(member.poll() is None for member in members):
+        time.sleep(0.2)
+    ended = next((m.returncode for m in members if m.poll() is not None), 0)
+    for member in members:
+        if member.poll() is None:
+            member.terminate()
+    deadline = time.monotonic() + 10
+    for member in members:
+        try:
+            member.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            member.kill()
+            member.wait()
+    return 0 if stopping else ended
 
 
 def _check_device(device: str) -> None:
@@ -145,7 +210,7 @@ def status(control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None
 def _print_nodes(nodes: list[dict]) -> None:
     header = (
         f"{'NODE':<28} {'ROLE':<8} {'STATUS':<9} {'DEVICE':<8} {'KV':<5} {'FREE/SLOTS':>13} "
-        f"{'RUN':>4} {'QUEUE':>5} {'TOK/S':>8}"
+        f"{'RUN':>4} {'QUEUE':>5} {'TOK/S':>8}  EP"
     )
     typer.echo(header)
     for n in nodes:
@@ -155,5 +220,12 @@ def _print_nodes(nodes: list[dict]) -> None:
             f"{n.get('kv_transport', 'zmq'):<5} "
             f"{str(s.get('num_free_slots', '-')) + '/' + str(n['num_slots']):>13} "
             f"{s.get('num_running', '-'):>4} {s.get('num_queued', '-'):>5} "
-            f"{s.get('tokens_per_s', 0.0):>8.1f}"
+            f"{s.get('tokens_per_s', 0.0):>8.1f}  {_expert_parallel(n)}"
         )
+
+
+def _expert_parallel(node: dict) -> str:
+    """A member of an expert-parallel group: its rank/size@group (where it meets)."""
+    if not node.get("ep_group"):
+        return "-"
+    return f"{node['ep_rank']}/{node['ep_size']}@{node['ep_group']}"

@@ -20,6 +20,11 @@ class NodeRegistration(BaseModel):
     num_slots: int = Field(ge=1)
     max_model_len: int = Field(ge=2)
     kv_transport: str = Field("zmq", max_length=16)  # how it takes KV tensors
+    # Expert parallelism: the group a decode node belongs to (its rendezvous
+    # HOST:PORT) and its place in it; none for a node holding every expert.
+    ep_group: str | None = Field(None, max_length=256)
+    ep_rank: int = Field(0, ge=0)
+    ep_size: int = Field(1, ge=1)
 
 
 class NodeStats(BaseModel):

@@ -29,6 +29,9 @@ class DecodeServer(NodeServer):
     def handle(self, identity: bytes, message: Message) -> bool:
         if not isinstance(message, Reserve):
             return False
+        if self.engine.failure is not None:  # it is leaving: another node can serve it
+            self.refuse(identity, message, self.engine.failure, "busy")
+            return True
         if len(self.pending) >= self.config.max_queued:
             reason = f"the queue is full ({self.config.max_queued} waiting)"
             self.refuse(identity, message, reason, "busy")

@@ -19,6 +19,7 @@ import torch
 
 from common.engine.config import EngineConfig
 from common.engine.connector import KVConnector, KVDone, KVRecvSpec, KVSendSpec, LayerChunk
+from common.engine.expert_parallel import ExpertParallelError
 from common.engine.model_config import ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.request import (
@@ -48,6 +49,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, self.runner.table, config.max_prefill_tokens)
         self.requests = RequestBuilder(self.model_config, self.max_model_len, config.seed)
         self.connector = connector
+        # A member of an expert-parallel group: every step is one of the group's.
+        self.expert_parallel = self.runner.expert_parallel
         self._requests: dict[str, Request] = {}
         self._sending: dict[str, Request] = {}  # prompt done, KV held until the send ends
         self._admitted: list[str] = []  # reservations admitted, not yet popped
@@ -191,6 +194,8 @@ class LLMEngine:
         output_token_ids: Sequence[int] = (),
     ) -> Request:
         """A request built and checked; it is the engine's once ``_queue``d."""
+        if self.failure is not None:
+            raise RequestError(f"{self.failure}; this engine takes no more requests")
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         return self.requests.build(request_id, prompt_token_ids, params, output_token_ids)
@@ -246,8 +251,20 @@ class LLMEngine:
 
     @property
     def has_work(self) -> bool:
-        """Whether ``step`` has something to compute (transfers only wait)."""
-        return self.scheduler.has_runnable
+        """Whether ``step`` has something to compute (transfers only wait); in an
+        expert-parallel group, also while another member computes: this one joins."""
+        if self.failure is not None:
+            return False
+        group = self.expert_parallel
+        return self.scheduler.has_runnable or (group is not None and group.active)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine serves no more (its expert-parallel group failed); None while it does."""
+        group = self.expert_parallel
+        if group is None or group.failure is None:
+            return None
+        return f"the expert-parallel group failed: {group.failure}"
 
     def step(self) -> list[RequestOutput]:
         """Take in the connector's news, run one batch; what happened to each request.
@@ -256,14 +273,31 @@ class LLMEngine:
         ``FinishReason.ERROR`` and its slots are freed; requests outside the
         batch carry on. The culprit is not isolated: all of a failed batch's
         requests fail together, since rerunning them one by one would cost a
-        step per request on a path that should never be taken."""
+        step per request on a path that should never be taken.
+
+        In an expert-parallel group every member steps together: the step begins
+        with the group's agreement and a member without a batch joins the others'
+        exchanges. If the group fails (a member died or hung), every request here
+        ends with a retry-able error and the engine takes no more."""
+        if self.failure is not None:
+            return []
         outputs = self._take_transfers()
         batch = self.scheduler.schedule()
+        if self.expert_parallel is not None:
+            try:
+                self._join_group_step(batch)
+            except ExpertParallelError as exc:
+                return outputs + self._group_failed(exc)
         if batch is None:
             return outputs
         try:
             outputs += self.scheduler.postprocess(batch, self.runner.run(batch, self._saver(batch)))
+        except ExpertParallelError as exc:
+            return outputs + self._group_failed(exc)
         except Exception as exc:
+            if self.expert_parallel is not None and not self.expert_parallel.step_done:
+                # It stopped short of the step's exchanges: the others cannot go on.
+                return outputs + self._group_failed(exc)
             ids = ", ".join(r.request_id for r in batch.requests)
             logger.exception("a batch failed; failing all of its requests: %s", ids)
             return outputs + self._fail(batch.requests, exc)
@@ -273,6 +307,30 @@ class LLMEngine:
                 self._requests.pop(output.request_id, None)
             elif request is not None and request.kv_send is not None and output.new_token_ids:
                 self._hand_off(request, output)
+        return outputs
+
+    def _join_group_step(self, batch: ScheduledBatch | None) -> None:
+        """Agree on the step with the group; with no batch here, take part in the
+        exchanges of the others' (all idle: nothing runs)."""
+        num_tokens = 0
+        if batch is not None:
+            num_tokens = sum(e - s for s, e in zip(batch.starts, batch.ends, strict=True))
+        self.expert_parallel.agree(num_tokens)
+        if batch is None and self.expert_parallel.active:
+            self.runner.empty_step()
+
+    def _group_failed(self, exc: Exception) -> list[RequestOutput]:
+        """End every request here with a retry-able error (another node can serve it),
+        free all KV, and take no more: the group is torn down, never waited on."""
+        self.expert_parallel.abort(f"{type(exc).__name__}: {exc}")
+        reason = f"{self.failure}; the request may be retried on another node"
+        outputs = []
+        for request_id in list(self._requests):
+            request = self._drop(request_id)
+            if request is not None:
+                outputs.append(self._ended(request, FinishReason.ERROR, reason, retry=True))
+        if outputs:
+            logger.error("ended %d requests: %s", len(outputs), reason)
         return outputs
 
     def _saver(self, batch: ScheduledBatch) -> Callable[[int], None] | None:

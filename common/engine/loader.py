@@ -2,8 +2,9 @@
 
 import json
 import re
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,15 +67,18 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device) -> N
     errors: list[str] = []
     tied = getattr(model.config, "tie_word_embeddings", False)
 
-    for name, tensor in _iter_tensors(files, device):
+    for name, read in _iter_tensors(files, device):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         param_name, shard = names.to_param(name)
+        if param_name in params and shard in getattr(params[param_name], "skipped_shards", ()):
+            continue  # held by another member of an expert-parallel group: never read
         if param_name not in params or shard not in expected[param_name]:
             errors.append(f"unexpected tensor {name!r}")
             continue
         param = params[param_name]
         loader = getattr(param, "weight_loader", None)
+        tensor = read()
         try:
             if loader is None:
                 default_weight_loader(param, tensor)
@@ -149,7 +153,10 @@ class _NameMap:
         return name
 
 
-def _iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(
+    files: list[Path], device: torch.device
+) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Each tensor's name and how to read it, so tensors the model skips stay on disk."""
     total = sum(f.stat().st_size for f in files)
     with tqdm(
         total=total,
@@ -161,7 +168,11 @@ def _iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str
         for path in files:
             # Straight to the target device; the dtype cast happens in the param copy.
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+
+                def read(name: str, f=f) -> torch.Tensor:
                     tensor = f.get_tensor(name)
-                    yield name, tensor
                     progress.update(tensor.numel() * tensor.element_size())
+                    return tensor
+
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, partial(read, name)

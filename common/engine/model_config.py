@@ -51,8 +51,14 @@ class MoEConfig:
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     sparse_step: int = 1  # every sparse_step-th layer is sparse ...
     dense_layers: tuple[int, ...] = ()  # ... except these, which keep the dense MLP
+    # Expert parallelism: the experts this engine holds (the other members of its
+    # group hold the rest); None: all of them. Set by the engine, not the checkpoint.
+    local_experts: range | None = None
 
     def __post_init__(self) -> None:
+        local = self.local_experts
+        if local is not None and not (0 <= local.start < local.stop <= self.num_experts):
+            raise ModelConfigError(f"local experts {local} are not within 0..{self.num_experts}")
         if not 0 < self.top_k <= self.num_experts:
             raise ModelConfigError(
                 f"num_experts_per_tok ({self.top_k}) must be in 1..num_experts ({self.num_experts})"

@@ -1,13 +1,15 @@
 """Runs a scheduled batch: builds the forward context, runs the model, samples."""
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
 
-from common.engine.config import EngineConfig
+from common.engine.config import EngineConfig, ExpertParallelConfig
 from common.engine.context import ForwardContext, forward_context
 from common.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from common.engine.expert_parallel import ExpertParallelGroup
 from common.engine.kv_pool import TokenKVPool
 from common.engine.loader import load_model
 from common.engine.memory_plan import MemoryPlan, measure_peak_bytes, sampler_bytes
@@ -16,6 +18,7 @@ from common.engine.req_table import RequestTable
 from common.engine.sampler import Sampler
 from common.engine.sampling_inputs import SamplingInputs
 from common.engine.scheduler import ScheduledBatch
+from common.wire.identity import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +46,22 @@ class ModelRunner:
         self.dtype = model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model = load_model(config.model, model_config, self.dtype, self.device)
+        self.expert_parallel: ExpertParallelGroup | None = None
+        if config.expert_parallel is None:
+            self.model = load_model(config.model, model_config, self.dtype, self.device)
+        else:
+            self.expert_parallel = self._load_expert_parallel(config.expert_parallel)
         self.sampler = Sampler(model_config.vocab_size, self.device)
         self.sampling_inputs = SamplingInputs(
             config.max_num_reqs, model_config.vocab_size, self.device
         )
-        use_graphs = self.device.type == "cuda" and config.cuda_graph_max_batch > 0
+        # An expert-parallel step agrees on its padded size on the host and runs
+        # collectives that a dead member must be able to interrupt: no CUDA graphs.
+        use_graphs = (
+            self.device.type == "cuda"
+            and config.cuda_graph_max_batch > 0
+            and self.expert_parallel is None
+        )
         self.graph_max_batch = min(config.cuda_graph_max_batch, config.max_num_reqs)
         num_slots = self._num_kv_slots(use_graphs)
         self.max_model_len = self._max_model_len(num_slots)
@@ -56,6 +69,21 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = self._capture_graphs(graph_batch_sizes(self.graph_max_batch))
+
+    def _load_expert_parallel(self, config: ExpertParallelConfig) -> ExpertParallelGroup:
+        """Load this member's share of the experts, then meet the group (blocking until
+        every member has loaded its own)."""
+        group = ExpertParallelGroup(config, self.device)
+        if self.device.type == "cpu":
+            # Members wait on each other at every layer: threads of one spinning on
+            # shared cores would starve the others, so each takes its share of them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.size))
+        self.model = load_model(
+            self.config.model, group.shard(self.model_config), self.dtype, self.device
+        )
+        group.attach(self.model)
+        group.join(f"model {model_fingerprint(self.config.model)} in {self.dtype}")
+        return group
 
     def _make_pool_and_table(
         self, num_slots: int, max_model_len: int
@@ -100,6 +128,8 @@ class ModelRunner:
         self.pool, self.table = self._make_pool_and_table(num_tokens, num_tokens)
 
         def prefill() -> None:
+            if self.expert_parallel is not None:  # the group plans at once, as one step
+                self.expert_parallel.agree(num_tokens)
             self.prompt_logits([[0] * num_tokens])
 
         def capture() -> None:
@@ -209,6 +239,8 @@ class ModelRunner:
         input_ids = self.table.token_ids[token_rows, positions]
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # (T, H)
+        if self.expert_parallel is not None:
+            self.expert_parallel.finish_step()
         # Rows of the last token of each request that wants logits, built on the host:
         # indexing with a boolean mask on the device would cost a sync.
         last_rows, end = [], 0
@@ -219,6 +251,11 @@ class ModelRunner:
         return self.model.compute_logits(
             hidden[torch.tensor(last_rows, dtype=torch.long, device=device)]
         )
+
+    @torch.inference_mode()
+    def empty_step(self) -> None:
+        """Expert parallelism: take part in a step of the group with no batch here."""
+        self.expert_parallel.empty_step()
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:

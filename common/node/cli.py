@@ -16,6 +16,8 @@ import msgspec
 import typer
 
 from common.engine import EngineConfig
+from common.engine.config import ExpertParallelConfig
+from common.engine.expert_parallel import ExpertParallelError
 from common.node.registrar import Registrar
 from common.node.runtime import default_node_id
 from common.node.server import DEFAULT_LEASE_S, NodeConfig, NodeServer
@@ -67,6 +69,26 @@ def engine_config(
     )
 
 
+def expert_parallel_config(
+    role: str,
+    size: int,
+    rank: int,
+    init: str | None,
+    cluster_token: str,
+    host: str,
+    timeout_s: float,
+) -> ExpertParallelConfig:
+    if role != "decode":
+        raise ValueError("--ep-size is for decode nodes: a prefill node holds every expert")
+    if size < 2:
+        raise ValueError("--ep-rank and --ep-init need --ep-size of 2 or more")
+    if init is None:
+        raise ValueError("--ep-init HOST:PORT is needed with --ep-size")
+    return ExpertParallelConfig(
+        size, rank, init, cluster_token=cluster_token, host=host, timeout_s=timeout_s
+    )
+
+
 # After SIGTERM, a node that has not stopped within this many seconds exits anyway.
 STOP_GRACE_S = 5.0
 
@@ -109,6 +131,29 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 "freeing their KV; at least 2."
             ),
         ] = DEFAULT_LEASE_S,
+        ep_size: Annotated[
+            int,
+            typer.Option(
+                help="Decode nodes of an MoE model: the size of this node's expert-parallel "
+                "group (each member holds 1/N of every MoE layer's experts); 1: none."
+            ),
+        ] = 1,
+        ep_rank: Annotated[int, typer.Option(help="This node's rank in its group, 0..N-1.")] = 0,
+        ep_init: Annotated[
+            str | None,
+            typer.Option(
+                help="HOST:PORT where the group meets: rank 0 listens there, the others "
+                "connect (all must give the same)."
+            ),
+        ] = None,
+        ep_timeout_s: Annotated[
+            float,
+            typer.Option(
+                help="Seconds a collective of the group may take before the group is "
+                "taken for failed (a member died or hangs): its requests end with an "
+                "error and the node exits."
+            ),
+        ] = 10.0,
     ) -> None:
         def start() -> None:
             if not cluster_token:
@@ -129,6 +174,11 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
             )
             if role == "prefill":  # it never decodes: no CUDA graphs to capture
                 engine = replace(engine, cuda_graph_max_batch=0)
+            if ep_size > 1 or ep_rank or ep_init:
+                group = expert_parallel_config(
+                    role, ep_size, ep_rank, ep_init, cluster_token, host, ep_timeout_s
+                )
+                engine = replace(engine, expert_parallel=group)
             config = NodeConfig(
                 engine=engine,
                 node_id=node_id or default_node_id(role),
@@ -187,7 +237,7 @@ def serve(server: NodeServer, role: str, control_plane: str | None, cluster_toke
     server.serve_forever()
     if registrar is not None:
         registrar.stop()
-    raise SystemExit(exit_code)
+    raise SystemExit(exit_code or server.exit_code)
 
 
 def _registration(server: NodeServer) -> dict:
@@ -210,6 +260,6 @@ def run_node(start: Callable[[], None]) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     try:
         start()
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ExpertParallelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -45,6 +45,9 @@ from common.wire.sockets import bind, send, serving_socket
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 20
+# A member of an expert-parallel group whose group failed ends its requests and exits
+# with this code: it holds only part of the model, and serves nothing alone.
+EXIT_GROUP_FAILED = 3
 LEASE_CHECK_S = 0.25  # how often the loop looks for control planes past their lease
 DEFAULT_LEASE_S = 5.0
 MAX_LEASE_S = 3600.0
@@ -122,6 +125,7 @@ class NodeServer(ABC):
         # Refreshed by the loop; read by the heartbeat thread.
         self.current = self.status()
         self._stopped = False
+        self.exit_code = 0
 
     def _connector_class(self) -> type[ZmqConnector]:
         transport = self.config.kv_transport
@@ -176,6 +180,12 @@ class NodeServer(ABC):
             ]
         self.publish([o for o in outputs if o is not None])
         self.after_step()
+        if self.engine.failure is not None and not self._stopped:
+            # Its requests have their errors (published with this step); the node
+            # leaves, so the control plane stops sending it work.
+            logger.error("%s; this node stops", self.engine.failure)
+            self.exit_code = EXIT_GROUP_FAILED
+            self.stop()
 
     # ---- control socket ----
 
@@ -303,6 +313,7 @@ class NodeServer(ABC):
             loop_age_s=self.clock.age_s,
             num_preemptions=engine.scheduler.num_preemptions,
         )
+        group = self.config.engine.expert_parallel
         return NodeStatus(
             node_id=self.config.node_id,
             role=self.role,
@@ -316,4 +327,7 @@ class NodeServer(ABC):
             kv_transport=self.connector.transport,
             layout=self.layout,
             stats=stats,
+            ep_group=None if group is None else group.init,
+            ep_rank=0 if group is None else group.rank,
+            ep_size=1 if group is None else group.size,
         )

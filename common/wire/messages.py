@@ -261,6 +261,10 @@ class NodeStatus(msgspec.Struct, kw_only=True):
     kv_transport: Transport
     layout: KVLayout
     stats: NodeStats
+    # Expert parallelism: the node's group (where it meets, HOST:PORT), its place in it.
+    ep_group: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    ep_rank: Count = 0
+    ep_size: Count = 1
 
     def registration(self) -> dict:
         """The identity fields, as the control plane's registry takes them."""

@@ -18,7 +18,7 @@ from torch import nn
 from common.engine.layers.linear import default_weight_loader
 from common.engine.model_config import ModelConfig, MoEConfig
 from common.engine.models.llama import LlamaMLP
-from kernels.fused_moe import fused_moe, moe_route_reference
+from kernels.fused_moe import fused_moe, local_expert_map, moe_route_reference
 
 # One expert's checkpoint projection -> (our stacked parameter, shard), for the
 # families whose experts are named like the dense MLP (Qwen2-MoE, Qwen3-MoE).
@@ -68,32 +68,58 @@ moe_experts = fused_moe
 
 
 class MoEExperts(nn.Module):
-    """The routed experts of one layer, stacked: w13 [E, 2I, H], w2 [E, H, I]."""
+    """The routed experts of one layer, stacked: w13 [E, 2I, H], w2 [E, H, I].
+
+    Under expert parallelism (``moe.local_experts``) it holds only its share, E_local
+    of them, and its output is that share of the layer: tokens routed to experts held
+    elsewhere contribute zero here (the group sums the members' shares,
+    ``common/engine/expert_parallel.py``). The others' checkpoint tensors are skipped
+    by the loader, never read."""
 
     def __init__(self, moe: MoEConfig, hidden_size: int) -> None:
         super().__init__()
         num_experts, inter = moe.num_experts, moe.intermediate_size
+        local = moe.local_experts or range(num_experts)
+        self.num_experts = num_experts
         self.top_k = moe.top_k
         self.renormalize = moe.renormalize
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
+        self.first_expert = local.start
+        self.w13 = nn.Parameter(torch.empty(len(local), 2 * inter, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(len(local), hidden_size, inter))
         # (first row, rows) of each checkpoint projection inside an expert's matrix
         self.rows = {"gate": (0, inter), "up": (inter, inter), "down": (0, hidden_size)}
-        # The loader expects exactly these (expert, projection) tensors for each.
-        self.w13.shards = {(e, p) for e in range(num_experts) for p in ("gate", "up")}
-        self.w2.shards = {(e, "down") for e in range(num_experts)}
+        # The loader expects exactly these (expert, projection) tensors for each, and
+        # skips those of the experts other members hold.
+        others = [e for e in range(num_experts) if e not in local]
+        self.w13.shards = {(e, p) for e in local for p in ("gate", "up")}
+        self.w13.skipped_shards = {(e, p) for e in others for p in ("gate", "up")}
+        self.w2.shards = {(e, "down") for e in local}
+        self.w2.skipped_shards = {(e, "down") for e in others}
         for param in (self.w13, self.w2):
             param.weight_loader = self.load_expert
+        self.expert_map: torch.Tensor | None = None
+        if len(local) < num_experts:
+            self.expert_map = local_expert_map(
+                num_experts, local.start, len(local), self.w13.device
+            )
 
     def load_expert(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]
     ) -> None:
         expert, projection = shard
         start, size = self.rows[projection]
-        default_weight_loader(param.data[expert].narrow(0, start, size), loaded)
+        default_weight_loader(param.data[expert - self.first_expert].narrow(0, start, size), loaded)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return moe_experts(hidden, router_logits, self.w13, self.w2, self.top_k, self.renormalize)
+        return moe_experts(
+            hidden,
+            router_logits,
+            self.w13,
+            self.w2,
+            self.top_k,
+            self.renormalize,
+            self.expert_map,
+        )
 
 
 class SparseMoeBlock(nn.Module):

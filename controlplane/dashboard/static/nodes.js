@@ -121,6 +121,9 @@ export class NodesTable {
     c[2].textContent = row.model_name;
     c[2].className = "model";
     c[3].textContent = row.kv_transport ? `${row.device} · ${row.kv_transport}` : row.device;
+    // A member of an expert-parallel group: its rank of the group's size, the group on hover.
+    if (row.ep_size > 1) c[3].textContent += ` · EP ${row.ep_rank}/${row.ep_size}`;
+    c[3].title = row.ep_size > 1 ? `expert-parallel group ${row.ep_group}` : "";
     c[4].replaceChildren(h("span", { class: `status badge ${row.status}` }, row.status));
     c[5].replaceChildren(row.live ? kvBar(row) : "–");
     for (const [i, value] of [[6, row.running], [7, row.queued], [8, rate(row.tokens_per_s)]]) {

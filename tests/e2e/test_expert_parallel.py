@@ -1,0 +1,220 @@
+"""Two decode nodes forming one expert-parallel group (Gloo) behind a control plane:
+the tokens of one engine holding every expert, the group in the registry, and a
+member killed mid-stream ending every affected request, with nothing hanging.
+
+The fleet tests share one fleet and run in file order: the last one kills a member."""
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from common.engine import EngineConfig, LLMEngine
+from common.tiny import write_tiny_checkpoint
+from common.tokenizer import load_tokenizer
+from common.wire.sampling_params import SamplingParams
+from controlplane.embedded_redis import free_port
+from controlplane.node_process import NodeProcess, start_node
+from tests.controlplane.test_cli_up import LIGHTCTL, Up, lightctl, processes_of
+from tests.e2e.fleet import ADMIN_TOKEN, API_KEY, CLUSTER_TOKEN, LocalFleet
+
+EP_TIMEOUT_S = 3.0
+PROMPTS = ["Hello world", "The quick brown fox", "Tell me about GPUs", "Token attention", "1 2 3"]
+
+
+# ---- lightctl starts groups ----
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A LIGHTPD_HOME for the test; what still runs with it at the end is killed."""
+    home = tmp_path / "home"
+    yield home
+    for pid in processes_of(home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_lightctl_up_starts_its_decode_nodes_as_one_group(home, tiny_model):
+    refused = lightctl(home, "up", "--port", free_port(), "--expert-parallel", timeout=60)
+    assert refused.returncode == 2 and "--decode-nodes of 2 or more" in refused.stderr
+
+    port = free_port()
+    args = ["--port", port, "--prefill-nodes", "0", "--decode-nodes", "2", "--expert-parallel"]
+    with Up(home, tiny_model("qwen3_moe"), *args) as up:
+        output = up.wait_ready()
+        assert "starting an expert-parallel group of decode nodes on cpu, cpu ... ok" in output
+        assert re.search(r"Example answer \(\d+ tokens\)", output), output
+        listing = lightctl(home, "node", "list").stdout
+        assert re.search(r"decode .* 0/2@127\.0\.0\.1:\d+$", listing, re.M), listing
+        assert re.search(r"decode .* 1/2@127\.0\.0\.1:\d+$", listing, re.M), listing
+        assert up.stop() == 0, up.output
+    assert processes_of(home) == []
+
+
+def test_lightctl_node_add_starts_a_group_that_serves_and_stops_on_ctrl_c(tmp_path):
+    model = write_tiny_checkpoint(tmp_path / "tiny", "qwen3_moe")
+    fleet = LocalFleet(str(model)).start(prefill=0, decode=0)
+    command = [LIGHTCTL, "node", "add", "--role", "decode", "--expert-parallel", "2"]
+    command += ["--model", fleet.model, "--device", "cpu", "--num-kv-slots", "2048"]
+    adding = subprocess.Popen(command, env={**fleet.env, "LIGHTPD_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        nodes = fleet.wait_for(lambda nodes: len(nodes) == 2, timeout=50)
+        assert sorted((n["ep_rank"], n["ep_size"]) for n in nodes) == [(0, 2), (1, 2)]
+        assert complete(fleet, "Hello world", 8).status_code == 200
+        adding.send_signal(signal.SIGINT)
+        assert adding.wait(timeout=30) == 0
+    finally:
+        if adding.poll() is None:
+            adding.kill()
+        fleet.stop()
+
+
+# ---- a fleet whose two decode nodes are one group ----
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """A control plane, a prefill node and two decode nodes of one group: (fleet, members)."""
+    model = str(write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "qwen3_moe"))
+    fleet = LocalFleet(model).start(prefill=1, decode=0)
+    init = f"127.0.0.1:{free_port()}"
+
+    def member(rank: int) -> NodeProcess:
+        args = ["--ep-size", "2", "--ep-rank", str(rank), "--ep-init", init]
+        args += ["--ep-timeout-s", str(EP_TIMEOUT_S)]
+        return start_node(
+            "decode",
+            model,
+            "--control-plane",
+            fleet.url,
+            *fleet.node_args,
+            *args,
+            cluster_token=CLUSTER_TOKEN,
+        )
+
+    try:
+        # Each waits in its engine for the other: they start together.
+        with ThreadPoolExecutor(2) as pool:
+            members = list(pool.map(member, range(2)))
+        fleet.nodes += members
+        ids = {m.node_id for m in members}
+        fleet.wait_for(lambda nodes: ids <= {n["node_id"] for n in nodes})
+        yield fleet, members
+    finally:
+        fleet.stop()
+
+
+def complete(fleet: LocalFleet, prompt: str, max_tokens: int) -> httpx.Response:
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.post(f"{fleet.url}/v1/completions", json=body, headers=headers, timeout=60)
+
+
+def test_the_group_gives_the_tokens_of_one_engine_holding_every_expert(group):
+    fleet, members = group
+    started = time.time()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        replies = list(pool.map(lambda p: complete(fleet, p, 16), PROMPTS))
+
+    engine = LLMEngine(EngineConfig(model=fleet.model, device="cpu", num_kv_slots=1024))
+    tokenizer = load_tokenizer(fleet.model)
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    for prompt, reply in zip(PROMPTS, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        want = tokenizer.decode(
+            engine.generate([tokenizer.encode(prompt)], params)[0], skip_special_tokens=True
+        )
+        assert reply.json()["choices"][0]["text"] == want, prompt
+    # Both members served some of them (the other joined those steps all the same).
+    requests = fleet.admin("GET", "/admin/requests?limit=100").json()
+    served = {r["decode_node"] for r in requests if r["timeline"][0]["at"] >= started}
+    assert served == {m.node_id for m in members}
+
+
+def test_the_registry_and_lightctl_show_the_group(group):
+    fleet, members = group
+    nodes = {n["node_id"]: n for n in fleet.admin("GET", "/admin/nodes").json()}
+    init = nodes[members[0].node_id]["ep_group"]
+    assert init.startswith("127.0.0.1:")
+    for rank, member in enumerate(members):
+        node = nodes[member.node_id]
+        assert (node["ep_group"], node["ep_rank"], node["ep_size"]) == (init, rank, 2)
+    prefill = next(n for n in nodes.values() if n["role"] == "prefill")
+    assert (prefill["ep_group"], prefill["ep_size"]) == (None, 1)
+
+    listing = subprocess.run(
+        [LIGHTCTL, "node", "list"],
+        env={**fleet.env, "LIGHTPD_ADMIN_TOKEN": ADMIN_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for rank, member in enumerate(members):
+        line = next(line for line in listing.splitlines() if line.startswith(member.node_id))
+        assert line.endswith(f"{rank}/2@{init}")
+
+
+class Stream(threading.Thread):
+    """One long greedy stream; keeps its SSE lines."""
+
+    def __init__(self, fleet: LocalFleet, prompt: str) -> None:
+        super().__init__(daemon=True)
+        self.fleet, self.prompt = fleet, prompt
+        self.lines: list[str] = []
+
+    def run(self) -> None:
+        body = {
+            "model": "tiny",
+            "prompt": self.prompt,
+            "max_tokens": 1200,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        url = f"{self.fleet.url}/v1/completions"
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    self.lines.append(line)
+
+
+def test_a_member_killed_mid_stream_ends_every_request_and_nothing_hangs(group):
+    fleet, members = group
+    # As many as one member admits at once (their peak fits its pool), so none waits.
+    streams = [Stream(fleet, prompt) for prompt in [*PROMPTS, "Kernels"]]
+    for stream in streams:
+        stream.start()
+    deadline = time.monotonic() + 30
+    while not all(len(s.lines) >= 2 for s in streams):  # every one is decoding
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.05)
+    survivor, victim = members
+    victim.kill()  # SIGKILL, mid-stream
+    killed_at = time.monotonic()
+
+    for stream in streams:
+        stream.join(timeout=max(0.0, killed_at + 40 - time.monotonic()))
+    assert not any(s.is_alive() for s in streams), "a stream hangs"
+    # Each one ended with an error event (the group failed on both members: the
+    # victim's requests could not move to a node of the broken group), never cut.
+    for stream in streams:
+        assert stream.lines[-1] == "data: [DONE]", stream.lines[-3:]
+        assert '"error"' in stream.lines[-2], stream.lines[-3:]
+    # The survivor ended its requests and left with its own exit code.
+    assert survivor.process.wait(timeout=20) == 3
