@@ -347,11 +347,11 @@ class Dispatcher:
                     for node in nodes:
                         self.fleet.inflight_tokens[node.node_id] -= tokens
                     tokens = 0
-                if event.finish_reason == "error" and before_first_token and event.retry:
-                    # The hand-off failed, not the request: other nodes may succeed.
-                    raise NodeDown(
-                        decode, f"failed before the first token: {event.error}", died=False
-                    )
+                if event.finish_reason == "error" and event.retry:
+                    # The node failed, not the request (a failed hand-off, a broken
+                    # expert-parallel group): other nodes may succeed; a request that
+                    # streamed tokens already moves with them.
+                    raise NodeDown(decode, f"failed: {event.error}", died=False)
                 event.request_id = request_id
                 finished = event.finish_reason is not None
                 yield event
