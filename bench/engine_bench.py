@@ -50,16 +50,40 @@ LLAMA_31_8B = dict(
 )
 
 
-def build_model(out: Path, num_layers: int) -> torch.nn.Module:
-    """A random bf16 Llama-3.1-8B-shaped model on the GPU, also saved to ``out``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Qwen3-30B-A3B's shape: 128 experts of width 768, 8 routed per token (renormalised).
+QWEN3_30B_A3B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+SHAPES = {"llama-8b": ("llama", LLAMA_31_8B), "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B)}
 
-    config = LlamaConfig(**{**LLAMA_31_8B, "num_hidden_layers": num_layers})
+
+def build_model(out: Path, num_layers: int, shape: str = "llama-8b") -> torch.nn.Module:
+    """A random bf16 model of ``shape`` (see SHAPES) on the GPU, also saved to ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, sizes = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **{**sizes, "num_hidden_layers": num_layers})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model.eval()
@@ -216,6 +240,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama-8b-random"))
     parser.add_argument("--only", default="hf,decode,prefill,offline")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--hf-batch", type=int, default=128)
     args = parser.parse_args()
@@ -225,8 +250,8 @@ def main() -> None:
     results["copy_tb_s"] = copy_bw = copy_bandwidth()
     results["matmul_tflops"] = peak = matmul_tflops()
     print(json.dumps(results), flush=True)
-    hf_model = build_model(args.model_dir, args.layers)
-    prompts = random_prompts(args.num_prompts, 512, LLAMA_31_8B["vocab_size"], 0)
+    hf_model = build_model(args.model_dir, args.layers, args.shape)
+    prompts = random_prompts(args.num_prompts, 512, SHAPES[args.shape][1]["vocab_size"], 0)
     if "hf" in parts:
         results["hf_generate_static"] = bench_hf(hf_model, prompts, 128, args.hf_batch)
     del hf_model
