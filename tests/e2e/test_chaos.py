@@ -7,7 +7,7 @@ from bench import chaos
 from common.tiny import write_tiny_checkpoint
 
 STREAMS = 200
-TOKENS = 16
+TOKENS = 24
 
 
 def test_faults_under_load_hang_nothing_cut_nothing_and_leak_nothing(tmp_path):
