@@ -71,6 +71,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_prefill_tokens: int = 8192  # prefill token budget of one step; longer prompts are chunked
     seed: int = 0  # draws the seeds of requests that bring none
+    # Keep computed KV in a radix tree over token ids so that later requests with the
+    # same leading tokens reuse it (KV sent or received by the connector bypasses it).
+    enable_prefix_cache: bool = False
     # A member of an expert-parallel group (MoE models); None: all experts here.
     expert_parallel: ExpertParallelConfig | None = None
 

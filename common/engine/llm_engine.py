@@ -22,6 +22,7 @@ from common.engine.connector import KVConnector, KVDone, KVRecvSpec, KVSendSpec,
 from common.engine.expert_parallel import ExpertParallelError
 from common.engine.model_config import ModelConfig
 from common.engine.model_runner import ModelRunner
+from common.engine.prefix_cache import PrefixCache
 from common.engine.request import (
     FinishReason,
     Request,
@@ -46,7 +47,12 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config)
         self.max_model_len = self.runner.max_model_len
         self.pool = self.runner.pool
-        self.scheduler = Scheduler(self.pool, self.runner.table, config.max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.pool,
+            self.runner.table,
+            config.max_prefill_tokens,
+            prefix_cache=PrefixCache(self.pool) if config.enable_prefix_cache else None,
+        )
         self.requests = RequestBuilder(self.model_config, self.max_model_len, config.seed)
         self.connector = connector
         # A member of an expert-parallel group: every step is one of the group's.

@@ -9,6 +9,7 @@ from common.wire.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from common.engine.connector import KVRecvSpec, KVSendSpec
+    from common.engine.prefix_cache import PrefixNode
 
 
 class RequestError(ValueError):
@@ -45,6 +46,10 @@ class Request:
     row: int = -1  # row in the request table while running
     num_computed_tokens: int = 0  # tokens whose KV is in the pool
     num_slots: int = 0  # slots held, mapped at positions [0, num_slots)
+    # Prefix cache: positions [0, num_cached_slots) map to slots the cache owns, on
+    # the path that ends at prefix_node (referenced while held); None: no cache used.
+    num_cached_slots: int = 0
+    prefix_node: "PrefixNode | None" = None
     is_prefilling: bool = False
     # A reservation: its prompt's KV is computed elsewhere and written into its slots
     # (under kv_recv), once admitted; it may wait in the queue until queue_deadline.

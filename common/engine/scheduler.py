@@ -5,7 +5,10 @@ peak-memory rule says the pool holds them, and their prompts run in chunks of at
 most ``max_prefill_tokens`` per step. Otherwise every admitted request decodes one
 token. When the pool runs dry mid-decode (an output outgrew its estimate), the
 newest requests are paused: their slots go back and they wait at the head of the
-queue, to be recomputed from prompt + output when room returns.
+queue, to be recomputed from prompt + output when room returns. With a prefix
+cache, admission counts cached slots that no request uses as free, a request
+starts computing after its longest cached prefix, and what it computed stays
+cached when it ends or pauses.
 """
 
 from collections import deque
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from common.engine.admission import OutputLengthEstimator, peak_tokens
 from common.engine.kv_manager import KVManager
 from common.engine.kv_pool import TokenKVPool
+from common.engine.prefix_cache import PrefixCache
 from common.engine.req_table import RequestTable
 from common.engine.request import (
     FinishReason,
@@ -50,10 +54,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: TokenKVPool, table: RequestTable, max_prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        pool: TokenKVPool,
+        table: RequestTable,
+        max_prefill_tokens: int,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.pool = pool
         self.table = table
-        self.kv = KVManager(pool, table)
+        self.kv = KVManager(pool, table, prefix_cache)
         self.max_prefill_tokens = max_prefill_tokens
         self.estimator = OutputLengthEstimator()
         self.waiting: deque[Request] = deque()
@@ -99,9 +109,13 @@ class Scheduler:
             return False
         if not self.running:
             return True  # alone it always fits: max_model_len <= pool size
-        entries = [(self._remaining(r), r.num_slots) for r in self.running]
-        entries.append((self._remaining(request), request.num_tokens))
-        return peak_tokens(entries) <= self.pool.num_slots
+        # Each request counts the slots of its own; the cached slots that requests
+        # share count once, and those no request uses count as free (evictable).
+        num_cached, num_unlocked = self.kv.peek_prefix(request)
+        entries = [(self._remaining(r), r.num_slots - r.num_cached_slots) for r in self.running]
+        entries.append((self._remaining(request), request.num_tokens - num_cached))
+        shared = self.kv.num_locked_slots + num_unlocked
+        return peak_tokens(entries) + shared <= self.pool.num_slots
 
     def _remaining(self, request: Request) -> int:
         # A request whose KV is sent elsewhere never grows here.
@@ -170,6 +184,9 @@ class Scheduler:
             request.num_computed_tokens = end
             if not samples:
                 continue
+            if request.is_prefilling:
+                # The prompt's KV is whole: others may share it from now on.
+                self.kv.cache_computed(request)
             request.is_prefilling = False
             row = next(rows)
             outputs.append(
