@@ -34,8 +34,8 @@ from kernels.fused_moe import (
     fused_moe_reference,
     fused_moe_triton,
     moe_launch,
-    moe_route_reference,
 )
+from kernels.moe_routing import moe_route_reference
 
 
 @dataclass(frozen=True)

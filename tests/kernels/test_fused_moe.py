@@ -1,12 +1,9 @@
 import pytest
 import torch
 
-from kernels.fused_moe import (
-    GemmTile,
-    MoELaunch,
+from kernels.fused_moe import GemmTile, MoELaunch, fused_moe_reference, fused_moe_triton
+from kernels.moe_routing import (
     MoERouting,
-    fused_moe_reference,
-    fused_moe_triton,
     local_expert_map,
     max_expert_blocks,
     moe_route_reference,

@@ -18,7 +18,8 @@ from torch import nn
 from common.engine.layers.linear import default_weight_loader
 from common.engine.model_config import ModelConfig, MoEConfig
 from common.engine.models.llama import LlamaMLP
-from kernels.fused_moe import fused_moe, local_expert_map, moe_route_reference
+from kernels.fused_moe import fused_moe
+from kernels.moe_routing import local_expert_map, moe_route_reference
 
 # One expert's checkpoint projection -> (our stacked parameter, shard), for the
 # families whose experts are named like the dense MLP (Qwen2-MoE, Qwen3-MoE).
