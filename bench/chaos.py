@@ -197,11 +197,10 @@ class Chaos:
                 share, fault = pending[0]
                 if self.streamed >= share * total:
                     pending.pop(0)
-                    started = time.monotonic()
+                    started, at = time.monotonic(), self.streamed / total
                     await asyncio.to_thread(self.strike, fault)
                     report.faults.append(
-                        f"{fault} at {self.streamed / total:.0%} of the tokens "
-                        f"({time.monotonic() - started:.1f} s)"
+                        f"{fault} at {at:.0%} of the tokens ({time.monotonic() - started:.1f} s)"
                     )
                     continue
                 await asyncio.sleep(0.02)
