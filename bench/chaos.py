@@ -184,6 +184,16 @@ class Chaos:
             fleet.more_control_planes.remove(self.second)
             self.second = fleet.add_control_plane(LIGHTPD_SHUTDOWN_GRACE_S=str(SHUTDOWN_GRACE_S))
 
+    async def _strike_after(
+        self, before: asyncio.Task | None, fault: str, at: float, report: ChaosReport
+    ) -> None:
+        if before is not None:
+            await before
+        started = time.monotonic()
+        await asyncio.to_thread(self.strike, fault)
+        took = time.monotonic() - started
+        report.faults.append(f"{fault} at {at:.0%} of the tokens ({took:.1f} s)")
+
     async def round(self, num_streams: int, report: ChaosReport) -> list[StreamResult]:
         limits = httpx.Limits(max_connections=num_streams + 8)
         async with httpx.AsyncClient(timeout=None, limits=limits) as client:
@@ -193,17 +203,20 @@ class Chaos:
             ]
             total = num_streams * (self.tokens + 2)  # data lines: tokens, usage, [DONE]
             pending = list(FAULTS)
+            # Faults strike one after another, each once its share of the tokens has
+            # streamed; watching goes on while one strikes (a Redis restart takes
+            # seconds), so a later fault is not missed for the time an earlier took.
+            striking: asyncio.Task | None = None
             while pending and not all(t.done() for t in tasks):
                 share, fault = pending[0]
                 if self.streamed >= share * total:
                     pending.pop(0)
-                    started, at = time.monotonic(), self.streamed / total
-                    await asyncio.to_thread(self.strike, fault)
-                    report.faults.append(
-                        f"{fault} at {at:.0%} of the tokens ({time.monotonic() - started:.1f} s)"
-                    )
+                    at = self.streamed / total
+                    striking = asyncio.create_task(self._strike_after(striking, fault, at, report))
                     continue
                 await asyncio.sleep(0.02)
+            if striking is not None:
+                await striking
             report.faults += [f"{fault}: not reached" for _, fault in pending]
             return list(await asyncio.gather(*tasks))
 
