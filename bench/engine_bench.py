@@ -70,7 +70,29 @@ QWEN3_30B_A3B = dict(
     bos_token_id=151643,
     eos_token_id=151645,
 )
-SHAPES = {"llama-8b": ("llama", LLAMA_31_8B), "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B)}
+# Mixtral-8x7B's shape: 8 experts of width 14336, 2 routed per token.
+MIXTRAL_8X7B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    rope_theta=1000000.0,
+    sliding_window=None,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+SHAPES = {
+    "llama-8b": ("llama", LLAMA_31_8B),
+    "qwen3-30b-a3b": ("qwen3_moe", QWEN3_30B_A3B),
+    "mixtral-8x7b": ("mixtral", MIXTRAL_8X7B),
+}
 
 
 def build_model(out: Path, num_layers: int, shape: str = "llama-8b") -> torch.nn.Module:

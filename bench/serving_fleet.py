@@ -3,15 +3,17 @@
     python3 bench/serving_fleet.py --model DIR [--devices cuda:0,cuda:1] \
         [--prefill-nodes 1] [--decode-nodes 1] [--kv-transport auto] \
         [--prefill-args "--num-kv-slots 49152"] [--decode-args "..."] [--logs DIR] \
-        -- COMMAND ...
+        [--expert-parallel] -- COMMAND ...
 
 Starts an embedded Redis, the control plane, the prefill nodes and then the
 decode nodes, each on the next of ``--devices`` in turn (nodes that land on one
 GPU share it), waits until every node is registered, runs COMMAND with
 ``LIGHTPD_BENCH_URL``, ``OPENAI_API_KEY`` and ``LIGHTPD_BENCH_PIDS`` set, stops
 everything and exits with COMMAND's status. With no prefill node the decode
-nodes prefill themselves (a colocated fleet). This is the test suite's
-LocalFleet with devices, per-role node options and log files.
+nodes prefill themselves (a colocated fleet). With ``--expert-parallel`` the
+decode nodes (an MoE model, two or more) form one expert-parallel group, started
+together as `lightctl up --expert-parallel` starts them. This is the test
+suite's LocalFleet with devices, per-role node options and log files.
 
     python3 bench/serving_fleet.py --cpu-of "$LIGHTPD_BENCH_PIDS"
 
@@ -36,11 +38,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from controlplane.embedded_redis import free_port
 from controlplane.node_process import NodeProcess, start_node
 from tests.e2e.fleet import ADMIN_TOKEN, API_KEY, CLUSTER_TOKEN, LocalFleet
 
@@ -59,29 +63,60 @@ class BenchFleet(LocalFleet):
     decode_args: tuple[str, ...] = ()
     log_dir: Path | None = None
     node_start_timeout_s: float = 900.0  # a GPU node loads weights and captures graphs
+    expert_parallel: bool = False  # the decode nodes form one expert-parallel group
 
     def __post_init__(self) -> None:
         if self.log_dir is not None:
             self.control_plane_log = self.log_dir / "controlplane.log"
 
+    def start(self, prefill: int = 1, decode: int = 1) -> "BenchFleet":
+        if not self.expert_parallel:
+            return super().start(prefill, decode)
+        super().start(prefill, 0)
+        self.add_group(decode)
+        return self
+
+    def add_group(self, size: int) -> list[NodeProcess]:
+        """``size`` decode nodes of one expert-parallel group, started at once (each
+        waits in its engine for the others)."""
+        init = f"127.0.0.1:{free_port()}"
+        first = sum(node.role == "decode" for node in self.nodes)
+
+        def member(rank: int) -> NodeProcess:
+            group = ("--ep-size", str(size), "--ep-rank", str(rank), "--ep-init", init)
+            return self._start("decode", first + rank, len(self.nodes) + rank, group)
+
+        with ThreadPoolExecutor(size) as pool:
+            members = list(pool.map(member, range(size)))
+        self.nodes += members
+        ids = {node.node_id for node in members}
+        self.wait_for(lambda nodes: ids <= {n["node_id"] for n in nodes})
+        return members
+
     def add_node(self, role: str) -> NodeProcess:
+        index = sum(node.role == role for node in self.nodes)
+        node = self._start(role, index, len(self.nodes))
+        self.nodes.append(node)
+        self.wait_for(lambda nodes: node.node_id in {n["node_id"] for n in nodes})
+        return node
+
+    def _start(self, role: str, index: int, number: int, more: tuple[str, ...] = ()) -> NodeProcess:
+        """Start ``role`` node ``index``, the fleet's ``number``-th node (which picks
+        its device from ``devices`` in turn)."""
         os.environ["LIGHTPD_CLUSTER_TOKEN"] = CLUSTER_TOKEN
         args = self.prefill_args if role == "prefill" else self.decode_args
-        index = sum(node.role == role for node in self.nodes)
         log = self.log_dir / f"{role}{index}.log" if self.log_dir else None
-        node = start_node(
+        return start_node(
             role,
             self.model,
             "--control-plane",
             self.url,
             *args,
-            device=self.devices[len(self.nodes) % len(self.devices)],
+            *more,
+            device=self.devices[number % len(self.devices)],
             log=log,
             timeout=self.node_start_timeout_s,
         )
-        self.nodes.append(node)
-        self.wait_for(lambda nodes: node.node_id in {n["node_id"] for n in nodes})
-        return node
 
     def pids(self) -> dict[str, int]:
         """Process ids by part: redis, controlplane, prefill0, ..., decode0, ..."""
@@ -149,6 +184,9 @@ def main() -> None:
     parser.add_argument("--prefill-args", default="", help="extra prefill node options")
     parser.add_argument("--decode-args", default="", help="extra decode node options")
     parser.add_argument("--logs", type=Path, help="folder for the nodes' logs")
+    parser.add_argument(
+        "--expert-parallel", action="store_true", help="the decode nodes form one group (MoE)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.cpu_of:
@@ -171,6 +209,7 @@ def main() -> None:
         prefill_args=(*shlex.split(args.prefill_args), "--kv-transport", args.kv_transport),
         decode_args=(*shlex.split(args.decode_args), "--kv-transport", args.kv_transport),
         log_dir=args.logs,
+        expert_parallel=args.expert_parallel,
     )
     try:
         fleet.start(prefill=args.prefill_nodes, decode=args.decode_nodes)

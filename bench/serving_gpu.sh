@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Serving figures of fleet shapes against the in-process engine, on a machine with no network:
 #   bash bench/serving_gpu.sh OUT_DIR
-# 1. writes a Llama-3.1-8B-shaped random bf16 checkpoint (bench/serving_model.py; kept
-#    in MODEL_DIR and reused by later runs on the same machine);
-# 2. for each fleet in FLEETS, LABEL=P+D/TRANSPORT (P prefill nodes, D decode nodes,
-#    the KV transport), starts Redis, the control plane and the nodes, each node on the
-#    next of DEVICES in turn (prefill nodes first), and runs `lightctl bench` at each
+# 1. writes a Llama-3.1-8B-shaped random bf16 checkpoint (bench/serving_model.py, given
+#    MODEL_ARGS such as "--shape qwen3-30b-a3b --layers 4"; kept in MODEL_DIR and reused
+#    by later runs on the same machine);
+# 2. for each fleet in FLEETS, LABEL=P+D/TRANSPORT[/ep] (P prefill nodes, D decode nodes,
+#    the KV transport; /ep: the decode nodes form one expert-parallel group), starts
+#    Redis, the control plane and the nodes, each node on the next of DEVICES in turn
+#    (prefill nodes first), and runs `lightctl bench` at each
 #    rate in RATES with COUNTS requests (prompts of INPUT_LEN token ids, OUTPUT_LEN
 #    tokens with --ignore-eos, Poisson arrivals, goodput under SLO), recording each
 #    process's CPU time;
@@ -23,6 +25,7 @@
 : "${INPUT_LEN:=512}" "${OUTPUT_LEN:=128}" "${WARMUP:=8}" "${SEED:=0}"
 : "${PREFILL_SLOTS:=98304}" "${DECODE_SLOTS:=262144}" "${MAX_MODEL_LEN:=2048}"
 : "${PARTS:=fleet,engine}" "${SMALL:=}" "${MODEL_DIR:=/tmp/lightpd-serving-model${SMALL:+-small}}"
+: "${MODEL_ARGS:=}"  # more bench.serving_model options: another shape, fewer layers
 : "${WHEELS:=.wheels}"  # cp312 wheels the GPU image lacks; WHEELS=none where all is installed
 # One GPU, the issue-7 shape (both nodes share it):
 #   DEVICES=cuda:0 FLEETS="fleet=1+1/auto" PREFILL_SLOTS=49152 DECODE_SLOTS=163840
@@ -68,7 +71,7 @@ fi
 
 step "model"
 if [[ ! -f $MODEL_DIR/config.json ]]; then
-  python3 -m bench.serving_model --out "$MODEL_DIR" --device "${DEVICES%%,*}" ${SMALL:+--small} \
+  python3 -m bench.serving_model --out "$MODEL_DIR" --device "${DEVICES%%,*}" ${SMALL:+--small} $MODEL_ARGS \
     2>&1 | grep -v "Writing model shards" | tee -a "$work/steps.log" || exit 1
 fi
 
@@ -97,10 +100,11 @@ if has fleet; then
   for fleet in $FLEETS; do
     label=${fleet%%=*} shape=${fleet#*=}
     prefill=${shape%%+*} rest=${shape#*+}
-    decode=${rest%%/*} transport=${rest#*/}
-    step "fleet $label: $prefill prefill + $decode decode nodes on $DEVICES, KV over $transport"
+    decode=${rest%%/*} transport=${rest#*/} ep=
+    if [[ $transport == */ep ]]; then transport=${transport%/ep} ep=--expert-parallel; fi
+    step "fleet $label: $prefill prefill + $decode decode nodes${ep:+ (one expert-parallel group)} on $DEVICES, KV over $transport"
     LABEL=$label python3 -m bench.serving_fleet --model "$MODEL_DIR" --devices "$DEVICES" \
-      --prefill-nodes "$prefill" --decode-nodes "$decode" --kv-transport "$transport" \
+      --prefill-nodes "$prefill" --decode-nodes "$decode" --kv-transport "$transport" $ep \
       --logs "$work/logs/$label" \
       --prefill-args "--num-kv-slots $PREFILL_SLOTS $node_args" \
       --decode-args "--num-kv-slots $DECODE_SLOTS $node_args" \

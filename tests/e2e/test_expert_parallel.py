@@ -1,10 +1,13 @@
 """Two decode nodes forming one expert-parallel group (Gloo) behind a control plane:
-the tokens of one engine holding every expert, the group in the registry, and a
-member killed mid-stream ending every affected request, with nothing hanging.
+the tokens of one engine holding every expert, the group in the registry, a
+member killed mid-stream ending every affected request, with nothing hanging,
+and the group started again serving the same tokens.
 
-The fleet tests share one fleet and run in file order: the last one kills a member."""
+The fleet tests share one fleet and run in file order: the last two kill a member
+and start the group again."""
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -80,19 +83,15 @@ def test_lightctl_node_add_starts_a_group_that_serves_and_stops_on_ctrl_c(tmp_pa
 # ---- a fleet whose two decode nodes are one group ----
 
 
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    """A control plane, a prefill node and two decode nodes of one group: (fleet, members)."""
-    model = str(write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "qwen3_moe"))
-    fleet = LocalFleet(model).start(prefill=1, decode=0)
-    init = f"127.0.0.1:{free_port()}"
+def start_group(fleet: LocalFleet, init: str) -> list[NodeProcess]:
+    """Two decode nodes of one group meeting at ``init``, registered with ``fleet``."""
 
     def member(rank: int) -> NodeProcess:
         args = ["--ep-size", "2", "--ep-rank", str(rank), "--ep-init", init]
         args += ["--ep-timeout-s", str(EP_TIMEOUT_S)]
         return start_node(
             "decode",
-            model,
+            fleet.model,
             "--control-plane",
             fleet.url,
             *fleet.node_args,
@@ -100,14 +99,22 @@ def group(tmp_path_factory):
             cluster_token=CLUSTER_TOKEN,
         )
 
+    # Each waits in its engine for the other: they start together.
+    with ThreadPoolExecutor(2) as pool:
+        members = list(pool.map(member, range(2)))
+    fleet.nodes += members
+    ids = {m.node_id for m in members}
+    fleet.wait_for(lambda nodes: ids <= {n["node_id"] for n in nodes})
+    return members
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """A control plane, a prefill node and two decode nodes of one group: (fleet, members)."""
+    model = str(write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "qwen3_moe"))
+    fleet = LocalFleet(model).start(prefill=1, decode=0)
     try:
-        # Each waits in its engine for the other: they start together.
-        with ThreadPoolExecutor(2) as pool:
-            members = list(pool.map(member, range(2)))
-        fleet.nodes += members
-        ids = {m.node_id for m in members}
-        fleet.wait_for(lambda nodes: ids <= {n["node_id"] for n in nodes})
-        yield fleet, members
+        yield fleet, start_group(fleet, f"127.0.0.1:{free_port()}")
     finally:
         fleet.stop()
 
@@ -124,25 +131,33 @@ def complete(fleet: LocalFleet, prompt: str, max_tokens: int) -> httpx.Response:
     return httpx.post(f"{fleet.url}/v1/completions", json=body, headers=headers, timeout=60)
 
 
-def test_the_group_gives_the_tokens_of_one_engine_holding_every_expert(group):
-    fleet, members = group
+@functools.cache
+def one_engine_texts(model: str) -> tuple[str, ...]:
+    """The 16 greedy tokens of each of PROMPTS from one engine holding every expert."""
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", num_kv_slots=1024))
+    tokenizer = load_tokenizer(model)
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    outputs = engine.generate([tokenizer.encode(p) for p in PROMPTS], params)
+    return tuple(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs)
+
+
+def assert_the_group_serves_one_engines_tokens(fleet: LocalFleet, members: list[NodeProcess]):
     started = time.time()
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         replies = list(pool.map(lambda p: complete(fleet, p, 16), PROMPTS))
 
-    engine = LLMEngine(EngineConfig(model=fleet.model, device="cpu", num_kv_slots=1024))
-    tokenizer = load_tokenizer(fleet.model)
-    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
-    for prompt, reply in zip(PROMPTS, replies, strict=True):
+    for prompt, reply, want in zip(PROMPTS, replies, one_engine_texts(fleet.model), strict=True):
         assert reply.status_code == 200, reply.text
-        want = tokenizer.decode(
-            engine.generate([tokenizer.encode(prompt)], params)[0], skip_special_tokens=True
-        )
         assert reply.json()["choices"][0]["text"] == want, prompt
     # Both members served some of them (the other joined those steps all the same).
     requests = fleet.admin("GET", "/admin/requests?limit=100").json()
     served = {r["decode_node"] for r in requests if r["timeline"][0]["at"] >= started}
     assert served == {m.node_id for m in members}
+
+
+def test_the_group_gives_the_tokens_of_one_engine_holding_every_expert(group):
+    fleet, members = group
+    assert_the_group_serves_one_engines_tokens(fleet, members)
 
 
 def test_the_registry_and_lightctl_show_the_group(group):
@@ -218,3 +233,16 @@ def test_a_member_killed_mid_stream_ends_every_request_and_nothing_hangs(group):
         assert '"error"' in stream.lines[-2], stream.lines[-3:]
     # The survivor ended its requests and left with its own exit code.
     assert survivor.process.wait(timeout=20) == 3
+
+
+def test_the_group_started_again_at_the_same_address_serves_the_same_tokens(group):
+    """After a member died and the group with it, its members restarted as they were
+    first started (the same --ep-init) form a new group on the same fleet."""
+    fleet, members = group
+    assert all(m.process.poll() is not None for m in members), "the last test ended the group"
+    nodes = {n["node_id"]: n for n in fleet.admin("GET", "/admin/nodes").json()}
+    init = nodes[members[0].node_id]["ep_group"]
+
+    again = start_group(fleet, init)
+
+    assert_the_group_serves_one_engines_tokens(fleet, again)
