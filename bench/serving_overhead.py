@@ -32,7 +32,6 @@ from pathlib import Path
 from bench.serving_fleet import CLUSTER_TOKEN, BenchFleet, cpu_seconds, pin
 from common.tiny import write_tiny_checkpoint
 from common.tokenizer import load_tokenizer
-from common.wire.messages import KVTarget
 from common.wire.sampling_params import SamplingParams
 from controlplane.bench.client import ClientConfig, StreamClient
 from controlplane.bench.metrics import percentile, summarize
@@ -63,7 +62,7 @@ class DirectClient:
         self.nodes.open_stream(request_id)
         try:
             reserved = await self.nodes.reserve(self.decode, request_id, prompt, params)
-            target = KVTarget(reserved.kv_endpoint, reserved.layout, reserved.kv_transport)
+            target = reserved.target()
             await self.nodes.prefill(self.prefill, request_id, prompt, params, target)
             async for event in self.nodes.events(request_id, timeout=120):
                 if event.token_ids:

@@ -85,7 +85,7 @@ class Tokenizer:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         text = _compile(self.chat_template).render(
             messages=messages,
-            tools=None,
+            tools=template_kwargs.pop("tools", None),
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens_map, **template_kwargs},
@@ -117,11 +117,16 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     return Tokenizer(backend, config, _chat_template(model_dir, config))
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` under the model's chat template, ready for the reply."""
+def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None
+) -> list[int]:
+    """Token ids of ``messages`` under the model's chat template, ready for the reply;
+    ``tools`` (OpenAI's tool definitions) go to the template as transformers passes them."""
     if not tokenizer.chat_template:
         raise ValueError("this model's tokenizer has no chat template; use completions instead")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, tools=tools
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -188,7 +188,7 @@ def create_app(settings: Settings) -> FastAPI:
         client = redis_client(settings)
         store = Store(client, settings.node_ttl_s, settings.node_stall_s)
         fingerprint = model_fingerprint(settings.model)
-        fleet = Fleet(store, fingerprint)
+        fleet = Fleet(store, fingerprint, balance_tokens=settings.cache_balance_tokens)
         metrics = Metrics(fleet.cached_nodes, settings.model_name)
         # The flusher reads the registry itself: routing's cache keeps its own timing.
         timeseries = Timeseries(client, store.nodes)

@@ -21,6 +21,7 @@ class Delta:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens a node's prefix cache held (first token)
 
 
 @dataclass
@@ -51,7 +52,11 @@ async def run_choice(
                 yield Delta(choice.index, text.flush(), finish_reason="error", error=event.error)
                 return
             delta = Delta(
-                choice.index, text.add(event.token_ids), event.token_ids, event.logprobs or []
+                choice.index,
+                text.add(event.token_ids),
+                event.token_ids,
+                event.logprobs or [],
+                num_cached_tokens=event.num_cached_tokens,
             )
             if text.stopped:
                 delta.finish_reason = "stop"

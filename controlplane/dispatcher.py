@@ -28,6 +28,12 @@ token twice or missing. The same bounds hold (two deaths of one role,
 ``max_attempts`` failures on live nodes, ``queue_timeout_s`` to find room);
 past them the stream ends with an error event.
 
+Routing is cache-aware (``Fleet.pick``, ``PrefixIndex``): each node is charged
+what its prefix cache does not hold of the prompt. A decode node's Reserved says
+how many leading prompt tokens it holds; the prefill node sends only the rest.
+The first token's event carries how many prompt tokens the computing node took
+from its cache (the usage's ``cached_tokens``).
+
 A node counts as failed when the registry loses it or marks it dead (no
 heartbeat for the TTL, or a stuck serving loop) or a call to it times out. The
 caller closing the stream aborts the request on both nodes.
@@ -46,7 +52,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from common.wire.messages import KVTarget, TokenEvent
+from common.wire.messages import TokenEvent
+from common.wire.prefix_blocks import block_hashes
 from common.wire.sampling_params import SamplingParams
 from controlplane.fleet import Fleet
 from controlplane.metrics import Metrics, RequestTimes
@@ -166,7 +173,7 @@ class Dispatcher:
                 attempt += 1  # node deaths are bounded by MAX_NODE_DEATHS instead
                 resume = tuple(generated)
                 try:
-                    decode, prefill = await self._pick(tried, len(prompt) + len(resume), resume)
+                    decode, prefill = await self._pick(tried, prompt + list(resume), resume)
                 except NoCapacityError as exc:
                     if not resume:
                         raise
@@ -178,6 +185,8 @@ class Dispatcher:
                         request_id, attempt, prompt, params, prefill, decode, admit, deadline,
                         resume,
                     ):  # fmt: skip
+                        if first_token_at is not None:
+                            event.num_cached_tokens = 0  # reported with the first token only
                         if event.token_ids and first_token_at is None:
                             first_token_at = time.monotonic()
                             self.metrics.ttft.labels(self.settings.model_name).observe(
@@ -253,18 +262,33 @@ class Dispatcher:
             )
 
     async def _pick(
-        self, tried: set[str], tokens: int, resume: tuple[int, ...] = ()
+        self, tried: set[str], tokens: list[int], resume: tuple[int, ...] = ()
     ) -> tuple[NodePublic, NodePublic | None]:
-        """A decode node and a prefill node, each charged ``tokens`` in flight at once
-        (the attempt gives them back), so a burst spreads before heartbeats catch up.
+        """A decode node and a prefill node for ``tokens`` (the prompt, and what a
+        resumed request generated), each charged them in flight at once (the
+        attempt gives them back), so a burst spreads before heartbeats catch up.
         No prefill node (None) when the decode node computes the prompt itself: the
         prompt is short, no prefill node can take it, or the request resumes."""
-        decode = await self.fleet.pick("decode", tried, tokens)
+        overlap = None
+        if self.settings.cache_aware_routing:
+            hashes = block_hashes(tokens)
+            index = self.client.prefix_index
+
+            def overlap(node: NodePublic) -> int:
+                self.client.follow_cache(node.control_endpoint, node.node_id)
+                return index.overlap(node.control_endpoint, hashes)
+
+        decode = await self.fleet.pick("decode", tried, len(tokens), overlap)
         if decode is None:
             raise NoCapacityError("no ready decode node can take the request", 5)
-        if resume or tokens <= self.settings.local_prefill_tokens:
-            return decode, None
-        return decode, await self.fleet.pick("prefill", tried, tokens)
+        prefill = None
+        if not resume and len(tokens) > self.settings.local_prefill_tokens:
+            prefill = await self.fleet.pick("prefill", tried, len(tokens), overlap)
+        if overlap is not None:
+            for node in (decode, prefill):
+                if node is not None:
+                    self.client.prefix_index.routed(node.control_endpoint, hashes)
+        return decode, prefill
 
     async def _attempt(
         self,
@@ -324,14 +348,17 @@ class Dispatcher:
                         attempt_id,
                         prompt,
                         params,
-                        KVTarget(reserved.kv_endpoint, reserved.layout, reserved.kv_transport),
+                        reserved.target(),
                         ack_timeout_s=self.settings.kv_timeout_s,
                     ),
                     prefill,
                 )
+                # Only what the decode node's cache does not hold moves.
+                self.metrics.kv_transfer_tokens.inc(len(prompt) - reserved.num_cached_tokens)
             watched = list(nodes)
             before_first_token = True
             transferring = False
+            cached = 0  # prompt tokens the computing node's cache held
             async for event in self._events(attempt_id, watched):
                 if (
                     prefill is not None
@@ -339,9 +366,14 @@ class Dispatcher:
                     and not (transferring or event.token_ids or event.finish_reason)
                 ):
                     transferring = True  # the prefill node's word that the prompt is computed
+                    cached = event.num_cached_tokens
                     await self.store.record_request(request_id, "transferring")
                 if event.token_ids and before_first_token:
                     before_first_token = False
+                    if prefill is None:
+                        cached = event.num_cached_tokens
+                    event.num_cached_tokens = min(cached, len(prompt))
+                    self.metrics.cached_prompt_tokens.inc(event.num_cached_tokens)
                     if prefill is not None:
                         watched.remove(prefill)  # the prefill node's part is done
                     for node in nodes:

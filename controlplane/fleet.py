@@ -5,6 +5,14 @@ requests of this process. Decode nodes are ranked by free KV slots, prefill
 nodes by queued prompt tokens, both net of the work this process has sent them
 since their last heartbeat counted it. Draining and dead nodes get nothing new.
 
+Cache-aware: a request goes to the node whose prefix cache holds the longest
+part of its prompt (its ``overlap``, from ``PrefixIndex``) unless that node is
+overloaded: a prefill node whose queue is ``balance_tokens`` longer than the
+shortest, or a decode node without room for the rest of the prompt. Otherwise,
+and when no node holds any of it, by load, where the cached part counts as work
+the node need not do (compute on a prefill node, slots and transfer on a decode
+node).
+
 While Redis is down the last registry read serves on. When it is back, nodes whose
 heartbeats could not reach it meanwhile are listed as dead (or, if it lost its
 data, not at all) until they register again, a second or two later; for
@@ -22,8 +30,15 @@ from controlplane.store import REDIS_DOWN, Store
 
 
 class Fleet:
-    def __init__(self, store: Store, model_fingerprint: str, refresh_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        store: Store,
+        model_fingerprint: str,
+        refresh_s: float = 0.25,
+        balance_tokens: int = 8192,
+    ) -> None:
         self.store = store
+        self.balance_tokens = balance_tokens
         self.model_fingerprint = model_fingerprint
         self.refresh_s = refresh_s
         self._nodes: dict[str, NodePublic] = {}
@@ -89,15 +104,30 @@ class Fleet:
         ready = await self._ready(lambda n: True)
         return min((n.max_model_len for n in ready), default=None)
 
-    async def pick(self, role: NodeRole, exclude: set[str], tokens: int = 0) -> NodePublic | None:
+    async def pick(
+        self,
+        role: NodeRole,
+        exclude: set[str],
+        tokens: int = 0,
+        overlap: Callable[[NodePublic], int] | None = None,
+    ) -> NodePublic | None:
         """The best ready node of ``role``, charged ``tokens`` in flight in the same
         step (no await between choosing and charging), so concurrent picks see
-        each other; the caller gives the tokens back when the hand-off is over."""
+        each other; the caller gives the tokens back when the hand-off is over.
+        ``overlap``: how many of the ``tokens`` a node's prefix cache holds."""
         candidates = await self._ready(lambda n: n.role == role and n.node_id not in exclude)
         if not candidates:
             return None
         score = self._score_decode if role == "decode" else self._score_prefill
-        node = max(candidates, key=score)
+        held = {n.node_id: overlap(n) if overlap else 0 for n in candidates}
+        scores = {n.node_id: score(n, tokens, held[n.node_id]) for n in candidates}
+        node = max(candidates, key=lambda n: scores[n.node_id])
+        most = max(held.values())
+        if most > 0:
+            holders = [n for n in candidates if held[n.node_id] == most]
+            holder = max(holders, key=lambda n: scores[n.node_id])
+            if not self._overloaded(holder, role, scores, tokens - most):
+                node = holder
         self.inflight_tokens[node.node_id] += tokens
         return node
 
@@ -110,15 +140,28 @@ class Fleet:
                 return nodes
         return []
 
-    def _score_decode(self, node: NodePublic) -> float:
+    def _overloaded(
+        self, node: NodePublic, role: NodeRole, scores: dict[str, float], uncached: int
+    ) -> bool:
+        """Whether ``node`` should not take a request for the sake of its cache."""
+        if role == "decode":  # no room for what it does not hold
+            return scores[node.node_id] < 0
+        # Its queue (the score less this request's part) against the shortest one.
+        queue = -scores[node.node_id] - uncached
+        shortest = min(-score for score in scores.values()) - uncached
+        return queue > shortest + self.balance_tokens
+
+    def _score_decode(self, node: NodePublic, tokens: int, held: int) -> float:
         # Free slots net of the reservations queued there (from every control
-        # plane, as of the last heartbeat) and of this process's since.
+        # plane, as of the last heartbeat) and of this process's since, and of the
+        # slots this request would take there.
         if node.stats is None:
             free = node.num_slots
         else:
             free = node.stats.num_free_slots - node.stats.num_queued_tokens
-        return free - self.inflight_tokens[node.node_id]
+        return free - self.inflight_tokens[node.node_id] - (tokens - held)
 
-    def _score_prefill(self, node: NodePublic) -> float:
+    def _score_prefill(self, node: NodePublic, tokens: int, held: int) -> float:
+        # Prompt tokens it would compute before this one's last, this one's included.
         queued = node.stats.num_queued_tokens if node.stats else 0
-        return -(queued + self.inflight_tokens[node.node_id])
+        return -(queued + self.inflight_tokens[node.node_id] + tokens - held)

@@ -66,6 +66,14 @@ class Metrics:
             "lightpd_request_migrations",
             "Requests moved to another decode node mid-stream (node died or drained)",
         ).labels(model_name)
+        self.cached_prompt_tokens = counter(
+            "lightpd_prompt_tokens_cached",
+            "Prompt tokens taken from a node's prefix cache instead of computed",
+        ).labels(model_name)
+        self.kv_transfer_tokens = counter(
+            "lightpd_kv_transfer_tokens",
+            "Prompt tokens whose KV went from a prefill node to a decode node",
+        ).labels(model_name)
         self.registry.register(_NodeCollector(nodes))
         self.registry.register(_FleetCollector(nodes, model_name))
 
@@ -147,7 +155,7 @@ class _NodeCollector(Collector):
     def __init__(self, nodes: Callable[[], list[NodePublic]]) -> None:
         self.nodes = nodes
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         gauges = {
             "num_free_slots": GaugeMetricFamily(
                 "lightpd_node_free_slots", "Free KV slots", labels=["node", "role"]
@@ -166,10 +174,34 @@ class _NodeCollector(Collector):
             "tokens_per_s": GaugeMetricFamily(
                 "lightpd_node_tokens_per_second", "Tokens per second", labels=["node", "role"]
             ),
+            "num_cached_slots": GaugeMetricFamily(
+                "lightpd_node_prefix_cache_slots",
+                "KV slots the prefix cache holds (used or evictable)",
+                labels=["node", "role"],
+            ),
+            "cache_hit_rate": GaugeMetricFamily(
+                "lightpd_node_prefix_cache_hit_rate",
+                "Share of the prompt tokens admitted since the node started that its "
+                "prefix cache held",
+                labels=["node", "role"],
+            ),
+        }
+        counters = {
+            "num_prompt_tokens": CounterMetricFamily(
+                "lightpd_node_prefix_cache_queries",
+                "Prompt tokens admitted (looked up in the prefix cache)",
+                labels=["node", "role"],
+            ),
+            "num_cached_prompt_tokens": CounterMetricFamily(
+                "lightpd_node_prefix_cache_hits",
+                "Prompt tokens found in the prefix cache",
+                labels=["node", "role"],
+            ),
         }
         for node in self.nodes():
             if node.stats is None or node.status == "dead":  # a dead node's stats are stale
                 continue
-            for field, gauge in gauges.items():
-                gauge.add_metric([node.node_id, node.role], getattr(node.stats, field))
+            for field, family in (gauges | counters).items():
+                family.add_metric([node.node_id, node.role], getattr(node.stats, field))
         yield from gauges.values()
+        yield from counters.values()

@@ -5,7 +5,9 @@ brings back both their replies (matched by ``call_id``) and the Tokens of the
 requests sent there: a request's events are accepted only from the nodes it was
 sent to. Each request gets a secret that its KV, first token and abort carry.
 Each second a Lease goes to every node over the same DEALER: a node aborts the
-requests of a control plane it has not heard from for its lease time.
+requests of a control plane it has not heard from for its lease time. The
+client subscribes to each node's prefix-cache events (CacheSync) and keeps
+them in ``prefix_index`` for routing.
 Used by the control plane and by tests.
 """
 
@@ -14,6 +16,7 @@ import itertools
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -26,6 +29,8 @@ from common.wire.messages import (
     LEASE_RENEW_S,
     Abort,
     Accepted,
+    CacheEvents,
+    CacheSync,
     Error,
     Health,
     HealthCheck,
@@ -44,6 +49,7 @@ from common.wire.messages import (
     encode,
 )
 from common.wire.sampling_params import SamplingParams
+from controlplane.prefix_index import PrefixIndex
 
 
 class NodeError(RuntimeError):
@@ -74,6 +80,7 @@ logger = logging.getLogger(__name__)
 # How long past the node's own queue timeout a Reserve call waits for its answer.
 RESERVE_GRACE_S = 10.0
 SEND_TIMEOUT_S = 5.0
+RESUBSCRIBE_S = 2.0  # at most this often, a node's cache events are asked for again
 
 
 @dataclass
@@ -83,14 +90,14 @@ class _Stream:
     sources: set[str] = field(default_factory=set)  # endpoints it was sent to
 
 
-def _lease_sent(sent: asyncio.Future) -> None:
-    """Collect a Lease send's outcome; a full queue (a node down or not reading)
-    is expected and says nothing new."""
+def _sent_without_blocking(sent: asyncio.Future) -> None:
+    """Collect the outcome of a send that does not wait (a Lease, a CacheSync); a
+    full queue (a node down or not reading) is expected and says nothing new."""
     if sent.cancelled():
         return
     exc = sent.exception()
     if exc is not None and not isinstance(exc, zmq.Again):
-        logger.warning("could not send a lease: %s", exc)
+        logger.warning("could not send to a node: %s", exc)
 
 
 class NodeClient:
@@ -106,6 +113,8 @@ class NodeClient:
         self._tasks: list[asyncio.Task] = []
         self._renewing: asyncio.Task | None = None
         self._lease_sends: dict[str, asyncio.Future] = {}  # the last Lease sent per node
+        self.prefix_index = PrefixIndex()
+        self._subscribed_at: dict[str, float] = {}  # when CacheSync last went to each node
 
     async def __aenter__(self) -> "NodeClient":
         return self
@@ -227,6 +236,26 @@ class NodeClient:
                 self._tasks.append(self._renewing)
         return sock
 
+    # ---- prefix cache events ----
+
+    def follow_cache(self, endpoint: str, node_id: str) -> None:
+        """Make sure the cache events of node ``node_id`` reach ``prefix_index``
+        (subscribing, without waiting, if they do not yet)."""
+        if self.prefix_index.synced(endpoint, node_id):
+            return
+        last = self._subscribed_at.get(endpoint)
+        if last is None or time.monotonic() - last >= RESUBSCRIBE_S:
+            self._subscribe(endpoint)
+
+    def forget_node(self, endpoint: str) -> None:
+        self.prefix_index.forget(endpoint)
+        self._subscribed_at.pop(endpoint, None)
+
+    def _subscribe(self, endpoint: str) -> None:
+        self._subscribed_at[endpoint] = time.monotonic()
+        sent = self._dealer(endpoint).send(encode(CacheSync()), flags=zmq.NOBLOCK)
+        sent.add_done_callback(_sent_without_blocking)
+
     # ---- leases ----
 
     async def _renew_leases(self) -> None:
@@ -250,7 +279,7 @@ class NodeClient:
                 previous = self._lease_sends.get(endpoint)
                 if previous is None or previous.done():
                     sent = sock.send(lease, flags=zmq.NOBLOCK)
-                    sent.add_done_callback(_lease_sent)
+                    sent.add_done_callback(_sent_without_blocking)
                     self._lease_sends[endpoint] = sent
             due = loop.time() + LEASE_RENEW_S
 
@@ -264,6 +293,10 @@ class NodeClient:
                 continue
             if isinstance(message, Tokens):
                 self._deliver(endpoint, message)
+                continue
+            if isinstance(message, CacheEvents):
+                if not self.prefix_index.apply(endpoint, message):
+                    self._subscribe(endpoint)
                 continue
             future = self._calls.get(getattr(message, "call_id", None))
             if future is not None and not future.done():
@@ -332,7 +365,7 @@ class NodeClient:
         self.open_stream(request_id)
         try:
             reserved = await self.reserve(decode_endpoint, request_id, prompt, params)
-            target = KVTarget(reserved.kv_endpoint, reserved.layout, reserved.kv_transport)
+            target = reserved.target()
             await self.prefill(prefill_endpoint, request_id, prompt, params, target)
         except NodeError:
             await self.abort(decode_endpoint, request_id)

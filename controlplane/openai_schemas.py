@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI-compatible API (responses are built as plain dicts)."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.wire.sampling_params import MAX_GRAMMAR_CHARS
 
 # Bounds checked before any work: numbers fit the nodes' int32 and int64 fields, and
 # lists are short enough that a request costs little to check and to serve.
@@ -18,15 +20,21 @@ MAX_USER_CHARS = 256
 MAX_PROMPTS = 64  # in a batch of prompts
 MAX_PROMPT_TOKENS = 1 << 20  # in a prompt of token ids
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
-# OpenAI parameters we do not implement yet, with what to say; any other unknown
+MAX_TOOLS = 128  # as OpenAI allows
+MAX_CHOICES = 1024  # guided_choice entries
+MAX_CHOICE_CHARS = 4096
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # of a function or a JSON schema, as OpenAI's
+# OpenAI parameters we do not implement (here), with what to say; any other unknown
 # field is refused too (explicit nulls, which some clients send, mean "not set").
 NOT_YET = {
     "suffix": "lightpd does not implement suffix (fill-in-the-middle)",
-    "tools": "tool calls are not supported yet",
-    "tool_choice": "tool calls are not supported yet",
-    "functions": "function calls are not supported yet",
-    "function_call": "function calls are not supported yet",
-    "parallel_tool_calls": "tool calls are not supported yet",
+    "tools": "tool calls are served by /v1/chat/completions",
+    "tool_choice": "tool calls are served by /v1/chat/completions",
+    "parallel_tool_calls": "tool calls are served by /v1/chat/completions",
+    "functions": "the deprecated functions are not supported; use tools",
+    "function_call": "the deprecated function_call is not supported; use tool_choice",
+    "guided_decoding_backend": "lightpd has one grammar backend (xgrammar)",
+    "guided_whitespace_pattern": "JSON output is always compact",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -61,8 +69,45 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+GrammarText = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)]
+Choice = Annotated[str, Field(max_length=MAX_CHOICE_CHARS)]
+Choices = Annotated[list[Choice], Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+class JsonSchemaFormat(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]  # json_object and json_schema come with structured output
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
+
+class StructuredOutputs(Strict):
+    """Newer vLLM's ``structured_outputs``: one constraint."""
+
+    json_: dict[str, Any] | GrammarText | None = Field(None, alias="json")
+    regex: GrammarText | None = None
+    choice: Choices | None = None
+    grammar: GrammarText | None = None
+    json_object: bool | None = None
+    structural_tag: GrammarText | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "StructuredOutputs":
+        given = [k for k, v in self if v is not None and v is not False]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one constraint, got {len(given)}")
+        return self
 
 
 class SamplingFields(Strict):
@@ -87,6 +132,12 @@ class SamplingFields(Strict):
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's structured output extras (controlplane/structured.py reads them).
+    guided_json: dict[str, Any] | GrammarText | None = None
+    guided_regex: GrammarText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: GrammarText | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -167,10 +218,46 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(Strict):
+    name: str = Field(max_length=64)
+    arguments: str
+
+
+class ToolCall(Strict):
+    """A call the assistant made, as a client sends it back in the conversation."""
+
+    id: str = Field(max_length=MAX_USER_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=MAX_USER_CHARS)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=MAX_USER_CHARS)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -203,6 +290,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(Strict):

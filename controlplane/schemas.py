@@ -36,6 +36,20 @@ class NodeStats(BaseModel):
     tokens_per_s: float = Field(ge=0)
     loop_age_s: float = Field(0.0, ge=0)  # since the serving loop last went round
     num_preemptions: int = Field(0, ge=0)  # since the node started
+    # Prefix cache: slots it holds; prompt tokens admitted since the node started,
+    # and how many of those it found cached.
+    num_cached_slots: int = Field(0, ge=0)
+    num_prompt_tokens: int = Field(0, ge=0)
+    num_cached_prompt_tokens: int = Field(0, ge=0)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of admitted prompt tokens that came from the prefix cache."""
+        return (
+            self.num_cached_prompt_tokens / self.num_prompt_tokens
+            if self.num_prompt_tokens
+            else 0.0
+        )
 
 
 class NodeJoin(NodeRegistration):

@@ -83,6 +83,7 @@ class DecodeServer(NodeServer):
                 kv_endpoint=self.kv_endpoint,
                 layout=self.layout,
                 kv_transport=self.connector.transport,
+                num_cached_tokens=self.engine.cached_prefix(request_id),
             )
             self.send_to_origin(client.origin, reserved)
 

@@ -34,6 +34,7 @@ class PrefillServer(NodeServer):
             message.secret,
             message.ack_timeout_s,
             message.target.transport,
+            message.target.skip_tokens,
         )
         try:
             self.engine.add_request(
@@ -54,6 +55,8 @@ class PrefillServer(NodeServer):
             # The prompt is computed and its last KV and first token are in flight
             # (the request's "transferring" state); the token itself goes to decode.
             return TokenEvent(
-                request_id=output.request_id, num_prompt_tokens=output.num_prompt_tokens
+                request_id=output.request_id,
+                num_prompt_tokens=output.num_prompt_tokens,
+                num_cached_tokens=output.num_cached_tokens,
             )
         return None  # handed off or aborted: nothing the control plane waits for

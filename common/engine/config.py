@@ -72,8 +72,9 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prefill token budget of one step; longer prompts are chunked
     seed: int = 0  # draws the seeds of requests that bring none
     # Keep computed KV in a radix tree over token ids so that later requests with the
-    # same leading tokens reuse it (KV sent or received by the connector bypasses it).
-    enable_prefix_cache: bool = False
+    # same leading tokens reuse it: a prefill computes only the uncached suffix, and a
+    # reservation receives only the positions it does not hold already.
+    enable_prefix_cache: bool = True
     # A member of an expert-parallel group (MoE models); None: all experts here.
     expert_parallel: ExpertParallelConfig | None = None
 

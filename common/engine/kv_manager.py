@@ -21,6 +21,9 @@ class KVManager:
         self.pool = pool
         self.table = table
         self.prefix_cache = prefix_cache
+        # Prompt tokens admitted (first admissions only), and of those, cache hits.
+        self.num_prompt_tokens = 0
+        self.num_cached_prompt_tokens = 0
 
     @property
     def num_available_slots(self) -> int:
@@ -34,10 +37,10 @@ class KVManager:
         return 0 if self.prefix_cache is None else self.prefix_cache.num_locked_slots
 
     def _uses_cache(self, request: Request) -> bool:
-        # KV that comes in (reservations) or goes out (prefill role) bypasses the
-        # cache for now: a transfer would write into shared slots, or would have to
-        # send only the uncached part (delta-only transfer comes later).
-        return self.prefix_cache is not None and request.kv_send is None and not request.awaits_kv
+        # Every kind of request does: a reservation receives KV only for the positions
+        # past its cached prefix (its own slots), and a prompt whose KV is sent out
+        # sends the cached part from the cache's slots.
+        return self.prefix_cache is not None
 
     def peek_prefix(self, request: Request) -> tuple[int, int]:
         """How many leading tokens of ``request`` would come from the cache, and how
@@ -78,6 +81,10 @@ class KVManager:
         request.num_slots = num_tokens
         request.num_cached_slots = num_cached
         request.num_computed_tokens = num_cached
+        if request.num_prompt_cached is None:  # first admission (not a resume)
+            request.num_prompt_cached = min(num_cached, request.num_prompt_tokens)
+            self.num_prompt_tokens += request.num_prompt_tokens
+            self.num_cached_prompt_tokens += request.num_prompt_cached
 
     def _take(self, num_slots: int) -> torch.Tensor:
         shortfall = num_slots - self.pool.num_free_slots

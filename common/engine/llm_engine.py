@@ -20,6 +20,7 @@ import torch
 from common.engine.config import EngineConfig
 from common.engine.connector import KVConnector, KVDone, KVRecvSpec, KVSendSpec, LayerChunk
 from common.engine.expert_parallel import ExpertParallelError
+from common.engine.grammar import GrammarCache
 from common.engine.model_config import ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.prefix_cache import PrefixCache
@@ -60,6 +61,8 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._sending: dict[str, Request] = {}  # prompt done, KV held until the send ends
         self._admitted: list[str] = []  # reservations admitted, not yet popped
+        mc = self.model_config
+        self.grammars = GrammarCache(config.model, mc.vocab_size, mc.eos_token_ids)
 
     def attach(self, connector: KVConnector) -> None:
         self.connector = connector
@@ -86,11 +89,17 @@ class LLMEngine:
         if kv_target is not None:
             if self.connector is None:
                 raise RequestError("this engine has no KV connector to send with")
+            if not 0 <= kv_target.skip_tokens < request.num_prompt_tokens:
+                raise RequestError(
+                    f"the receiver cannot hold {kv_target.skip_tokens} of the prompt's "
+                    f"{request.num_prompt_tokens} tokens: at least the last one is sent"
+                )
             try:
                 self.connector.start_send(request_id, kv_target)
             except ValueError as exc:
                 raise RequestError(str(exc)) from exc
             request.kv_send = kv_target
+            request.num_kv_sent = kv_target.skip_tokens
         if queue_timeout_s is not None:
             request.queue_deadline = time.monotonic() + queue_timeout_s
         self._queue(request)
@@ -139,17 +148,41 @@ class LLMEngine:
             receives = request.awaits_kv and request.kv_recv is not None
             running = request.status is RequestStatus.RUNNING
             if receives and running and self.connector is not None:
-                slots = self.runner.table.req_to_token[request.row, : request.num_prompt_tokens]
-                self.connector.start_recv(
-                    request.request_id, slots, request.num_prompt_tokens, request.kv_recv
-                )
+                # The cached prefix is here already: only the rest comes.
+                slots = self._uncached_prompt_slots(request)
+                self.connector.start_recv(request.request_id, slots, slots.numel(), request.kv_recv)
             self._admitted.append(request.request_id)
         self.scheduler.newly_admitted.clear()
 
     def reserved_slots(self, request_id: str) -> torch.Tensor:
-        """Slots of an admitted reservation's prompt positions, int32 [num_prompt_tokens]."""
-        request = self._reservation(request_id)
-        return self.runner.table.req_to_token[request.row, : request.num_prompt_tokens]
+        """Slots of an admitted reservation's prompt positions that its KV must fill:
+        those past its cached prefix (``cached_prefix``), int32."""
+        return self._uncached_prompt_slots(self._reservation(request_id))
+
+    def cached_prefix(self, request_id: str) -> int:
+        """How many leading prompt tokens of an admitted request came from the prefix
+        cache (a reservation receives KV for the rest only); 0 if it is not here."""
+        request = self._requests.get(request_id)
+        return 0 if request is None else request.num_prompt_cached or 0
+
+    def _uncached_prompt_slots(self, request: Request) -> torch.Tensor:
+        start = request.num_cached_slots
+        return self.runner.table.req_to_token[request.row, start : request.num_prompt_tokens]
+
+    def take_cache_events(self) -> tuple[list[int], list[int]]:
+        """Names of the prefix blocks cached and evicted since the last call
+        (``PrefixCache.take_block_events``); nothing without a prefix cache."""
+        cache = self.scheduler.kv.prefix_cache
+        return ([], []) if cache is None else cache.take_block_events()
+
+    def cached_block_names(self) -> list[int]:
+        cache = self.scheduler.kv.prefix_cache
+        return [] if cache is None else cache.block_names()
+
+    @property
+    def num_available_slots(self) -> int:
+        """Free slots, and cached slots that no request uses (evicted on demand)."""
+        return self.scheduler.kv.num_available_slots
 
     def complete_reservation(
         self, request_id: str, first_token: int, logprobs: list[TokenLogprob] | None = None
@@ -173,7 +206,8 @@ class LLMEngine:
     @property
     def num_reserved_slots(self) -> int:
         """Slots held for KV in transit: reservations awaiting it, prompts being sent."""
-        awaiting = sum(r.num_slots for r in self.scheduler.running if r.awaits_kv)
+        running = self.scheduler.running
+        awaiting = sum(r.num_slots - r.num_cached_slots for r in running if r.awaits_kv)
         return awaiting + sum(r.num_slots for r in self._sending.values())
 
     @property
@@ -204,7 +238,10 @@ class LLMEngine:
             raise RequestError(f"{self.failure}; this engine takes no more requests")
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        return self.requests.build(request_id, prompt_token_ids, params, output_token_ids)
+        request = self.requests.build(request_id, prompt_token_ids, params, output_token_ids)
+        if params.grammar is not None:  # compiles while the request waits
+            request.grammar = self.grammars.start(request_id, params.grammar, output_token_ids)
+        return request
 
     def _queue(self, request: Request) -> None:
         self._requests[request.request_id] = request
@@ -253,6 +290,7 @@ class LLMEngine:
             request.num_output_tokens,
             error=error,
             retry=retry,
+            num_cached_tokens=request.num_prompt_cached or 0,
         )
 
     @property
@@ -287,7 +325,7 @@ class LLMEngine:
         ends with a retry-able error and the engine takes no more."""
         if self.failure is not None:
             return []
-        outputs = self._take_transfers()
+        outputs = self._without_broken_grammars(self._take_transfers())
         batch = self.scheduler.schedule()
         if self.expert_parallel is not None:
             try:
@@ -307,6 +345,7 @@ class LLMEngine:
             ids = ", ".join(r.request_id for r in batch.requests)
             logger.exception("a batch failed; failing all of its requests: %s", ids)
             return outputs + self._fail(batch.requests, exc)
+        outputs = self._without_broken_grammars(outputs)
         for output in outputs:
             request = self._requests.get(output.request_id)
             if output.finished:
@@ -344,11 +383,18 @@ class LLMEngine:
         if self.connector is None or not batch.is_prefill:
             return None
         table = self.runner.table.req_to_token
-        chunks = [
-            LayerChunk(r.request_id, start, table[r.row, start:end])
-            for r, start, end in zip(batch.requests, batch.starts, batch.ends, strict=True)
-            if r.kv_send is not None
-        ]
+        chunks = []
+        for request, end in zip(batch.requests, batch.ends, strict=True):
+            if request.kv_send is None or end <= request.num_kv_sent:
+                continue
+            # From where the last chunk ended (at first, where the receiver's cached
+            # prefix ends): a cached part of the prompt goes with the first chunk
+            # computed, its KV read from the cache's slots. Positions count from
+            # the first one sent.
+            start, skip = request.num_kv_sent, request.kv_send.skip_tokens
+            slots = table[request.row, start:end]
+            chunks.append(LayerChunk(request.request_id, start - skip, slots))
+            request.num_kv_sent = end
         if not chunks:
             return None
         connector = self.connector
@@ -360,7 +406,7 @@ class LLMEngine:
         self._sending[request.request_id] = request
         self.connector.finish_send(
             request.request_id,
-            request.num_prompt_tokens,
+            request.num_prompt_tokens - request.kv_send.skip_tokens,
             output.new_token_ids[0],
             output.new_logprobs,
         )
@@ -388,6 +434,21 @@ class LLMEngine:
                     outputs += self._transfer_failed(request_id, str(exc))
             elif not isinstance(event, KVDone):
                 outputs += self._transfer_failed(request_id, event.reason)
+        return outputs
+
+    def _without_broken_grammars(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Fail the requests whose grammar did not compile or refused a token; a token
+        such a request took in ``outputs`` is not reported."""
+        failed = self.grammars.take_failed()
+        if not failed:
+            return outputs
+        outputs = [o for o in outputs if o.request_id not in failed]
+        for request_id, reason in failed.items():
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._drop(request_id)  # wherever it is; one that ended this step holds nothing
+                self._requests.pop(request_id, None)
+                outputs.append(self._ended(request, FinishReason.ERROR, reason))
         return outputs
 
     def _transfer_failed(self, request_id: str, reason: str) -> list[RequestOutput]:

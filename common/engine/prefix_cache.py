@@ -7,6 +7,13 @@ match (which pins every node above it) and computes only the rest. Nodes that no
 request references are evictable, least recently used leaves first; since a
 reference pins a whole path, every unreferenced node lies in an unreferenced
 subtree, so all of them can be reached by evicting leaves.
+
+The cache also keeps the names of the whole blocks of tokens it holds
+(``common.wire.prefix_blocks``: chained hashes, one per BLOCK_TOKENS tokens from
+the root): each node keeps those of the blocks that end on its edge. Every
+block stored or evicted is noted (``take_block_events``), so a node can tell the
+control planes what it holds, and they route requests to the node that holds
+most of their prompt.
 """
 
 import heapq
@@ -15,10 +22,20 @@ import itertools
 import torch
 
 from common.engine.kv_pool import TokenKVPool
+from common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
 
 
 class PrefixNode:
-    __slots__ = ("children", "last_access", "parent", "ref_count", "slots", "token_ids")
+    __slots__ = (
+        "children",
+        "depth",
+        "hashes",
+        "last_access",
+        "parent",
+        "ref_count",
+        "slots",
+        "token_ids",
+    )
 
     def __init__(
         self, token_ids: list[int], slots: torch.Tensor, parent: "PrefixNode | None"
@@ -29,6 +46,10 @@ class PrefixNode:
         self.children: dict[int, PrefixNode] = {}  # by first token id
         self.ref_count = 0  # requests whose match ends here or below
         self.last_access = 0
+        # Tokens from the root to the end of this edge, and the names of the
+        # blocks that end on it (block ends in (depth - len, depth]).
+        self.depth = len(token_ids) + (parent.depth if parent is not None else 0)
+        self.hashes: list[int] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -58,6 +79,10 @@ class PrefixCache:
         self.num_cached_slots = 0  # slots owned by the tree
         self.num_locked_slots = 0  # of those, slots on a path some request references
         self._clock = itertools.count(1)
+        # Block names stored (True) or removed (False) since the last take, last word
+        # wins; noted only once someone takes them (a node publishing them).
+        self._block_events: dict[int, bool] = {}
+        self._noting_blocks = False
 
     @property
     def num_evictable_slots(self) -> int:
@@ -116,6 +141,9 @@ class PrefixCache:
         upper = PrefixNode(node.token_ids[:length], node.slots[:length], node.parent)
         upper.ref_count = node.ref_count
         upper.last_access = node.last_access
+        start = node.parent.depth
+        num_upper_blocks = (start + length) // BLOCK_TOKENS - start // BLOCK_TOKENS
+        upper.hashes, node.hashes = node.hashes[:num_upper_blocks], node.hashes[num_upper_blocks:]
         upper.children[node.token_ids[length]] = node
         node.parent.children[upper.token_ids[0]] = upper
         node.token_ids = node.token_ids[length:]
@@ -167,6 +195,8 @@ class PrefixCache:
             leaf.last_access = now
             node.children[token_ids[pos]] = leaf
             self.num_cached_slots += len(leaf)
+            leaf.hashes = block_hashes(token_ids)[pos // BLOCK_TOKENS :]
+            self._note_blocks(leaf.hashes, stored=True)
             # Nothing references a new leaf: its slots are evictable at once.
             node = leaf
         return num_existing, node
@@ -185,15 +215,41 @@ class PrefixCache:
             self.pool.free(leaf.slots[keep:])
             self.num_cached_slots -= take
             freed += take
+            start = leaf.depth - len(leaf)
+            num_kept_blocks = (start + keep) // BLOCK_TOKENS - start // BLOCK_TOKENS
+            self._note_blocks(leaf.hashes[num_kept_blocks:], stored=False)
             if keep:
                 leaf.token_ids = leaf.token_ids[:keep]
                 leaf.slots = leaf.slots[:keep]
+                leaf.depth = start + keep
+                leaf.hashes = leaf.hashes[:num_kept_blocks]
                 continue
             parent = leaf.parent
             del parent.children[leaf.token_ids[0]]
             if parent is not self.root and not parent.children and parent.ref_count == 0:
                 heapq.heappush(leaves, parent)
         return freed
+
+    # ---- block names ----
+
+    def _note_blocks(self, hashes: list[int], stored: bool) -> None:
+        if not self._noting_blocks:
+            return
+        for block in hashes:
+            self._block_events[block] = stored
+
+    def take_block_events(self) -> tuple[list[int], list[int]]:
+        """The names of the blocks stored and of those removed since the last call
+        (a block stored then removed in between counts as removed, and the reverse
+        as stored). The first call starts the noting."""
+        self._noting_blocks = True
+        events, self._block_events = self._block_events, {}
+        stored = [block for block, kept in events.items() if kept]
+        return stored, [block for block, kept in events.items() if not kept]
+
+    def block_names(self) -> list[int]:
+        """The names of every whole block the cache holds now."""
+        return [block for node in self._nodes() for block in node.hashes]
 
     def _nodes(self) -> list[PrefixNode]:
         """Every node but the root."""

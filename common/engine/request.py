@@ -9,6 +9,7 @@ from common.wire.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from common.engine.connector import KVRecvSpec, KVSendSpec
+    from common.engine.grammar import RequestGrammar
     from common.engine.prefix_cache import PrefixNode
 
 
@@ -50,6 +51,9 @@ class Request:
     # the path that ends at prefix_node (referenced while held); None: no cache used.
     num_cached_slots: int = 0
     prefix_node: "PrefixNode | None" = None
+    # Prompt tokens found in the prefix cache when it was first admitted (reported
+    # as the request's cached tokens; None until then).
+    num_prompt_cached: int | None = None
     is_prefilling: bool = False
     # A reservation: its prompt's KV is computed elsewhere and written into its slots
     # (under kv_recv), once admitted; it may wait in the queue until queue_deadline.
@@ -58,7 +62,10 @@ class Request:
     queue_deadline: float = float("inf")
     # Prefill only: the prompt's KV goes to kv_send; the request never decodes here.
     kv_send: "KVSendSpec | None" = None
+    num_kv_sent: int = 0  # prompt positions handed to the connector so far
     num_preemptions: int = 0
+    # Its output's grammar (params.grammar), advanced with every token it accepts.
+    grammar: "RequestGrammar | None" = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -107,6 +114,9 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     retry: bool = False  # an error of the KV hand-off, not of the request: others may succeed
+    # Prompt tokens this engine took from its prefix cache (set on the output that
+    # brings the first token, or a prefill's hand-off; 0 otherwise).
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.engine.grammar import apply_token_bitmask
 from kernels.exponential_race import MASK32, exponential_race, hash32
 
 
@@ -40,6 +41,8 @@ class SamplingBatch:
     # logit_bias: ids (-1 padded) and the biases added to their logits, (B, K) or None.
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
+    # Grammars: the allowed tokens of each row, 32 to an int32 (B, ceil(V / 32)), or None.
+    token_bitmask: torch.Tensor | None = None
     # Penalties: None when no request in the batch uses them.
     repetition_penalties: torch.Tensor | None = None  # (B,)
     presence_penalties: torch.Tensor | None = None  # (B,)
@@ -81,6 +84,8 @@ class Sampler:
             logits = self._apply_penalties(logits, batch)
         if batch.suppressed_ids is not None:
             logits = self._suppress(logits, batch.suppressed_ids)
+        if batch.token_bitmask is not None:
+            apply_token_bitmask(logits, batch.token_bitmask)
         tokens = logits.argmax(dim=-1)
         if not batch.all_greedy:
             sampled = self._sample(logits, batch)

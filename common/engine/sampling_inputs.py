@@ -2,13 +2,15 @@
 
 The settings of every sampled request go into two pinned host buffers and reach
 the device in two asynchronous copies, queued behind the forward pass, so the
-host builds the next inputs while the GPU still runs. The buffers are refilled
+host builds the next inputs while the GPU still runs; a grammar's token mask
+takes a third copy (``common/engine/grammar.py``). The buffers are refilled
 only after the step's one host sync (fetching the sampled tokens) has retired
 the copies out of them.
 """
 
 import torch
 
+from common.engine.grammar import TokenBitmask
 from common.engine.req_table import RequestTable
 from common.engine.request import Request
 from common.engine.sampler import SamplingBatch
@@ -22,6 +24,7 @@ class SamplingInputs:
         # rows: temperature, top_p, min_p / top_k, rng key, output step
         self._floats = torch.empty((3, max_num_reqs), dtype=torch.float32, pin_memory=pinned)
         self._ints = torch.empty((3, max_num_reqs), dtype=torch.int64, pin_memory=pinned)
+        self.token_bitmask = TokenBitmask(max_num_reqs, vocab_size, device)
 
     def build(self, requests: list[Request], table: RequestTable) -> SamplingBatch:
         num = len(requests)
@@ -70,6 +73,8 @@ class SamplingInputs:
             batch.bias_values = self._tensor([[b for _, b in r] for r in rows], torch.float32)
         if any(p.uses_penalties for p in params):
             self._add_penalties(batch, requests, table)
+        # Last: the host fills the grammars' masks while the device computes.
+        batch.token_bitmask = self.token_bitmask.fill(requests)
         return batch
 
     def _add_penalties(

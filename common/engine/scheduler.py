@@ -184,8 +184,9 @@ class Scheduler:
             request.num_computed_tokens = end
             if not samples:
                 continue
-            if request.is_prefilling:
-                # The prompt's KV is whole: others may share it from now on.
+            if request.is_prefilling and request.kv_send is None:
+                # The prompt's KV is whole: others may share it from now on. (KV being
+                # sent keeps its slots until the send ends: caching it could move it.)
                 self.kv.cache_computed(request)
             request.is_prefilling = False
             row = next(rows)
@@ -208,6 +209,8 @@ class Scheduler:
         self, request: Request, token: int, logprobs: list[TokenLogprob] | None
     ) -> RequestOutput:
         request.output_token_ids.append(token)
+        if request.grammar is not None:
+            request.grammar.accept(token)
         reason = self._finish_reason(request, token)
         if reason is not None:
             self._finish(request)
@@ -218,6 +221,7 @@ class Scheduler:
             reason,
             request.num_prompt_tokens,
             request.num_output_tokens,
+            num_cached_tokens=request.num_prompt_cached or 0,
         )
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -226,6 +230,8 @@ class Scheduler:
         # Stops cannot be sampled before min_new_tokens: the sampler masks them.
         if token in request.stop_token_ids:
             return FinishReason.STOP
+        if request.grammar is not None and request.grammar.is_terminated:
+            return FinishReason.STOP  # with ignore_eos: the grammar's own stop token
         if request.num_output_tokens >= request.max_new_tokens:
             return FinishReason.LENGTH
         return None

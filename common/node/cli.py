@@ -154,6 +154,13 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 "error and the node exits."
             ),
         ] = 10.0,
+        enable_prefix_caching: Annotated[
+            bool,
+            typer.Option(
+                help="Keep prompts' and finished requests' KV in a radix cache, so that "
+                "requests that share leading tokens reuse it (computed and sent once)."
+            ),
+        ] = True,
     ) -> None:
         def start() -> None:
             if not cluster_token:
@@ -172,6 +179,7 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 max_model_len,
                 gpu_memory_fraction,
             )
+            engine = replace(engine, enable_prefix_cache=enable_prefix_caching)
             if role == "prefill":  # it never decodes: no CUDA graphs to capture
                 engine = replace(engine, cuda_graph_max_batch=0)
             if ep_size > 1 or ep_rank or ep_init:

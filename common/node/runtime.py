@@ -90,6 +90,7 @@ def token_event(output: RequestOutput) -> TokenEvent:
         retry=output.retry,
         num_prompt_tokens=output.num_prompt_tokens,
         num_output_tokens=output.num_output_tokens,
+        num_cached_tokens=output.num_cached_tokens,
     )
 
 

@@ -26,11 +26,13 @@ from common.engine import EngineConfig, LLMEngine, RequestOutput
 from common.engine.connector.collective import CollectiveConnector
 from common.engine.connector.zeromq import LANES, ZmqConnector
 from common.engine.kv_transfer import kv_layout
+from common.node.cache_events import CacheEventPublisher
 from common.node.runtime import Leases, LoopClock, Publisher, RateMeter, drain, error_event
 from common.wire.auth import FleetKeys, same_secret, start_authenticator
 from common.wire.messages import (
     LEASE_RENEW_S,
     Abort,
+    CacheSync,
     Error,
     Health,
     HealthCheck,
@@ -115,6 +117,7 @@ class NodeServer(ABC):
         )
         self.engine.attach(self.connector)
         self.publisher = Publisher(self.control, config.node_id)
+        self.cache_events = CacheEventPublisher(self.engine, self.control, config.node_id)
         self.clients: dict[str, Client] = {}
         self.leases = Leases(config.lease_s)
         self._next_lease_check = 0.0
@@ -153,6 +156,7 @@ class NodeServer(ABC):
                 lost, self._unreachable = {*self._unreachable, *self.publisher.flush()}, set()
                 for origin in lost:
                     self._abort_origin(origin, "a control plane is gone or stopped reading")
+                self.cache_events.publish()
                 self.current = self.status()
                 self.clock.tick()
         finally:
@@ -195,6 +199,8 @@ class NodeServer(ABC):
             return  # that is all a Lease says
         if isinstance(message, HealthCheck):
             send(self.control, identity, self._health(message.call_id))
+        elif isinstance(message, CacheSync):
+            self.cache_events.subscribe(identity)
         elif isinstance(message, Abort):
             self._on_abort(message)
         elif not self.handle(identity, message):
@@ -287,6 +293,7 @@ class NodeServer(ABC):
         reserved, prefilling, decoding, sending its KV) and free its KV; returns
         their ids."""
         self.leases.forget(origin)
+        self.cache_events.forget(origin)
         lost = [rid for rid, c in self.clients.items() if c.origin == origin]
         if not lost:
             return lost
@@ -303,8 +310,9 @@ class NodeServer(ABC):
 
     def status(self) -> NodeStatus:
         engine = self.engine
+        kv = engine.scheduler.kv
         stats = NodeStats(
-            num_free_slots=engine.pool.num_free_slots,
+            num_free_slots=engine.num_available_slots,
             num_reserved_slots=engine.num_reserved_slots,
             num_running=engine.num_running,
             num_queued=engine.num_waiting,
@@ -312,6 +320,9 @@ class NodeServer(ABC):
             tokens_per_s=self.tokens_per_s.rate(),
             loop_age_s=self.clock.age_s,
             num_preemptions=engine.scheduler.num_preemptions,
+            num_cached_slots=0 if kv.prefix_cache is None else kv.prefix_cache.num_cached_slots,
+            num_prompt_tokens=kv.num_prompt_tokens,
+            num_cached_prompt_tokens=kv.num_cached_prompt_tokens,
         )
         group = self.config.engine.expert_parallel
         return NodeStatus(

@@ -21,7 +21,10 @@ from common.wire.sampling_params import SamplingParams
 
 # 3: the Lease; a node of 3 aborts the requests of a control plane that stops
 # renewing it, so it must not serve a control plane of 2, which never does.
-PROTOCOL_VERSION = 3
+# 4: prefix caching: Reserved says how much of the prompt the decode node holds,
+# a Prefill's target sends only the rest; cache events (CacheSync, CacheEvents);
+# SamplingParams.grammar (a node of 3 would ignore it and sample unconstrained).
+PROTOCOL_VERSION = 4
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_QUEUE_TIMEOUT_S = 3600.0
 MAX_KV_TIMEOUT_S = 600.0
@@ -104,20 +107,32 @@ Transport = Annotated[str, msgspec.Meta(max_length=16)]  # "zmq", "nccl" or "glo
 
 
 class Reserved(Message, tag="reserved"):
+    """Slots are held. The decode node has the KV of the prompt's first
+    ``num_cached_tokens`` tokens already (its prefix cache): only the rest comes."""
+
     call_id: CallId
     request_id: Id
     kv_endpoint: Endpoint
     layout: KVLayout
     kv_transport: Transport = "zmq"  # how the receiver takes KV tensors
+    num_cached_tokens: Count = 0
+
+    def target(self) -> "KVTarget":
+        """Where the prefill node sends this reservation's KV, and what it skips."""
+        return KVTarget(self.kv_endpoint, self.layout, self.kv_transport, self.num_cached_tokens)
 
 
 # ---- control plane -> prefill node ----
 
 
 class KVTarget(msgspec.Struct, frozen=True):
+    """Where a prompt's KV goes; the receiver holds its first ``skip_tokens``
+    already (its Reserved's ``num_cached_tokens``), so they are not sent."""
+
     endpoint: Endpoint
     layout: KVLayout
     transport: Transport = "zmq"
+    skip_tokens: Count = 0
 
 
 class Prefill(Message, tag="prefill"):
@@ -172,7 +187,8 @@ class KVGroupReady(Message, tag="kv_group_ready"):
 
 
 class PrefillDone(Message, tag="prefill_done"):
-    """All layers sent; the first generated token."""
+    """All layers sent; the first generated token. ``num_prompt_tokens`` counts the
+    positions sent (the prompt less the receiver's cached prefix)."""
 
     request_id: Id
     secret: Secret
@@ -201,6 +217,7 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     retry: bool = False
     num_prompt_tokens: Count = 0
     num_output_tokens: Count = 0
+    num_cached_tokens: Count = 0  # prompt tokens the sender's prefix cache held
 
 
 class Tokens(Message, tag="tokens"):
@@ -233,7 +250,8 @@ class Lease(Message, tag="lease"):
 
 
 class NodeStats(msgspec.Struct, kw_only=True):
-    """A node's load, refreshed by its loop; sent in heartbeats and health answers."""
+    """A node's load, refreshed by its loop; sent in heartbeats and health answers.
+    Free slots include cached KV that no request uses (it is evicted on demand)."""
 
     num_free_slots: Count
     num_reserved_slots: Count  # held for KV in transit
@@ -243,6 +261,11 @@ class NodeStats(msgspec.Struct, kw_only=True):
     tokens_per_s: float
     loop_age_s: float = 0.0  # since the serving loop last went round
     num_preemptions: Count = 0  # requests paused for KV room since the node started
+    # Prefix cache: slots it holds now; prompt tokens admitted since the node
+    # started, and how many of those came from the cache.
+    num_cached_slots: Count = 0
+    num_prompt_tokens: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] = 0
+    num_cached_prompt_tokens: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)] = 0
 
 
 class NodeStatus(msgspec.Struct, kw_only=True):
@@ -271,6 +294,30 @@ class NodeStatus(msgspec.Struct, kw_only=True):
         fields = msgspec.structs.asdict(self)
         del fields["layout"], fields["stats"]
         return fields
+
+
+# ---- prefix cache events (node -> control plane) ----
+
+BlockHash = int  # 64-bit signed (msgpack carries no wider integer)
+MAX_BLOCK_HASHES = 1 << 16  # per message; a larger snapshot takes several
+
+
+class CacheSync(Message, tag="cache_sync"):
+    """A control plane asks for the names of every block this node's prefix cache
+    holds (``common.wire.prefix_blocks``), then for news of each change."""
+
+
+class CacheEvents(Message, tag="cache_events"):
+    """Blocks the node's prefix cache stored and removed since its last message to
+    this control plane. ``seq`` counts this node's messages to it from 0, so a gap
+    says one was lost (then it asks again with CacheSync). ``reset``: the first
+    message of a snapshot; forget what this node said before."""
+
+    node_id: Id
+    seq: Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+    reset: bool = False
+    stored: Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_BLOCK_HASHES)] = []
+    removed: Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_BLOCK_HASHES)] = []
 
 
 class Health(Message, tag="health"):
@@ -303,6 +350,8 @@ AnyMessage = (
     | Abort
     | HealthCheck
     | Lease
+    | CacheSync
+    | CacheEvents
     | Health
     | Error
 )

@@ -1,11 +1,32 @@
 """How one request wants its tokens chosen; validated where it is made."""
 
+from typing import Annotated, Literal
+
 import msgspec
 
 INT32_LIMIT = 1 << 31
 SEED_LIMIT = 1 << 63
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API allows
+MAX_GRAMMAR_CHARS = 1 << 20  # a schema, regex or grammar: far below a message's limit
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A constraint on the output, compiled by each node that samples the request
+    (``common/grammar.py`` says what each kind means).
+
+    ``json_schema``: ``text`` is a JSON Schema; ``json_object``: any JSON object
+    (``text`` empty); ``regex``; ``ebnf`` (xgrammar's EBNF, rule ``root``);
+    ``structural_tag``: xgrammar's structural tag, as JSON."""
+
+    kind: Literal["json_schema", "json_object", "regex", "ebnf", "structural_tag"]
+    text: Annotated[str, msgspec.Meta(max_length=MAX_GRAMMAR_CHARS)] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "json_object" and self.text:
+            raise ValueError("a json_object grammar takes no text")
+        if self.kind != "json_object" and not self.text:
+            raise ValueError(f"a {self.kind} grammar needs its text")
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -16,6 +37,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ``seed`` makes the request's random choices depend on nothing else.
     ``logit_bias``: (token id, bias in [-100, 100]) pairs added to the logits
     before anything else (penalties, masks, temperature), as OpenAI's API does.
+    ``grammar``: only tokens that keep the output within it may be sampled, and
+    the request stops once the grammar is complete.
     """
 
     max_new_tokens: int = 16
@@ -32,6 +55,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +118,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             (
                 all(-100 <= b <= 100 for _, b in self.logit_bias),
                 "logit_bias values must be in [-100, 100]",
+            ),
+            (
+                # Holding back the stop tokens could leave a complete grammar nothing to allow.
+                self.grammar is None or self.min_new_tokens == 0,
+                "min_new_tokens cannot be combined with a grammar",
             ),
         ]
         for ok, message in checks:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from common.tokenizer import encode_chat
-from common.wire.sampling_params import SamplingParams
+from common.wire.sampling_params import GrammarSpec, SamplingParams
 from controlplane.api.errors import (
     NO_NODE_RETRY_AFTER_S,
     OpenAIError,
@@ -32,6 +32,8 @@ from controlplane.openai_schemas import (
     TokenizeRequest,
 )
 from controlplane.shutdown import EndedByShutdown, Shutdown
+from controlplane.structured import check_tool_schemas, requested_grammar
+from controlplane.tool_calls import ToolCallReader, ToolPlan, plan_tools, template_messages
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[ApiKey])
@@ -102,26 +104,33 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     _check_model(body, state)
     if body.echo:
         raise OpenAIError(400, "echo is not supported", "echo")
+    grammar = await requested_grammar(body)
     prompts = await _completion_prompts(body, state)
-    return await _serve(request, state, body, prompts, body.max_tokens, body.logprobs, chat=False)
+    return await _serve(
+        request, state, body, prompts, body.max_tokens, body.logprobs, chat=False, grammar=grammar
+    )
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     _check_model(body, state)
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-        for m in body.messages
-    ]
+    tools = plan_tools(body, state.tokenizer.chat_template)
+    if tools is not None:
+        await check_tool_schemas(tools.parameters)
+    grammar = await requested_grammar(body, tools and tools.grammar)
+    messages = template_messages(body.messages)
+    tool_list = tools and tools.tools
     try:  # off the event loop: a long conversation takes seconds to template and encode
-        prompt = await asyncio.to_thread(encode_chat, state.tokenizer, messages)
+        prompt = await asyncio.to_thread(encode_chat, state.tokenizer, messages, tool_list)
     except Exception as exc:  # a template may reject a conversation (roles out of order)
         raise OpenAIError(
             400, f"the chat template rejected the messages: {exc}", "messages"
         ) from exc
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
-    return await _serve(request, state, body, [prompt], max_tokens, top, chat=True)
+    return await _serve(
+        request, state, body, [prompt], max_tokens, top, chat=True, grammar=grammar, tools=tools
+    )
 
 
 def _check_model(body: SamplingFields, state: AppState) -> None:
@@ -154,6 +163,8 @@ async def _serve(
     max_tokens: int | None,
     logprobs: int | None,
     chat: bool,
+    grammar: GrammarSpec | None = None,
+    tools: ToolPlan | None = None,
 ) -> JSONResponse | StreamingResponse:
     max_len = await state.fleet.max_model_len()
     if max_len is None:
@@ -195,13 +206,14 @@ async def _serve(
             )
         for n_index in range(candidates):
             index = p_index * candidates + n_index
-            params = _sampling_params(body, max_tokens or room, scored, n_index)
+            params = _sampling_params(body, max_tokens or room, scored, n_index, grammar)
             choices.append(
                 Choice(index, f"{response_id}-{index}", prompt, params, body.stop_strings)
             )
     shutdown: Shutdown = request.app.state.shutdown
     emitter = _Emitter(state, shutdown, response_id, chat, body, prompts)
     emitter.candidates, emitter.wants_logprobs = candidates, logprobs is not None
+    emitter.tools = tools
     if body.stream:
         # The response starts only once every choice holds decode slots, so a request
         # that cannot be served gets a plain HTTP error, never an error inside a 200.
@@ -267,7 +279,11 @@ async def _until_admitted(
 
 
 def _sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, n_index: int
+    body: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    n_index: int,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     # The nodes need a seed so decode continues prefill's random stream; choice i of
     # a seeded request uses seed + i, so n > 1 gives different yet repeatable texts.
@@ -288,6 +304,7 @@ def _sampling_params(
             stop_token_ids=tuple(body.stop_token_ids),
             ignore_eos=body.ignore_eos,
             logit_bias=body.logit_bias_pairs,
+            grammar=grammar,
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
@@ -315,13 +332,25 @@ class _Emitter:
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
+        self.cached_tokens: dict[int, int] = {}  # by prompt
+        self.tools: ToolPlan | None = None  # read each chat choice's output for tool calls
+        self._readers: dict[int, ToolCallReader] = {}
 
     def usage(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
         }
+
+    def _note_cached(self, delta: Delta) -> None:
+        """Prompt tokens a node took from its prefix cache, counted once per prompt
+        (its choices share it: the most any of them found)."""
+        if delta.num_cached_tokens:
+            prompt = delta.index // self.candidates
+            cached = max(self.cached_tokens.get(prompt, 0), delta.num_cached_tokens)
+            self.cached_tokens[prompt] = cached
 
     def _envelope(self, chunk: bool) -> dict:
         kind = (
@@ -348,6 +377,7 @@ class _Emitter:
                 texts[delta.index] += delta.text
                 logprobs[delta.index] += delta.logprobs
                 self.completion_tokens += len(delta.token_ids)
+                self._note_cached(delta)
                 if delta.finish_reason:
                     reasons[delta.index] = delta.finish_reason
         except (NoCapacityError, RequestRejected) as exc:
@@ -363,7 +393,10 @@ class _Emitter:
                 "finish_reason": reasons.get(c.index, "abort"),
                 "logprobs": self._logprobs(logprobs[c.index]) if self.wants_logprobs else None,
             }
-            if self.chat:
+            if self.chat and self.tools is not None:
+                message = self.tools.reader().message(texts[c.index], entry["finish_reason"])
+                entry["message"], entry["finish_reason"] = message
+            elif self.chat:
                 entry["message"] = {"role": "assistant", "content": texts[c.index]}
             else:
                 entry["text"] = texts[c.index]
@@ -412,6 +445,7 @@ class _Emitter:
                     )
             async for delta in deltas:
                 self.completion_tokens += len(delta.token_ids)
+                self._note_cached(delta)
                 if delta.error is not None:
                     yield self._sse(error_body(502, f"generation failed: {delta.error}"))
                     continue
@@ -419,6 +453,10 @@ class _Emitter:
                 held += delta.logprobs
                 if not delta.text and not delta.finish_reason:
                     continue  # a partial character or a held-back stop prefix: wait
+                if self.chat and self.tools is not None:
+                    for chunk in self._tool_chunks(delta, held, wants_logprobs, include_usage):
+                        yield chunk
+                    continue
                 lp = self._logprobs(held) if wants_logprobs else None
                 held_logprobs[delta.index] = []
                 entry = {"index": delta.index, "logprobs": lp, "finish_reason": delta.finish_reason}
@@ -439,6 +477,19 @@ class _Emitter:
         if include_usage:
             yield self._sse({**self._envelope(True), "choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
+
+    def _tool_chunks(
+        self, delta: Delta, held: list, wants_logprobs: bool, include_usage: bool
+    ) -> list[str]:
+        """Chunks of a choice read for tool calls; the held logprobs go with the first."""
+        reader = self._readers.setdefault(delta.index, self.tools.reader())
+        chunks = []
+        for part, reason in reader.feed(delta.text, delta.finish_reason):
+            lp = self._logprobs(held) if wants_logprobs and held else None
+            held.clear()
+            entry = {"index": delta.index, "logprobs": lp, "finish_reason": reason, "delta": part}
+            chunks.append(self._sse(self._chunk(entry, include_usage)))
+        return chunks
 
     def _chunk(self, entry: dict, include_usage: bool) -> dict:
         chunk = {**self._envelope(True), "choices": [entry]}

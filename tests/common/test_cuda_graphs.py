@@ -58,7 +58,7 @@ def test_graph_decode_matches_transformers_and_eager(tiny_model) -> None:
     prompts = random_prompts(lengths, engine.model_config.vocab_size)
     greedy_prompts = prompts[::2]
     assert graphed[::2] == hf_greedy(model_dir, greedy_prompts)
-    assert engine.pool.num_free_slots == engine.pool.num_slots
+    assert engine.num_available_slots == engine.pool.num_slots
     assert engine.runner.table.num_free_rows == engine.runner.table.max_num_reqs
 
 

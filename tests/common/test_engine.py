@@ -77,7 +77,7 @@ def test_continuous_batching_matches_transformers_greedy(tiny_model, arch, optio
     tokens = run_staggered(engine, prompts, GREEDY, ARRIVALS)
     for i, want in enumerate(expected):
         assert tokens[f"r{i}"] == want, f"request {i} (prompt of {LENGTHS[i]} tokens)"
-    assert engine.pool.num_free_slots == engine.pool.num_slots
+    assert engine.num_available_slots == engine.pool.num_slots
 
 
 def test_paused_requests_resume_with_the_same_tokens(tiny_model):
@@ -95,7 +95,7 @@ def test_paused_requests_resume_with_the_same_tokens(tiny_model):
     params = [GREEDY] * 4 + sampled
     tokens = run_staggered(engine, prompts, params, [0] * 8)
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to run out"
-    assert engine.pool.num_free_slots == 200
+    assert engine.num_available_slots == 200
     expected = hf_greedy(model_dir, prompts[:4])
     roomy = run_staggered(make_engine(model_dir), prompts, params, [0] * 8)
     for i in range(8):
@@ -161,7 +161,7 @@ def test_too_long_prompt_is_refused_while_others_run(tiny_model):
     # max_new_tokens is capped by the context: 64 - 20 prompt tokens.
     assert finished["ok-2"].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
     assert finished["ok-2"].num_output_tokens <= 44
-    assert engine.pool.num_free_slots == engine.pool.num_slots
+    assert engine.num_available_slots == engine.pool.num_slots
 
 
 def test_stops_lengths_logprobs_and_eos(tiny_model):
@@ -203,10 +203,11 @@ def test_abort_frees_slots_at_once(tiny_model):
     assert engine.pool.num_used_slots == 30 + 40 + 2 * 2
     out = engine.abort("a")
     assert out.finish_reason == FinishReason.ABORT and out.num_output_tokens == 3
-    assert engine.pool.num_used_slots == 40 + 2
+    # What "a" computed may stay cached, but no request holds it: it is available.
+    assert engine.num_available_slots == 512 - (40 + 2)
     assert engine.abort("a") is None
     engine.abort("b")
-    assert engine.pool.num_free_slots == 512 and not engine.has_unfinished()
+    assert engine.num_available_slots == 512 and not engine.has_unfinished()
 
 
 def test_thousand_requests_with_random_aborts_leak_nothing(tiny_model):
@@ -214,7 +215,7 @@ def test_thousand_requests_with_random_aborts_leak_nothing(tiny_model):
         tiny_model("mistral"), num_kv_slots=1500, max_num_reqs=64, max_prefill_tokens=256
     )
     rng = random.Random(0)
-    initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
+    initial_free, initial_rows = engine.num_available_slots, engine.runner.table.num_free_rows
     live: set[str] = set()
     finished = aborted = 0
     for i in range(1000):
@@ -240,8 +241,12 @@ def test_thousand_requests_with_random_aborts_leak_nothing(tiny_model):
                 live.discard(out.request_id)
                 finished += 1
     assert not live and finished + aborted == 1000
-    assert engine.pool.num_free_slots == initial_free
-    assert sorted(engine.pool.free_slots().tolist()) == list(range(1500))
+    assert engine.num_available_slots == initial_free
+    # Every slot is free or cached (once), and no cached one is referenced.
+    cache = engine.scheduler.kv.prefix_cache
+    held = engine.pool.free_slots().tolist() + cache.cached_slots().tolist()
+    assert sorted(held) == list(range(1500))
+    assert not any(cache.ref_counts())
     assert engine.runner.table.num_free_rows == initial_rows
 
 
@@ -261,7 +266,7 @@ def test_penalties_run_past_the_vocabulary_size(tiny_model, kind):
     sampled = SamplingParams(temperature=1.0, seed=3, max_new_tokens=vocab + 20, **penalty)
     long_prompt = SamplingParams(temperature=0, max_new_tokens=8, min_new_tokens=8, **penalty)
     prompts = random_prompts([10, 30, vocab + 50], vocab)
-    initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
+    initial_free, initial_rows = engine.num_available_slots, engine.runner.table.num_free_rows
     finished = {}
     for i, params in enumerate((long_output, sampled, long_prompt)):
         engine.add_request(f"r{i}", prompts[i], params)
@@ -273,7 +278,7 @@ def test_penalties_run_past_the_vocabulary_size(tiny_model, kind):
     assert finished["r0"].num_output_tokens == vocab + 20
     assert finished["r1"].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
     assert finished["r2"].num_output_tokens == 8
-    assert engine.pool.num_free_slots == initial_free
+    assert engine.num_available_slots == initial_free
     assert engine.runner.table.num_free_rows == initial_rows
     if kind == "repetition":
         # transformers penalizes the same prompt + output tokens.
@@ -310,7 +315,7 @@ def test_a_failing_batch_fails_only_its_requests(tiny_model, monkeypatch, caplog
     arrivals = [0, 3, 0]  # r1's prompt runs alone, while the others decode
     expected = run_staggered(make_engine(model_dir), prompts, GREEDY, arrivals)
     engine = make_engine(model_dir)
-    initial_free, initial_rows = engine.pool.num_free_slots, engine.runner.table.num_free_rows
+    initial_free, initial_rows = engine.num_available_slots, engine.runner.table.num_free_rows
     run = engine.runner.run
 
     def faulty_run(batch, kv_saved=None):
@@ -328,20 +333,20 @@ def test_a_failing_batch_fails_only_its_requests(tiny_model, monkeypatch, caplog
         assert outputs[rid][-1].finish_reason == FinishReason.LENGTH
     logged = [r for r in caplog.records if r.exc_info]
     assert len(logged) == 1 and "injected fault" in str(logged[0].exc_info[1])
-    assert engine.pool.num_free_slots == initial_free
+    assert engine.num_available_slots == initial_free
     assert engine.runner.table.num_free_rows == initial_rows
     # The failed id is free again, and the engine still serves it.
     monkeypatch.setattr(engine.runner, "run", run)
     engine.add_request("r1", prompts[1], GREEDY)
     while engine.has_unfinished():
         engine.step()
-    assert engine.pool.num_free_slots == initial_free
+    assert engine.num_available_slots == initial_free
 
 
 def test_a_failed_decode_batch_fails_all_of_its_requests(tiny_model, monkeypatch):
     model_dir = tiny_model("llama")
     engine = make_engine(model_dir)
-    initial_free = engine.pool.num_free_slots
+    initial_free = engine.num_available_slots
     prompts = random_prompts([9, 15], 400, seed=6)
     engine.add_request("short", prompts[0], SamplingParams(temperature=0, max_new_tokens=3))
     engine.add_request("long", prompts[1], GREEDY)
@@ -358,7 +363,7 @@ def test_a_failed_decode_batch_fails_all_of_its_requests(tiny_model, monkeypatch
     assert {o.request_id for o in outputs} == {"short", "long"}
     assert all(o.finish_reason == FinishReason.ERROR for o in outputs)
     assert all(o.error.startswith("internal error while running this request: ") for o in outputs)
-    assert not engine.has_unfinished() and engine.pool.num_free_slots == initial_free
+    assert not engine.has_unfinished() and engine.num_available_slots == initial_free
     monkeypatch.setattr(engine.runner, "run", run)
     assert engine.generate([prompts[1]], GREEDY) == make_engine(model_dir).generate(
         [prompts[1]], GREEDY
@@ -367,7 +372,7 @@ def test_a_failed_decode_batch_fails_all_of_its_requests(tiny_model, monkeypatch
 
 def test_bad_reservation_calls_are_refused_per_request(tiny_model):
     engine = make_engine(tiny_model("llama"))
-    initial_free = engine.pool.num_free_slots
+    initial_free = engine.num_available_slots
     prompt = random_prompts([10], 400, seed=7)[0]
     params = SamplingParams(temperature=0, max_new_tokens=4)
     engine.reserve("x", prompt, params)
@@ -389,7 +394,7 @@ def test_bad_reservation_calls_are_refused_per_request(tiny_model):
         engine.step()
     with pytest.raises(RequestError, match="'x' holds no reservation"):
         engine.complete_reservation("x", 5)
-    assert engine.pool.num_free_slots == initial_free
+    assert engine.num_available_slots == initial_free
 
 
 class FakeClock:
@@ -433,7 +438,7 @@ def test_a_local_request_admission_is_reported_once_even_when_paused(tiny_model,
         assert engine.expire_waiting() == []
     assert sorted(reported) == ids
     assert engine.scheduler.num_preemptions > 0, "the pool was meant to run out"
-    assert engine.pool.num_free_slots == 200
+    assert engine.num_available_slots == 200
     assert [tokens[i] for i in ids] == make_engine(model_dir).generate(prompts, params)
 
 
@@ -447,17 +452,17 @@ def test_a_local_request_past_its_queue_timeout_is_expired_holding_nothing(tiny_
     engine.step()  # "big" runs; "late" does not fit beside it
     assert engine.pop_admitted() == []
     assert engine.expire_waiting() == []  # not yet past its deadline
-    free = engine.pool.num_free_slots
+    free = engine.num_available_slots
     clock.now = 6.0
     assert engine.expire_waiting() == ["late"]
-    assert engine.pool.num_free_slots == free  # it held nothing, and gave nothing back
+    assert engine.num_available_slots == free  # it held nothing, and gave nothing back
     assert engine.num_waiting == 0 and engine.abort("late") is None
     outputs = []
     while engine.has_unfinished():
         outputs += engine.step()
     assert {o.request_id for o in outputs} == {"big"} and outputs[-1].finished
     assert engine.pop_admitted() == [] and engine.expire_waiting() == []
-    assert engine.pool.num_free_slots == 64
+    assert engine.num_available_slots == 64
     engine.add_request("late", late, GREEDY, queue_timeout_s=5.0)  # its id is free again
     engine.step()
     assert engine.pop_admitted() == ["late"]
@@ -499,7 +504,7 @@ def test_a_resumed_request_continues_exactly_where_it_stopped(tiny_model, params
     for cut in (1, 7, len(whole) - 1):
         rest = run_one(engine, f"resumed-{cut}", prompt, params, whole[:cut])
         assert whole[:cut] + rest == whole, cut
-    assert engine.pool.num_free_slots == 2048
+    assert engine.num_available_slots == 2048
 
 
 def test_a_resumed_request_that_cannot_go_on_is_refused(tiny_model):

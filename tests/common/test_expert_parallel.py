@@ -79,7 +79,7 @@ def member(
         expert_parallel=ep_config(size, rank, port),
     )
     engine = LLMEngine(config)
-    initial_free = engine.pool.num_free_slots
+    initial_free = engine.num_available_slots
     mine = [(step, rid, prompt) for step, r, rid, prompt in arrivals if r == rank]
     last_arrival = max(step for step, *_ in arrivals)
     tokens: dict[str, list[int]] = {rid: [] for _, rid, _ in mine}
@@ -113,7 +113,7 @@ def member(
             "rank": rank,
             "tokens": tokens,
             "errors": errors,
-            "free": engine.pool.num_free_slots,
+            "free": engine.num_available_slots,
             "initial_free": initial_free,
             "failure": engine.failure,
             "refused": refused,

@@ -71,13 +71,16 @@ def devices() -> tuple[str, str]:
     return DEVICE, DEVICE
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    model = tiny_model("llama")
+def make_engines(model: str, cache: bool) -> tuple[LLMEngine, LLMEngine, LLMEngine]:
+    """A sender, a receiver and an in-process reference."""
 
     def engine(device: str, max_prefill_tokens: int) -> LLMEngine:
         config = EngineConfig(
-            model=model, device=device, num_kv_slots=SLOTS, max_prefill_tokens=max_prefill_tokens
+            model=model,
+            device=device,
+            num_kv_slots=SLOTS,
+            max_prefill_tokens=max_prefill_tokens,
+            enable_prefix_cache=cache,
         )
         cuda = device.startswith("cuda")
         with torch.cuda.device(device) if cuda else contextlib.nullcontext():
@@ -88,6 +91,17 @@ def engines(tiny_model):
     return engine(sender, 16), engine(receiver, 512), engine(receiver, 512)
 
 
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    # The transport's own behaviour: no prefix cache, so every prompt moves whole.
+    return make_engines(tiny_model("llama"), cache=False)
+
+
+@pytest.fixture(scope="module")
+def cached_engines(tiny_model):
+    return make_engines(tiny_model("llama"), cache=True)
+
+
 class Pair:
     def __init__(self, sender: LLMEngine, receiver: LLMEngine, make) -> None:
         self.sender, self.receiver = sender, receiver
@@ -96,6 +110,7 @@ class Pair:
         receiver.attach(make(receiver, layout_of(receiver), True))
         self.outputs: dict[str, list] = {}  # both engines'
         self.received: dict[str, list[int]] = {}  # tokens the receiver emitted
+        self.skips: dict[str, int] = {}  # prompt tokens each reservation holds already
 
     @property
     def endpoint(self) -> str:
@@ -106,14 +121,19 @@ class Pair:
         self.receiver.reserve(request_id, prompt, GREEDY, spec)
         self.receiver.admit_reservations()
         assert request_id in self.receiver.pop_admitted()
+        # As a decode node's Reserved says: the prefix its cache holds is not sent.
+        self.skips[request_id] = self.receiver.cached_prefix(request_id)
 
-    def spec(self, endpoint: str | None = None, timeout_s: float = 2.0) -> KVSendSpec:
+    def spec(
+        self, endpoint: str | None = None, timeout_s: float = 2.0, skip_tokens: int = 0
+    ) -> KVSendSpec:
         """Where the sender sends, over what the receiver takes tensors over."""
         transport = self.receiver.connector.transport
-        return KVSendSpec(endpoint or self.endpoint, SECRET, timeout_s, transport)
+        return KVSendSpec(endpoint or self.endpoint, SECRET, timeout_s, transport, skip_tokens)
 
     def send(self, request_id: str, prompt: list[int], endpoint: str | None = None) -> None:
-        self.sender.add_request(request_id, prompt, GREEDY, self.spec(endpoint))
+        spec = self.spec(endpoint, skip_tokens=self.skips.get(request_id, 0))
+        self.sender.add_request(request_id, prompt, GREEDY, spec)
 
     def step(self) -> None:
         for engine in (self.sender, self.receiver):
@@ -148,7 +168,7 @@ class Pair:
     def settle(self) -> None:
         """Step until both pools hold nothing, then close the connectors."""
         self.run_until(
-            lambda: all(e.pool.num_free_slots == SLOTS for e in (self.sender, self.receiver))
+            lambda: all(e.num_available_slots == SLOTS for e in (self.sender, self.receiver))
         )
         for engine in (self.sender, self.receiver):
             assert not engine.has_unfinished()
@@ -156,15 +176,24 @@ class Pair:
             engine.attach(None)
 
 
-@pytest.fixture(params=sorted(TRANSPORTS))
-def pair(request, engines):
+def pair_of(transport: str, engines: tuple[LLMEngine, LLMEngine, LLMEngine]):
     sender, receiver, _ = engines
     same_gpu = sender.pool.device == receiver.pool.device and sender.pool.device.type == "cuda"
-    if request.param == "collective" and same_gpu:
+    if transport == "collective" and same_gpu:
         pytest.skip("NCCL needs the two ranks on two GPUs")
-    pair = Pair(sender, receiver, TRANSPORTS[request.param])
+    pair = Pair(sender, receiver, TRANSPORTS[transport])
     yield pair
     pair.settle()  # every test leaves both pools exactly as it found them
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def pair(request, engines):
+    yield from pair_of(request.param, engines)
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def cached_pair(request, cached_engines):
+    yield from pair_of(request.param, cached_engines)
 
 
 def prompt(n: int, offset: int = 0) -> list[int]:
@@ -345,3 +374,59 @@ def test_free_slots_are_counted_by_the_pool():
     assert pool.num_free_slots == 11
     pool.free(slots)
     assert pool.num_free_slots == 16
+
+
+def test_only_what_the_receiver_lacks_is_sent(cached_pair, cached_engines, monkeypatch):
+    """Delta-only transfer: the receiver's cached prefix is not sent, whatever the
+    sender's own cache holds (more, less or the same); the tokens stay exact."""
+    pair, reference = cached_pair, cached_engines[2]
+    sent: dict[str, int] = {}  # positions each request's transfer carried, per layer 0
+    save_layer = pair.sender.connector.save_layer
+
+    def counting(layer: int, chunks: list[LayerChunk]) -> None:
+        for chunk in chunks if layer == 0 else []:
+            sent[chunk.request_id] = sent.get(chunk.request_id, 0) + chunk.slots.numel()
+        save_layer(layer, chunks)
+
+    monkeypatch.setattr(pair.sender.connector, "save_layer", counting)
+    for engine in (pair.sender, pair.receiver):  # the engines serve every transport's run
+        engine.scheduler.kv.prefix_cache.evict(SLOTS)
+    tag = 50
+    system = prompt(40, tag)
+    first = system + prompt(9, tag + 1)
+    # Turn 1: nobody holds anything. Turn 2 shares 40 tokens with it (both caches hold
+    # them). Then the receiver alone holds a prefix (the sender's cache is emptied),
+    # and then the sender alone (a prompt the receiver never saw, after one only
+    # the sender computed).
+    turns = {
+        "t1": first,
+        "t2": system + prompt(12, tag + 2),
+        "recv-only": system + prompt(7, tag + 3),
+    }
+    expected_skip = {"t1": 0, "t2": 40, "recv-only": 40}
+    for request_id, tokens in turns.items():
+        if request_id == "recv-only":
+            pair.sender.scheduler.kv.prefix_cache.evict(SLOTS)
+        pair.reserve(request_id, tokens)
+        assert pair.skips[request_id] == expected_skip[request_id]
+        pair.send(request_id, tokens)
+        pair.run_until(lambda r=request_id: pair.decoded(r) is not None)
+        assert sent[request_id] == len(tokens) - expected_skip[request_id]
+    # The sender holds a prefix the receiver does not: it is read from the cache.
+    other = prompt(30, tag + 4) + prompt(5, tag + 5)
+    pair.reserve("send-only-warm", other)
+    pair.send("send-only-warm", other)
+    pair.run_until(lambda: pair.decoded("send-only-warm") is not None)
+    pair.receiver.scheduler.kv.prefix_cache.evict(SLOTS)
+    again = other[:30] + prompt(6, tag + 6)
+    pair.reserve("send-only", again)
+    assert pair.skips["send-only"] == 0
+    pair.send("send-only", again)
+    pair.run_until(lambda: pair.decoded("send-only") is not None)
+    sender_cached = [o.num_cached_tokens for o in pair.outputs["send-only"] if o.new_token_ids]
+    assert sender_cached[0] >= 30 and sent["send-only"] == len(again)
+    turns |= {"send-only-warm": other, "send-only": again}
+    with on_device(reference):
+        expected = reference.generate(list(turns.values()), GREEDY)
+    for (request_id, _), want in zip(turns.items(), expected, strict=True):
+        assert pair.tokens(request_id) == want, request_id

@@ -38,7 +38,7 @@ def test_last_position_logits_match_transformers(tiny_model, arch, options):
         theirs = torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in prompts])
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-4
-    assert engine.pool.num_free_slots == 1024
+    assert engine.num_available_slots == 1024
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -30,7 +30,7 @@ def test_continuous_batching_matches_transformers_greedy(tiny_model, arch):
     tokens = run_staggered(engine, prompts, GREEDY, ARRIVALS)
     for i, want in enumerate(expected):
         assert tokens[f"r{i}"] == want, f"request {i} (prompt of {LENGTHS[i]} tokens)"
-    assert engine.pool.num_free_slots == engine.pool.num_slots
+    assert engine.num_available_slots == engine.pool.num_slots
 
 
 @pytest.mark.parametrize(

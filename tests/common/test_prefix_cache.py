@@ -7,6 +7,7 @@ import torch
 from common.engine import EngineConfig, LLMEngine
 from common.engine.kv_pool import TokenKVPool
 from common.engine.prefix_cache import PrefixCache
+from common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
 from common.wire.sampling_params import SamplingParams
 from tests.conftest import DEVICE
 
@@ -49,6 +50,20 @@ def assert_pool_consistent(engine: LLMEngine) -> None:
     owned = torch.cat([pool.free_slots(), cache.cached_slots()]).sort().values
     # Every slot is free or cached, and none is both or cached twice.
     assert torch.equal(owned.cpu(), torch.arange(pool.num_slots, dtype=torch.int32))
+    assert_block_names(cache)
+
+
+def assert_block_names(cache: PrefixCache) -> None:
+    """Each node names exactly the whole blocks that end on its edge, as a control
+    plane would name them from the tokens of the path."""
+    stack = [(child, []) for child in cache.root.children.values()]
+    while stack:
+        node, above = stack.pop()
+        path = above + node.token_ids
+        assert node.depth == len(path)
+        first = (len(above)) // BLOCK_TOKENS
+        assert node.hashes == block_hashes(path)[first:]
+        stack += [(child, path) for child in node.children.values()]
 
 
 def test_tree_splits_pins_and_evicts_least_recent_first():
@@ -143,7 +158,12 @@ def test_random_traffic_with_aborts_and_eviction_leaks_nothing(tiny_model):
 
     # A pool a few prompts large: the cache evicts all the time, and requests pause.
     engine = make_engine(model_dir, cache=True, num_kv_slots=256, max_num_reqs=16)
+    engine.take_cache_events()  # as a node does: from now on, changes are noted
     got = run(engine, jobs, aborts)
+    # What a control plane following the events would hold is what the cache holds.
+    stored, removed = engine.take_cache_events()
+    assert not set(stored) & set(removed)
+    assert set(stored) == set(engine.cached_block_names())
     assert engine.scheduler.num_preemptions > 0
     # Far more tokens than the pool went through it: the cache filled it and evicted.
     assert engine.pool.num_free_slots < engine.pool.num_slots // 4

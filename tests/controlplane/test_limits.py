@@ -170,10 +170,10 @@ def test_health_answers_while_a_large_chat_body_is_tokenized(client, monkeypatch
     held_until_health: list[bool] = []
     encode_chat = openai.encode_chat
 
-    def held_encode_chat(tokenizer, messages):
+    def held_encode_chat(tokenizer, messages, *more):
         started.set()
         held_until_health.append(health_answered.wait(timeout=10))
-        return encode_chat(tokenizer, messages)
+        return encode_chat(tokenizer, messages, *more)
 
     monkeypatch.setattr(openai, "encode_chat", held_encode_chat)
     content = "hello world " * (3 * 1024 * 1024 // 12)  # 3 MiB, under the limit

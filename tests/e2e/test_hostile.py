@@ -17,7 +17,6 @@ from common.wire.auth import FleetKeys
 from common.wire.messages import (
     HealthCheck,
     KVLayer,
-    KVTarget,
     PrefillDone,
     Reserve,
     encode,
@@ -149,9 +148,7 @@ def test_a_member_without_the_secret_cannot_inject_into_or_abort_a_request(fleet
             intruder.open_stream("v1")
             for node in (decode_node, prefill):
                 await intruder.abort(node.control, "v1")
-            await victim.prefill(
-                prefill.control, "v1", prompt, params, KVTarget(reserved.kv_endpoint, layout)
-            )
+            await victim.prefill(prefill.control, "v1", prompt, params, reserved.target())
             events = [e async for e in victim.events("v1", timeout=30)]
             return expected, ack, ack_done, events
 

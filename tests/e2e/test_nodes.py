@@ -140,7 +140,7 @@ def test_abort_mid_stream_frees_both_pools(model, pair):
                 "long",
                 prompt,
                 params,
-                KVTarget(reserved.kv_endpoint, reserved.layout),
+                reserved.target(),
             )
             received, last = 0, None
             async for event in client.events("long"):
@@ -353,7 +353,7 @@ def test_killing_the_prefill_node_mid_transfer_ends_requests_with_an_error(
                     request_id,
                     prompt,
                     params,
-                    KVTarget(reserved.kv_endpoint, reserved.layout),
+                    reserved.target(),
                 )
             prefill.kill()
             finals = []

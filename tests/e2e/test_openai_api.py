@@ -304,9 +304,9 @@ def test_admin_api_metrics_and_a_second_control_plane(fleet, client):
     "extra, named, says",
     [
         ({"suffix": "tail"}, "suffix", "fill-in-the-middle"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calls"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "chat/completions"),
         ({"frobnicate": 1}, "frobnicate", "does not implement it"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "text"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema is given"),
         ({"best_of": 2, "n": 3}, "best_of", "at least n"),
         ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
         ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),

@@ -33,6 +33,9 @@ class KVSendSpec:
     secret: str
     timeout_s: float
     transport: str = "zmq"  # what the receiver takes tensors over (its ``transport``)
+    # Leading prompt tokens whose KV the receiver holds already (its prefix cache):
+    # only positions from there on are sent, and the transfer counts them from 0.
+    skip_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class KVRecvSpec:
 
 @dataclass(frozen=True)
 class LayerChunk:
-    """Positions [start, start + len(slots)) of one request, just written to a layer."""
+    """Positions [start, start + len(slots)) of one request's transfer, just written
+    to a layer; the transfer's position 0 is the first prompt position sent
+    (``KVSendSpec.skip_tokens``)."""
 
     request_id: str
     start: int

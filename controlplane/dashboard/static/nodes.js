@@ -18,6 +18,9 @@ function figures(node, now) {
     running: stats.num_running ?? 0,
     queued: stats.num_queued ?? 0,
     tokens_per_s: stats.tokens_per_s ?? 0,
+    // Share of the prompt tokens admitted since the node started found in its prefix cache.
+    cache_hit_rate: stats.num_prompt_tokens ? stats.num_cached_prompt_tokens / stats.num_prompt_tokens : 0,
+    cached_tokens: stats.num_cached_prompt_tokens ?? 0,
     heartbeat_age: now - node.last_heartbeat,
     status_rank: STATUS_ORDER[node.status] ?? 9,
   };
@@ -109,7 +112,7 @@ export class NodesTable {
     remove.addEventListener("click", () =>
       this.ask(nodeId, "remove", `Remove ${nodeId}? It leaves the fleet and stops at its next heartbeat.`),
     );
-    const cells = Array.from({ length: 10 }, () => h("td"));
+    const cells = Array.from({ length: 11 }, () => h("td"));
     const actions = h("td", { class: "actions" }, drain, undrain, remove);
     const tr = h("tr", { dataset: { nodeId } }, cells, actions);
     return { tr, cells, drain, undrain };
@@ -131,8 +134,11 @@ export class NodesTable {
       c[i].className = "num";
       c[i].title = row.status === "dead" ? "dead: its last heartbeat's figures are not shown" : "";
     }
-    c[9].textContent = age(row.heartbeat_age);
+    c[9].textContent = row.live ? percent(row.cache_hit_rate) : "–";
     c[9].className = "num";
+    c[9].title = row.live ? `${row.cached_tokens} prompt tokens from the prefix cache` : "";
+    c[10].textContent = age(row.heartbeat_age);
+    c[10].className = "num";
     tr.className = row.status;
     drain.disabled = row.status !== "ready";
     drain.hidden = DRAINED.includes(row.status);

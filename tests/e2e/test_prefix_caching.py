@@ -1,0 +1,132 @@
+"""Prefix caching through the fleet: cache-aware routing, delta-only KV transfer,
+and ``cached_tokens`` in the usage, on two prefill and two decode nodes."""
+
+import asyncio
+import random
+import re
+
+import httpx
+import pytest
+
+from common.engine import EngineConfig, LLMEngine
+from common.tiny import write_tiny_checkpoint
+from common.tokenizer import encode_chat, load_tokenizer
+from common.wire.sampling_params import SamplingParams
+from tests.e2e.fleet import API_KEY, LocalFleet
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+PREFIX_TOKENS = 64  # four blocks of the routing's names
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "qwen2"))
+
+
+@pytest.fixture(scope="module")
+def fleet(model):
+    fleet = LocalFleet(model).start(prefill=2, decode=2)
+    yield fleet
+    fleet.stop()
+
+
+def metric(fleet: LocalFleet, name: str) -> float:
+    """The sum of a metric's samples on the control plane's /metrics."""
+    text = httpx.get(f"{fleet.url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+async def complete(client: httpx.AsyncClient, url: str, prompt: list[int], **extra) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0, **extra}
+    reply = await client.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_repeated_prefixes_go_where_they_are_cached(fleet, model):
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(3, 390) for _ in range(PREFIX_TOKENS)] for _ in range(4)]
+
+    def prompt() -> list[int]:  # a shared prefix, then a question of its own
+        return [rng.randrange(3, 390) for _ in range(8)]
+
+    async def main() -> tuple[list[list[dict]], list[list[int]]]:
+        rounds, prompts = [], []
+        async with httpx.AsyncClient() as client:
+            for _ in range(6):  # the first round is cold; each later one repeats them all
+                batch = [p + prompt() for p in prefixes]
+                prompts.append(batch)
+                rounds.append(
+                    await asyncio.gather(*(complete(client, fleet.url, p) for p in batch))
+                )
+        return rounds, prompts
+
+    rounds, prompts = asyncio.run(main())
+    cold = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in rounds[0]]
+    assert cold == [0, 0, 0, 0]
+    repeats = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for b in rounds[1:] for r in b]
+    hits = sum(cached >= PREFIX_TOKENS for cached in repeats)
+    assert hits >= 0.95 * len(repeats), f"cached tokens of the repeats: {repeats}"
+    assert all(cached < PREFIX_TOKENS + 8 for cached in repeats)  # never the question
+    # The cache changed no token: the replies are the in-process engine's.
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", enable_prefix_cache=False))
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    tokenizer = load_tokenizer(model)
+    for batch, replies in zip(prompts[-2:], rounds[-2:], strict=True):
+        for tokens, reply in zip(engine.generate(batch, params), replies, strict=True):
+            assert reply["choices"][0]["text"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    # The nodes count their hits: both prefill nodes served and hit.
+    nodes = fleet.admin("GET", "/admin/nodes").json()
+    prefill = [n["stats"] for n in nodes if n["role"] == "prefill"]
+    assert all(s["num_cached_prompt_tokens"] >= PREFIX_TOKENS for s in prefill)
+    assert metric(fleet, "lightpd_node_prefix_cache_hits_total") >= sum(repeats)
+
+    # The streamed usage says it too.
+    async def streamed() -> dict:
+        body = {
+            "model": "tiny",
+            "prompt": prefixes[0] + prompt(),
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with (
+            httpx.AsyncClient() as client,
+            client.stream(
+                "POST", f"{fleet.url}/v1/completions", json=body, headers=HEADERS, timeout=60
+            ) as reply,
+        ):
+            lines = [line async for line in reply.aiter_lines() if line.startswith("data: {")]
+        import json
+
+        return json.loads(lines[-1][6:])["usage"]
+
+    usage = asyncio.run(streamed())
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= PREFIX_TOKENS
+
+
+def test_a_chat_turn_sends_only_its_new_tokens(fleet, model):
+    """Turn k lands on the decode node that served turn k-1, which holds the
+    conversation so far: only the new tokens' KV moves."""
+    tokenizer = load_tokenizer(model)
+    messages = [{"role": "system", "content": "You answer about kernels and GPUs. " * 3}]
+    previous_prompt = 0
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"Question {turn}: how fast is decode?"})
+        before = metric(fleet, "lightpd_kv_transfer_tokens_total")
+        reply = httpx.post(
+            f"{fleet.url}/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0},
+            headers=HEADERS,
+            timeout=60,
+        ).json()
+        sent = metric(fleet, "lightpd_kv_transfer_tokens_total") - before
+        prompt = reply["usage"]["prompt_tokens"]
+        assert prompt == len(encode_chat(tokenizer, messages))
+        if turn == 0:
+            assert sent == prompt
+        else:
+            # At most what this turn added (the reply, re-rendered, and the question).
+            assert 0 < sent <= prompt - previous_prompt, (turn, sent, prompt, previous_prompt)
+        previous_prompt = prompt
+        messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
