@@ -101,6 +101,7 @@ def bench(
     )
     progress = report.ProgressView(console, workload.num_requests, label)
     runner: Runner | None = None
+    before: dict[str, float] | None = None  # the server's counters when the run starts
 
     async def go() -> list:
         nonlocal runner
@@ -108,6 +109,8 @@ def bench(
         try:
             runner = Runner(client, load, progress.update)
             await runner.warm_up(warmup_workload)
+            nonlocal before
+            before = await asyncio.to_thread(_server_counters, url)  # the run's alone
             progress.restart()
             return await runner.run(workload)
         finally:
@@ -119,8 +122,14 @@ def bench(
         raise fail(str(exc)) from exc
     finally:
         progress.stop()
+    after = _server_counters(url)
+    server = None
+    if before is not None and after is not None:
+        server = {name: after[name] - before.get(name, 0.0) for name in after}
     total_wall_s = time.perf_counter() - command_started
-    summary = summarize(records, slo=slo_ms, wall_s=runner.wall_s, total_wall_s=total_wall_s)
+    summary = summarize(
+        records, slo=slo_ms, wall_s=runner.wall_s, total_wall_s=total_wall_s, server=server
+    )
     console.print(f"{label}: {name} at {client_config.url}", highlight=False)
     console.print(report.summary_table(summary))
     for line in report.error_lines(summary):
@@ -149,6 +158,27 @@ def bench(
             console.print(f"wrote {path}")
     if summary.num_completed == 0:
         raise typer.Exit(1)
+
+
+SERVER_COUNTERS = ("lightpd_kv_transfer_tokens_total", "lightpd_kv_transfer_bytes_total")
+
+
+def _server_counters(url: str) -> dict[str, float] | None:
+    """The counters of a lightpd server's /metrics that the report shows (summed over
+    their labels); None when the server has no such page (another server)."""
+    try:
+        reply = httpx.get(f"{url}/metrics", timeout=10)
+    except httpx.TransportError:
+        return None
+    if reply.status_code != 200:
+        return None
+    counters: dict[str, float] = {}
+    for line in reply.text.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.split("{", 1)[0]
+        if name in SERVER_COUNTERS:
+            counters[name] = counters.get(name, 0.0) + float(value)
+    return counters or None
 
 
 def _served_model(url: str, api_key: str | None) -> str:

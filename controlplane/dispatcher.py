@@ -1,10 +1,11 @@
 """One generation through the fleet: reserve on a decode node, prefill, stream tokens.
 
 The prompt is computed on a prefill node, which hands its KV to the decode node,
-unless it is short (at most ``local_prefill_tokens``) or no prefill node can
-take it: then the decode node computes it itself (its Reserve says
-``prefill_here``), so a fleet without prefill nodes is a colocated one, and one
-whose prefill nodes all died keeps serving.
+unless what the decode node's prefix cache does not hold of it is short (at most
+``local_prefill_tokens``) or no prefill node can take it: then the decode node
+computes it itself (its Reserve says ``prefill_here``), so a fleet without
+prefill nodes is a colocated one, and one whose prefill nodes all died keeps
+serving.
 
 A request waits, in order, in its decode node's queue until slots free up (up to
 ``queue_timeout_s``); past that bound, or when ``max_queued`` requests of this
@@ -281,8 +282,12 @@ class Dispatcher:
         decode = await self.fleet.pick("decode", tried, len(tokens), overlap)
         if decode is None:
             raise NoCapacityError("no ready decode node can take the request", 5)
+        # What the decode node would compute itself: the part of the prompt its prefix
+        # cache does not hold (a chat's next turn, a shared system prompt).
+        uncached = len(tokens) - (overlap(decode) if overlap else 0)
+        local = self.settings.local_prefill_tokens
         prefill = None
-        if not resume and len(tokens) > self.settings.local_prefill_tokens:
+        if not resume and not (local > 0 and uncached <= local):
             prefill = await self.fleet.pick("prefill", tried, len(tokens), overlap)
         if overlap is not None:
             for node in (decode, prefill):
@@ -354,7 +359,9 @@ class Dispatcher:
                     prefill,
                 )
                 # Only what the decode node's cache does not hold moves.
-                self.metrics.kv_transfer_tokens.inc(len(prompt) - reserved.num_cached_tokens)
+                moved = len(prompt) - reserved.num_cached_tokens
+                self.metrics.kv_transfer_tokens.inc(moved)
+                self.metrics.kv_transfer_bytes.inc(moved * reserved.layout.bytes_per_token)
             watched = list(nodes)
             before_first_token = True
             transferring = False

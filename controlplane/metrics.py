@@ -74,6 +74,10 @@ class Metrics:
             "lightpd_kv_transfer_tokens",
             "Prompt tokens whose KV went from a prefill node to a decode node",
         ).labels(model_name)
+        self.kv_transfer_bytes = counter(
+            "lightpd_kv_transfer_bytes",
+            "Bytes of KV sent from prefill nodes to decode nodes",
+        ).labels(model_name)
         self.registry.register(_NodeCollector(nodes))
         self.registry.register(_FleetCollector(nodes, model_name))
 

@@ -39,9 +39,10 @@ class Settings(BaseSettings):
     kv_timeout_s: float = Field(30.0, gt=0, le=600)  # admitted, until its KV is complete
     token_timeout_s: float = 120.0  # longest silence of a running request
     max_attempts: int = 3  # failed tries on live nodes (busy, failed hand-offs) per request
-    # Prompts of at most this many tokens are prefilled on their decode node, which
-    # saves the hand-off where it costs more than it spares; 0: only when no
-    # prefill node can take the request (a fleet without any is colocated). 128 from
+    # Prompts of which at most this many tokens are not in their decode node's prefix
+    # cache are prefilled on that node, which saves the hand-off where it costs more
+    # than it spares (a short prompt, or a long one whose start the node holds); 0:
+    # only when no prefill node can take the request (a fleet without any is colocated). 128 from
     # the two-H200 figures (docs/benchmarks.md, issue 13): the hand-off adds 6-16 ms
     # to a first token whatever the prompt's length, while 128 tokens of an 8B model
     # take about 3.5 ms of a decode step (a 512-token prompt prefilled locally shows

@@ -59,6 +59,12 @@ class KVLayout(msgspec.Struct, frozen=True):
     num_kv_heads: Count
     head_dim: Count
 
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token over every layer."""
+        width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 1)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * width
+
     def describe_mismatch(self, other: "KVLayout") -> str | None:
         diffs = [
             f"{field}: {getattr(self, field)!r} here, {getattr(other, field)!r} there"

@@ -138,6 +138,8 @@ class StreamClient:
             record.usage_reported = True
             record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
             record.output_tokens = usage.get("completion_tokens", 0)
+            details = usage.get("prompt_tokens_details") or {}
+            record.cached_tokens = details.get("cached_tokens") or 0
 
 
 def _error_message(text: str) -> str:

@@ -147,6 +147,11 @@ class Summary:
     wall_s: float | None = None  # the measured run by the runner's clock (after warm-up)
     total_wall_s: float | None = None  # the whole command: set-up, warm-up and the run
     errors: dict[str, int] = field(default_factory=dict)  # see ``error_counts``
+    total_cached_tokens: int = 0  # prompt tokens the servers' prefix caches held
+    # From the server's /metrics over the run (None when it does not say): KV sent
+    # from prefill to decode nodes.
+    kv_transfer_tokens: int | None = None
+    kv_transfer_bytes: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -163,7 +168,9 @@ def summarize(
     slo: dict[str, float] | None = None,
     wall_s: float | None = None,
     total_wall_s: float | None = None,
+    server: dict[str, float] | None = None,
 ) -> Summary:
+    """``server``: counters read from the server's /metrics over the run."""
     done = [r for r in records if r.ok]
     duration = run_duration(records) if duration_s is None else duration_s
     per_s = (lambda x: x / duration) if duration > 0 else (lambda x: math.nan)
@@ -194,7 +201,14 @@ def summarize(
         wall_s=wall_s,
         total_wall_s=total_wall_s,
         errors=error_counts(records),
+        total_cached_tokens=sum(r.cached_tokens for r in done),
+        kv_transfer_tokens=_counter(server, "lightpd_kv_transfer_tokens_total"),
+        kv_transfer_bytes=_counter(server, "lightpd_kv_transfer_bytes_total"),
     )
+
+
+def _counter(server: dict[str, float] | None, name: str) -> int | None:
+    return None if server is None or name not in server else int(server[name])
 
 
 _BUCKETS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)

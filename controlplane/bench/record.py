@@ -27,6 +27,7 @@ class RequestRecord:
     planned_prompt_tokens: int = 0
     planned_output_tokens: int = 0
     usage_reported: bool = False
+    cached_tokens: int = 0  # of the prompt, from a prefix cache (the usage's details)
     error: str | None = None
     output_text: str = ""
 

@@ -31,7 +31,16 @@ def _rows(summary: Summary) -> list[tuple[str, float, str]]:
         ("input throughput (tok/s)", summary.input_throughput, ".1f"),
         ("output throughput (tok/s)", summary.output_throughput, ".1f"),
         ("total throughput (tok/s)", summary.total_token_throughput, ".1f"),
+        ("cached prompt tokens (prefix caches)", summary.total_cached_tokens, "d"),
+        ("cached share of prompt tokens", _share(summary.total_cached_tokens, summary), ".3f"),
     ]
+    if summary.kv_transfer_tokens is not None:
+        per_request = summary.kv_transfer_bytes / max(1, summary.num_completed) / 1e6
+        rows += [
+            ("prompt tokens sent prefill -> decode", summary.kv_transfer_tokens, "d"),
+            ("sent share of prompt tokens", _share(summary.kv_transfer_tokens, summary), ".3f"),
+            ("KV sent per request (MB)", per_request, ".2f"),
+        ]
     if summary.goodput is not None:
         slo = ",".join(f"{k}={v:g}" for k, v in (summary.slo or {}).items())
         rows += [
@@ -43,6 +52,10 @@ def _rows(summary: Summary) -> list[tuple[str, float, str]]:
         for stat in ("mean", "p50", "p90", "p99"):
             rows.append((f"{name} {stat} (ms)", getattr(dist, stat), ".2f"))
     return rows
+
+
+def _share(tokens: int, summary: Summary) -> float:
+    return tokens / summary.total_input_tokens if summary.total_input_tokens else math.nan
 
 
 def _fmt(value: float, fmt: str) -> str:

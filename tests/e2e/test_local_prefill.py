@@ -28,7 +28,9 @@ def model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def engine(model) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=model, device="cpu", num_kv_slots=4096))
+    # The reference computes every prompt whole (no prefix cache).
+    config = EngineConfig(model=model, device="cpu", num_kv_slots=4096, enable_prefix_cache=False)
+    return LLMEngine(config)
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +157,19 @@ def test_short_prompts_stay_on_the_decode_node_and_long_ones_go_through_prefill(
     assert (record["prefill_node"], record["decode_node"]) == (decode, decode)
     assert "transferring" not in states(record)
 
-    assert ask_chat(mixed, LONG, 16, SEEDED) == want(engine, long, 16, SEEDED)
+    reply, _ = ask_chat(mixed, LONG, 16, SEEDED)
+    assert (reply, _) == want(engine, long, 16, SEEDED)
     record = latest_request(mixed)
     assert (record["prefill_node"], record["decode_node"]) == (prefill, decode)
+
+    # The next turn is long too, but the decode node holds all of it but the reply and
+    # the new question (its prefix cache): it computes that part itself.
+    turn = [*LONG, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}]
+    tokens = encode_chat(tokenizer, turn)
+    assert len(tokens) - len(long) <= LOCAL_PREFILL_TOKENS < len(tokens)
+    assert ask_chat(mixed, turn, 8, SEEDED) == want(engine, tokens, 8, SEEDED)
+    record = latest_request(mixed)
+    assert (record["prefill_node"], record["decode_node"]) == (decode, decode)
     # ("transferring" is not asserted: the prefill node's word that the prompt is done
     # and the decode node's first token come over two connections, and the first token
     # may be read first, which skips that state.)
@@ -167,18 +179,19 @@ def test_a_fleet_whose_prefill_node_died_keeps_serving(mixed, engine):
     tokenizer = load_tokenizer(mixed.model)
     decode = node_id(mixed, "decode")
     victim = next(n for n in mixed.nodes if n.role == "prefill")
-    long = encode_chat(tokenizer, LONG)
+    fresh = [{"role": "user", "content": "Hello world! How are you today? " * 8}]  # uncached
+    long = encode_chat(tokenizer, fresh)
     victim.kill()
     # Sent at once, while the registry still lists the prefill node as ready: the
     # attempt there fails when the node is found dead, and the decode node prefills.
-    assert ask_chat(mixed, LONG, 16, GREEDY) == want(engine, long, 16, GREEDY)
+    assert ask_chat(mixed, fresh, 16, GREEDY) == want(engine, long, 16, GREEDY)
     record = latest_request(mixed)
     assert record["prefill_node"] == decode and record["attempts"] == 2
     mixed.wait_for(
         lambda nodes: {n["node_id"]: n["status"] for n in nodes}[victim.node_id] == "dead"
     )
     for sampling, stream in ((GREEDY, True), (SEEDED, False)):
-        assert ask_chat(mixed, LONG, 16, sampling, stream) == want(engine, long, 16, sampling)
+        assert ask_chat(mixed, fresh, 16, sampling, stream) == want(engine, long, 16, sampling)
         record = latest_request(mixed)
         assert record["prefill_node"] == record["decode_node"] == decode
         assert record["state"] in ("decoding", "finished")
