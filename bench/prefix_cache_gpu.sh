@@ -4,7 +4,9 @@
 #   bash bench/prefix_cache_gpu.sh OUT_DIR
 # A Llama-3.1-8B-shaped random bf16 checkpoint (bench/serving_model.py, kept in
 # MODEL_DIR), a fleet of 1 prefill + 1 decode node over NCCL on DEVICES, and for each
-# of CACHES (on: the nodes' default; off: --no-enable-prefix-caching) two `lightctl
+# of CACHES (on: the nodes' default; off: --no-enable-prefix-caching; on-local: on, and
+# a prompt of which at most LOCAL_TOKENS are not in its decode node's cache is
+# prefilled there, without a hand-off; otherwise every prompt is handed off) two `lightctl
 # bench` runs:
 #   shared: NUM_SHARED completions whose prompts start with the same SHARED_LEN tokens,
 #           then INPUT_LEN of their own, at RATE_SHARED requests/s;
@@ -19,7 +21,7 @@
 : "${SHARED_LEN:=2048}" "${INPUT_LEN:=256}" "${OUTPUT_LEN:=64}" "${NUM_SHARED:=128}"
 : "${RATE_SHARED:=8}" "${CONVERSATIONS:=32}" "${CHAT_INPUT_LEN:=128}"
 : "${CHAT_OUTPUT_LEN:=128}" "${RATE_CHAT:=2}" "${MAX_MODEL_LEN:=4096}"
-: "${PREFILL_SLOTS:=98304}" "${DECODE_SLOTS:=196608}" "${SMALL:=}"
+: "${PREFILL_SLOTS:=98304}" "${DECODE_SLOTS:=196608}" "${SMALL:=}" "${LOCAL_TOKENS:=384}"
 : "${MODEL_DIR:=/tmp/lightpd-serving-model${SMALL:+-small}}"
 set -uo pipefail
 out=${1:?usage: bench/prefix_cache_gpu.sh OUT_DIR}
@@ -58,11 +60,15 @@ inner='set -e
     --output-len "$CHAT_OUTPUT_LEN" --label "chat-$CACHE" --out "$OUT/chat-$CACHE.json"'
 status=0
 for cache in $CACHES; do
-  flag=""
+  flag="" setting=LIGHTPD_LOCAL_PREFILL_TOKENS=0
   [[ $cache == off ]] && flag="--no-enable-prefix-caching"
+  # on-local: a prompt of which at most LOCAL_TOKENS are not in the decode node's cache
+  # is prefilled there, with no hand-off.
+  [[ $cache == on-local ]] && setting=LIGHTPD_LOCAL_PREFILL_TOKENS=$LOCAL_TOKENS
   step "fleet, cache $cache: 1 prefill + 1 decode node over NCCL on $DEVICES"
   CACHE=$cache python3 -m bench.serving_fleet --model "$MODEL_DIR" --devices "$DEVICES" \
     --prefill-nodes 1 --decode-nodes 1 --kv-transport nccl --logs "$out/logs-$cache" \
+    --setting "$setting" \
     --prefill-args "--num-kv-slots $PREFILL_SLOTS --max-model-len $MAX_MODEL_LEN $flag" \
     --decode-args "--num-kv-slots $DECODE_SLOTS --max-model-len $MAX_MODEL_LEN $flag" \
     -- bash -c "$inner" 2>&1 | tee "$out/fleet-$cache.log" \
@@ -71,9 +77,11 @@ for cache in $CACHES; do
 done
 step "summary"
 for kind in shared chat; do
-  [[ -f $out/$kind-on.json && -f $out/$kind-off.json ]] || continue
-  python3 -m controlplane.cli_bench --compare "$out/$kind-on.json" "$out/$kind-off.json" \
-    | tee -a "$out/summary.md"
+  for on in on on-local; do
+    [[ -f $out/$kind-$on.json && -f $out/$kind-off.json ]] || continue
+    python3 -m controlplane.cli_bench --compare "$out/$kind-$on.json" "$out/$kind-off.json" \
+      | tee -a "$out/summary.md"
+  done
 done
 step "done"
 exit "$status"

@@ -187,6 +187,13 @@ def main() -> None:
     parser.add_argument(
         "--expert-parallel", action="store_true", help="the decode nodes form one group (MoE)"
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="LIGHTPD_NAME=VALUE",
+        help="a control-plane setting (repeatable); LIGHTPD_LOCAL_PREFILL_TOKENS is 0 unless set",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.cpu_of:
@@ -210,6 +217,7 @@ def main() -> None:
         decode_args=(*shlex.split(args.decode_args), "--kv-transport", args.kv_transport),
         log_dir=args.logs,
         expert_parallel=args.expert_parallel,
+        settings=dict(setting.split("=", 1) for setting in args.setting),
     )
     try:
         fleet.start(prefill=args.prefill_nodes, decode=args.decode_nodes)
