@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call in this, not minutes
 REDIS_REPLY_TIMEOUT_S = 10.0
 LAST_WRITES_S = 2.0  # at exit, for request states that wait for Redis
+FOLLOW_CACHES_S = 1.0  # how often the registry is looked at for nodes to subscribe to
 API_PREFIX = "/v1"
 
 
@@ -182,6 +183,20 @@ async def _cancelled(task: asyncio.Task | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def _follow_caches(fleet: Fleet, client: NodeClient) -> None:
+    """Subscribe to the prefix-cache events of every node in the registry as it
+    appears (not at its first request), so this control plane routes as the
+    others do from its first request on."""
+    while True:
+        try:
+            for node in await fleet.nodes():
+                if node.status != "dead":
+                    client.follow_cache(node.control_endpoint, node.node_id)
+        except Exception:  # the registry unreadable for now: next round
+            logger.debug("could not follow the nodes' caches", exc_info=True)
+        await asyncio.sleep(FOLLOW_CACHES_S)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -205,11 +220,18 @@ def create_app(settings: Settings) -> FastAPI:
                 model_fingerprint=fingerprint,
             )
             flusher = asyncio.create_task(timeseries.run())
+            follower = None
+            if settings.cache_aware_routing:
+                follower = asyncio.create_task(_follow_caches(fleet, node_client))
             try:
                 yield
             finally:
-                flusher.cancel()
-                await asyncio.gather(flusher, return_exceptions=True)
+                for task in (flusher, follower):
+                    if task is not None:
+                        task.cancel()
+                await asyncio.gather(
+                    *(t for t in (flusher, follower) if t is not None), return_exceptions=True
+                )
                 await _last_request_writes(store, LAST_WRITES_S)
         await client.aclose()
 

@@ -4,6 +4,7 @@ and ``cached_tokens`` in the usage, on two prefill and two decode nodes."""
 import asyncio
 import random
 import re
+import time
 
 import httpx
 import pytest
@@ -43,9 +44,13 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: list[int], **ext
     return reply.json()
 
 
+_PREFIX_RNG = random.Random(3)
+PREFIXES = [[_PREFIX_RNG.randrange(3, 390) for _ in range(PREFIX_TOKENS)] for _ in range(4)]
+
+
 def test_repeated_prefixes_go_where_they_are_cached(fleet, model):
-    rng = random.Random(3)
-    prefixes = [[rng.randrange(3, 390) for _ in range(PREFIX_TOKENS)] for _ in range(4)]
+    rng = random.Random(4)
+    prefixes = PREFIXES
 
     def prompt() -> list[int]:  # a shared prefix, then a question of its own
         return [rng.randrange(3, 390) for _ in range(8)]
@@ -130,3 +135,20 @@ def test_a_chat_turn_sends_only_its_new_tokens(fleet, model):
             assert 0 < sent <= prompt - previous_prompt, (turn, sent, prompt, previous_prompt)
         previous_prompt = prompt
         messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+
+
+def test_another_control_plane_routes_alike(fleet):
+    """A control plane that never sent these prefixes anywhere (no routing history)
+    routes them to where they are cached, from the nodes' events alone."""
+    other = fleet.add_control_plane()
+    time.sleep(2)  # it subscribes to the nodes as it sees them in the registry
+    rng = random.Random(5)
+
+    async def main() -> list[dict]:
+        async with httpx.AsyncClient() as client:
+            prompts = [p + [rng.randrange(3, 390) for _ in range(8)] for p in PREFIXES]
+            return [await complete(client, other.url, prompt) for prompt in prompts]
+
+    replies = asyncio.run(main())
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies]
+    assert all(c >= PREFIX_TOKENS for c in cached), cached
