@@ -3,6 +3,7 @@ groups of N GPUs (EP N), in one run.
 
     python3 -m bench.ep_decode --out ep.json [--shapes mixtral-8x7b,qwen3-30b-a3b]
         [--layers 4] [--ep-sizes 1,2] [--batches 1,32,128] [--context 512] [--steps 40]
+        [--eager 1,2]
     python3 -m bench.ep_decode --device cpu --tiny --out /tmp/ep.json     (a CPU try: Gloo)
 
 For each shape it writes a checkpoint with random bf16 weights once
@@ -10,10 +11,11 @@ For each shape it writes a checkpoint with random bf16 weights once
 each EP size starts one process per member on cuda:0..N-1 (or the CPU), built
 as a decode node builds its engine (``EngineConfig.expert_parallel``: member 0
 serves the rendezvous, NCCL exchanges between GPUs, Gloo agreements). EP 1 is a
-plain engine in one process, CUDA graphs on, as a decode node runs it; an EP
-group runs eagerly (its steps agree on their padded size on the host). Each
-member takes the same batch of requests with ``--context``-token contexts; once
-the agreement shows every member decoding its whole batch, all time ``--steps``
+plain engine in one process; both replay CUDA graphs, as a decode node does (a
+group's members all replay the graph of the same size, its exchanges inside);
+``--eager`` adds runs without graphs of the EP sizes it names. Each member takes
+the same batch of requests with ``--context``-token contexts; once the agreement
+shows every member decoding its whole batch, all time ``--steps``
 decode steps in lockstep (the median is the step time), then run a few probe
 steps that count the experts the group's tokens touch on this member and time
 the exchanges (CUDA events from each collective's launch until this member's
@@ -63,7 +65,7 @@ class Run:
     batches: tuple[int, ...]
     context: int
     steps: int
-    graphs: bool  # EP 1 only: replay CUDA graphs, as a decode node does
+    graphs: bool  # replay CUDA graphs, as a decode node does
 
     @property
     def new_tokens(self) -> int:
@@ -375,6 +377,23 @@ def combine(reports: list[dict], copy_tb_s: float) -> list[dict]:
     return rows
 
 
+def bench_model(root: Path, shape: str, layers: int, tiny: bool, device: str) -> Path:
+    """The checkpoint of ``layers`` layers of ``shape`` under ``root``, written once."""
+    model_dir = root / f"{shape}-{layers}l{'-tiny' if tiny else ''}"
+    if not (model_dir / "config.json").is_file():
+        started = time.perf_counter()
+        # A partial folder left by a run cut short is not reused.
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))
+        write_model(tmp, "cuda:0" if device == "cuda" else "cpu", tiny, shape, layers)
+        tmp.rename(model_dir)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"wrote {model_dir} in {time.perf_counter() - started:.0f} s", flush=True)
+    return model_dir
+
+
 def copy_bandwidth(device: str) -> float:
     """TB/s of a large copy on ``device`` (bytes read + written)."""
     if device == "cuda":
@@ -415,7 +434,7 @@ def table(results: dict) -> str:
                     exchange = f"{row['exchange_ms']:.2f} ({row['exchange_share']:.0%})"
                 touched = "/".join(f"{t:.1f}" for t in row["touched_experts_per_layer"])
                 lines.append(
-                    f"| {shape} | {ep}{'' if row['graphs'] or ep != '1' else ' eager'} "
+                    f"| {shape} | {ep.removesuffix('-eager')}{'' if row['graphs'] else ' eager'} "
                     f"| {row['batch_per_member']} | {row['step_ms']:.2f} | {row['tok_s']:,.0f} "
                     f"| {row['tok_s_per_gpu']:,.0f} | {row['roofline_ms']:.2f} "
                     f"| {row['of_roofline']:.0%} | {touched} | {exchange} | {versus} |"
@@ -434,7 +453,7 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="per member; default 1,32,128")
     parser.add_argument("--context", type=int, default=None, help="default 512")
     parser.add_argument("--steps", type=int, default=None, help="timed steps; default 40")
-    parser.add_argument("--eager-ep1", action="store_true", help="EP 1 without CUDA graphs too")
+    parser.add_argument("--eager", default="", help="EP sizes to run without CUDA graphs too")
     parser.add_argument("--model-root", type=Path, default=Path("/tmp/lightpd-ep-models"))
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per EP size and shape")
     args = parser.parse_args()
@@ -462,22 +481,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     for shape in args.shapes.split(","):
         layers = 2 if args.tiny else args.layers
-        model_dir = args.model_root / f"{shape}-{layers}l{'-tiny' if args.tiny else ''}"
-        if not (model_dir / "config.json").is_file():
-            started = time.perf_counter()
-            # A partial folder left by a run cut short is not reused.
-            args.model_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=args.model_root))
-            write_model(tmp, "cuda:0" if args.device == "cuda" else "cpu", args.tiny, shape, layers)
-            tmp.rename(model_dir)
-            gc.collect()
-            print(f"wrote {model_dir} in {time.perf_counter() - started:.0f} s", flush=True)
+        model_dir = bench_model(args.model_root, shape, layers, args.tiny, args.device)
         runs = results["shapes"][shape] = {}
-        modes = [(n, True) for n in ep_sizes]
-        if args.eager_ep1 and 1 in ep_sizes:
-            modes.insert(ep_sizes.index(1) + 1, (1, False))
+        eager = {int(n) for n in args.eager.split(",") if n}
+        modes = [(n, g) for n in ep_sizes for g in (True, False) if g or n in eager]
         for size, graphs in modes:
-            key = str(size) if graphs or size != 1 else "1-eager"
+            key = str(size) if graphs else f"{size}-eager"
             if size > num_devices:
                 runs[key] = {"error": f"needs {size} devices, {num_devices} here"}
                 continue

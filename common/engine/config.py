@@ -65,7 +65,7 @@ class EngineConfig:
     # the KV pool, which gets what is left after the others are measured.
     gpu_memory_fraction: float = 0.9
     # Decode batches up to this size replay CUDA graphs (on CUDA); 0 runs eagerly.
-    # An expert-parallel engine always runs eagerly (its steps agree on a size on the host).
+    # Under expert parallelism the members replay graphs of the same size together.
     cuda_graph_max_batch: int = 256
     max_num_reqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings

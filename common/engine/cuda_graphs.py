@@ -12,6 +12,10 @@ and gathers the token ids, positions and output slots from the request table
 inside the graph, so a step costs no other copies and no host sync.
 """
 
+import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
@@ -87,14 +91,23 @@ class DecodeGraphs:
         self.logits = torch.empty((max_batch_size, vocab_size), dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.memory_pool = None
+        # Destroys the graphs now, or at the interpreter's exit at the latest: NCCL
+        # waits forever, in its abort too, to let go of a communicator while a graph
+        # holding its collectives lives (expert parallelism's exchanges).
+        self.release = weakref.finalize(self, _destroy, self.graphs)
 
-    def capture(self) -> None:
-        """Capture every size, largest first, so that the smaller graphs reuse its memory."""
+    def capture(
+        self, step_scope: Callable[[int], AbstractContextManager] = lambda size: nullcontext()
+    ) -> None:
+        """Capture every size, largest first, so that the smaller graphs reuse its memory.
+        ``step_scope(size)`` is entered around each step of that size run or captured
+        here (expert parallelism: a step of the group, whose members capture together)."""
         for size in reversed(self.batch_sizes):
-            self._step(size)  # compiles the kernels and picks cuBLAS algorithms outside capture
+            with step_scope(size):
+                self._step(size)  # compiles kernels and picks cuBLAS algorithms outside capture
             torch.cuda.synchronize(self.pool.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.memory_pool):
+            with step_scope(size), torch.cuda.graph(graph, pool=self.memory_pool):
                 self._step(size)
             if self.memory_pool is None:
                 self.memory_pool = graph.pool()
@@ -108,11 +121,12 @@ class DecodeGraphs:
     def padded_size(self, num_reqs: int) -> int:
         return next(s for s in self.batch_sizes if s >= num_reqs)
 
-    def replay(self, rows: list[int], seq_lens: list[int]) -> torch.Tensor:
+    def replay(self, rows: list[int], seq_lens: list[int], size: int | None = None) -> torch.Tensor:
         """Logits [B, V] of one decode step of ``rows`` whose contexts end at ``seq_lens``
-        (the new token included). Returns a view that the next replay overwrites."""
+        (the new token included), in the graph of ``size`` (by default the smallest that
+        fits). Returns a view that the next replay overwrites."""
         num_reqs = len(rows)
-        size = self.padded_size(num_reqs)
+        size = size or self.padded_size(num_reqs)
         # The previous step's host sync has retired the copy out of this staging
         # buffer, so it can be refilled.
         staging = self._staging
@@ -132,3 +146,9 @@ class DecodeGraphs:
         rows, seq_lens = self.inputs[0, :size], self.inputs[1, :size]
         logits = decode_step(self.model, self.pool, self.table, rows, seq_lens, self.max_seq_len)
         self.logits[:size].copy_(logits)
+
+
+def _destroy(graphs: dict[int, torch.cuda.CUDAGraph]) -> None:
+    for graph in graphs.values():
+        graph.reset()  # a replay still running is freed when it ends
+    graphs.clear()

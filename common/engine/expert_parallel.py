@@ -12,17 +12,26 @@ each member its own tokens' rows. Models stay parallel-free: ``attach`` puts an
 
 Lockstep: collectives pair up in the order they are issued, so every member
 joins every step. A step begins with an agreement (an all-gather of each
-member's token count, on a Gloo group of its own); the exchanges then pad every
-member's rows to the largest count. A member with nothing to run takes part in
-the step's exchanges with zero tokens (``empty_step``); when no member has
-anything, no exchange runs and each waits in its own loop (a node's idle poll)
-before it agrees again, so an idle group costs one small collective per poll.
+member's token count and whether it decodes, on a Gloo group of its own); the
+exchanges then pad every member's rows to the largest count. A member with
+nothing to run takes part in the step's exchanges with zero tokens
+(``empty_step``); when no member has anything, no exchange runs and each waits in
+its own loop (a node's idle poll) before it agrees again, so an idle group costs
+one small collective per poll.
 
-Failure: every collective is bounded by ``timeout_s`` (Gloo's timeout; NCCL's
-work is polled to a deadline). A member that dies closes its sockets and the
-others see it at once; one that hangs is found at the timeout. Either way the
-group is aborted on every member that notices, never waited on, which makes the
-rest fail too, and ``ExpertParallelError`` tells each engine to end its requests.
+CUDA graphs: when every member decodes (or idles), all replay the decode graph of
+the same size, the smallest that fits the largest count, so the exchanges inside
+it are fixed-size: every member's rows (its requests, then the graph's padding
+request) are gathered and every member's experts run on all of them. Graphs are
+captured by every member together, in the same order (``uniform_step``), as the
+capture runs the collectives.
+
+Failure: every collective is bounded by ``timeout_s`` (Gloo's timeout; on GPUs
+the step, eager or replayed, is polled to a deadline before its host sync). A
+member that dies closes its sockets and the others see it at once; one that
+hangs is found at the timeout. Either way the group is aborted on every member
+that notices, never waited on, which makes the rest fail too, and
+``ExpertParallelError`` tells each engine to end its requests.
 
 Who may join: the rendezvous store's keys live under a prefix derived from the
 cluster token, so a process without it can neither join nor learn where the
@@ -36,6 +45,9 @@ import logging
 import os
 import re
 import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import NoReturn
 
@@ -66,13 +78,19 @@ class ExpertParallelGroup:
         self.failure: str | None = None
         # Every member's token count in the step under way (after ``agree``).
         self.token_counts: list[int] = [0] * self.size
+        # Whether every member decodes (or idles) in it: it may replay a graph.
+        self.all_decoding = False
         self._layers: list[MoEExperts] = []  # in the order the forward meets them
         self._exchanges = 0  # exchanges run in the step under way
         self._rows: torch.Tensor | None = None  # real rows among the gathered ones
         self._control = None  # Gloo: the agreements
         self._data = None  # the exchanges: NCCL between GPUs, else the Gloo group
-        self._pending = None  # NCCL: the step's last exchange, polled to a deadline
+        self._unfinished = False  # NCCL: the step ran exchanges, not polled yet
         self._store = None  # the rendezvous (member 0 serves it), kept while the group lives
+        # Destroy the CUDA graphs that captured the exchanges (``before_abort``); run
+        # before an abort, and before the communicator goes with this object.
+        self._releases: list[Callable[[], object]] = []
+        weakref.finalize(self, _release_all, self._releases)
 
     @property
     def active(self) -> bool:
@@ -158,12 +176,16 @@ class ExpertParallelGroup:
 
     # ---- a step ----
 
-    def agree(self, num_tokens: int) -> list[int]:
-        """Begin a step: every member's token count; all pad their rows to the largest."""
+    def agree(self, num_tokens: int, decoding: bool = False) -> list[int]:
+        """Begin a step: every member's token count; all pad their rows to the largest.
+        ``decoding``: this member's step is a decode batch, or nothing."""
         self._check()
-        counts = torch.empty(self.size, dtype=torch.int64)
-        self._wait(self._control._allgather_base(counts, torch.tensor([num_tokens])))
-        self.token_counts = counts.tolist()
+        mine = torch.tensor([num_tokens, decoding])
+        counts = torch.empty(self.size * 2, dtype=torch.int64)
+        self._wait(self._control._allgather_base(counts, mine))
+        counts = counts.view(self.size, 2)  # (N, 2): tokens, decoding
+        self.token_counts = counts[:, 0].tolist()
+        self.all_decoding = bool(counts[:, 1].all())
         self._exchanges = 0
         padded = max(self.token_counts)
         self._rows = None
@@ -173,6 +195,27 @@ class ExpertParallelGroup:
                 [torch.arange(n) + r * padded for r, n in enumerate(self.token_counts)]
             ).to(self.device)
         return self.token_counts
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every member's ``value`` (outside a step): settings that
+        must be the same on all, such as the largest decode graph."""
+        self._check()
+        values = torch.empty(self.size, dtype=torch.int64)
+        self._wait(self._control._allgather_base(values, torch.tensor([value])))
+        return int(values.min())
+
+    @contextmanager
+    def uniform_step(self, num_tokens: int) -> Iterator[None]:
+        """A step of ``num_tokens`` rows on every member, known to all without an
+        agreement: a decode graph's warm-up or capture, which every member runs with
+        the same sizes in the same order. Its exchanges take all rows, none picked."""
+        self._check()
+        self.token_counts, self._exchanges, self._rows = [num_tokens] * self.size, 0, None
+        try:
+            yield
+            self.finish_step()  # a capture ran nothing: only a warm-up is polled
+        finally:
+            self.token_counts = [0] * self.size
 
     def exchange(
         self, hidden: torch.Tensor, router_logits: torch.Tensor, experts: MoEExperts
@@ -188,15 +231,14 @@ class ExpertParallelGroup:
             )
         padded = max(self.token_counts)
         # (T_pad, H + E): hidden states and router logits travel in one message.
-        send = hidden.new_zeros(padded, hidden_size + router_logits.shape[1])
-        send[:num_tokens, :hidden_size] = hidden
-        send[:num_tokens, hidden_size:] = router_logits
+        send = torch.cat([hidden, router_logits.to(hidden.dtype)], dim=1)
+        if padded > num_tokens:
+            send = torch.nn.functional.pad(send, (0, 0, 0, padded - num_tokens))
         gathered = hidden.new_empty(self.size * padded, send.shape[1])  # (N * T_pad, H + E)
         self._wait(self._data._allgather_base(gathered, send), on_device=True)
         real = gathered if self._rows is None else gathered[self._rows]  # (sum T, H + E)
-        share = experts(
-            real[:, :hidden_size].contiguous(), real[:, hidden_size:].contiguous()
-        )  # (sum T, H)
+        # Row-strided views: the experts read rows by their stride.
+        share = experts(real[:, :hidden_size], real[:, hidden_size:])  # (sum T, H)
         if self._rows is not None:
             share = hidden.new_zeros(self.size * padded, hidden_size).index_copy_(
                 0, self._rows, share
@@ -214,28 +256,46 @@ class ExpertParallelGroup:
             self.exchange(hidden, weight.new_empty(0, experts.num_experts), experts)
         self.finish_step()
 
+    def finish_replay(self) -> None:
+        """The step's exchanges were launched in a replayed decode graph: wait for
+        them as ``finish_step`` does, then count them as run."""
+        self._unfinished = self._data is not self._control
+        self.finish_step()
+        self._exchanges = len(self._layers)
+
     def finish_step(self) -> None:
         """Wait, bounded, until the step's exchanges are done. Gloo has waited for each
-        already; NCCL's run on its stream, and the step's last is polled here, so a
-        host sync after it (sampling) cannot hang on a dead member."""
-        work, self._pending = self._pending, None
-        if work is None:
+        already; NCCL's run on the device, so the work queued so far is polled here,
+        and a host sync after it (sampling) cannot hang on a dead member."""
+        if not self._unfinished:
             return
+        self._unfinished = False
+        done = torch.cuda.Event()
+        done.record()
         deadline = time.monotonic() + self.config.timeout_s
-        while not work.is_completed():
+        while not done.query():
             if time.monotonic() > deadline:
                 self.fail(f"an exchange took more than {self.config.timeout_s:g} s")
-            time.sleep(0.0001)
+            time.sleep(0)  # yields: a sleep would overshoot the step's end by ~0.1 ms
 
     # ---- failure ----
+
+    def before_abort(self, release: Callable[[], object]) -> None:
+        """Have ``release`` destroy the CUDA graphs that captured this group's
+        collectives before the group is aborted: NCCL's abort waits until every such
+        graph is gone (a replay stuck on a dead member ends once it is aborted)."""
+        self._releases.append(release)
 
     def _wait(self, work, on_device: bool = False) -> None:
         try:
             work.wait()  # Gloo: done (or past its timeout); NCCL: ordered on this stream
         except Exception as exc:  # a member died or hung, or the group was aborted
             self.fail(f"a collective failed (a member died or hangs): {_describe(exc)}")
-        if on_device and self._data is not self._control:
-            self._pending = work
+        # NCCL's work runs on the device; captured in a graph, at its replays, which
+        # ``finish_replay`` polls.
+        nccl = on_device and self._data is not self._control
+        if nccl and not torch.cuda.is_current_stream_capturing():
+            self._unfinished = True
 
     def _check(self) -> None:
         if self.failure is not None:
@@ -257,8 +317,10 @@ class ExpertParallelGroup:
                 self.size,
                 reason,
             )
+        _release_all(self._releases)
         groups = {id(g): g for g in (self._control, self._data) if g is not None}
-        self._control = self._data = self._pending = self._store = None
+        self._control = self._data = self._store = None
+        self._unfinished = False
         for group in groups.values():
             try:
                 group.abort()
@@ -277,6 +339,14 @@ class ExpertExchange(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return self.group.exchange(hidden, router_logits, self.experts)
+
+
+def _release_all(releases: list[Callable[[], object]]) -> None:
+    while releases:
+        try:
+            releases.pop()()
+        except Exception:  # the device is broken: what follows goes on regardless
+            logger.debug("releasing CUDA graphs", exc_info=True)
 
 
 def _describe(exc: Exception) -> str:

@@ -360,7 +360,8 @@ class LLMEngine:
         num_tokens = 0
         if batch is not None:
             num_tokens = sum(e - s for s, e in zip(batch.starts, batch.ends, strict=True))
-        self.expert_parallel.agree(num_tokens)
+        # Decode steps of every member may replay a graph of the same size together.
+        self.expert_parallel.agree(num_tokens, decoding=batch is None or not batch.is_prefill)
         if batch is None and self.expert_parallel.active:
             self.runner.empty_step()
 

@@ -55,14 +55,11 @@ class ModelRunner:
         self.sampling_inputs = SamplingInputs(
             config.max_num_reqs, model_config.vocab_size, self.device
         )
-        # An expert-parallel step agrees on its padded size on the host and runs
-        # collectives that a dead member must be able to interrupt: no CUDA graphs.
-        use_graphs = (
-            self.device.type == "cuda"
-            and config.cuda_graph_max_batch > 0
-            and self.expert_parallel is None
-        )
         self.graph_max_batch = min(config.cuda_graph_max_batch, config.max_num_reqs)
+        if self.expert_parallel is not None and self.device.type == "cuda":
+            # The members capture, and replay, the same graphs together.
+            self.graph_max_batch = self.expert_parallel.smallest(self.graph_max_batch)
+        use_graphs = self.device.type == "cuda" and self.graph_max_batch > 0
         num_slots = self._num_kv_slots(use_graphs)
         self.max_model_len = self._max_model_len(num_slots)
         self.pool, self.table = self._make_pool_and_table(num_slots, self.max_model_len)
@@ -107,7 +104,12 @@ class ModelRunner:
             self.model_config.vocab_size,
             self.dtype,
         )
-        graphs.capture()
+        if self.expert_parallel is None:
+            graphs.capture()
+        else:
+            # Every member captures the same sizes, exchanges and all, in step.
+            self.expert_parallel.before_abort(graphs.release)
+            graphs.capture(self.expert_parallel.uniform_step)
         return graphs
 
     def _num_kv_slots(self, use_graphs: bool) -> int:
@@ -147,9 +149,15 @@ class ModelRunner:
             prefill_peak_bytes=prefill_peak,
             graph_bytes=graph_bytes,
             sampler_bytes=sampler_bytes(self.config.max_num_reqs, self.model_config.vocab_size),
-            kv_bytes_per_token=self.model_config.kv_bytes_per_token,
+            # In the pool's dtype, which need not be the checkpoint's.
+            kv_bytes_per_token=self._kv_bytes_per_token(),
             gpu_memory_fraction=self.config.gpu_memory_fraction,
         )
+
+    def _kv_bytes_per_token(self) -> int:
+        mc = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * itemsize
 
     def _max_model_len(self, num_slots: int) -> int:
         limits = [self.model_config.max_position_embeddings, num_slots]
@@ -182,9 +190,12 @@ class ModelRunner:
         samples = batch.samples
         rows = [r.row for r in batch.requests]
         graphs = self.graphs
-        if not batch.is_prefill and graphs is not None and len(rows) <= graphs.max_batch_size:
+        size = self._graph_size(batch.is_prefill, len(rows))
+        if size is not None:
             # Every decode request samples; the graph's inputs give the rows and ends.
-            logits = graphs.replay(rows, batch.ends)
+            logits = graphs.replay(rows, batch.ends, size)
+            if self.expert_parallel is not None:
+                self.expert_parallel.finish_replay()
             sample_rows, sample_ends = graphs.input_rows(len(rows))
             sampling = batch.requests
         else:
@@ -199,6 +210,19 @@ class ModelRunner:
         out = self.sampler(logits, self.sampling_inputs.build(sampling, self.table))
         self.table.token_ids[sample_rows, sample_ends] = out.token_ids.int()
         return out.pack().tolist()
+
+    def _graph_size(self, is_prefill: bool, num_reqs: int) -> int | None:
+        """The decode graph this step replays, None to run it eagerly. In an
+        expert-parallel group every member replays the same one, or none."""
+        graphs = self.graphs
+        group = self.expert_parallel
+        if graphs is None or is_prefill:
+            return None
+        if group is not None:
+            if not group.all_decoding:
+                return None
+            num_reqs = max(group.token_counts)  # a decode request is one token
+        return graphs.padded_size(num_reqs) if num_reqs <= graphs.max_batch_size else None
 
     @torch.inference_mode()
     def forward(
@@ -254,8 +278,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def empty_step(self) -> None:
-        """Expert parallelism: take part in a step of the group with no batch here."""
-        self.expert_parallel.empty_step()
+        """Expert parallelism: take part in a step of the group with no batch here,
+        in the others' decode graph when they replay one."""
+        size = self._graph_size(False, 0)
+        if size is None:
+            self.expert_parallel.empty_step()
+        else:
+            self.graphs.replay([], [], size)  # the padding request only
+            self.expert_parallel.finish_replay()
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from common.engine import EngineConfig, LLMEngine, RequestError
 from common.engine.config import ExpertParallelConfig
+from common.engine.cuda_graphs import decode_step, graph_batch_sizes
 from common.engine.expert_parallel import ExpertParallelError, ExpertParallelGroup
 from common.engine.loader import load_model
 from common.engine.model_config import ModelConfig
@@ -46,6 +47,46 @@ def ep_config(size: int, rank: int, port: int, **options) -> ExpertParallelConfi
 # ---- one member, in a process of its own ----
 
 
+class EagerGraphs:
+    """The decode graphs' stand-in on the CPU: a replay runs the step eagerly at the
+    graph's size, the padding request in the spare rows, as a captured step of the
+    group runs (every member at that size, its exchanges taking all rows)."""
+
+    def __init__(self, runner, max_batch_size: int) -> None:
+        self.runner = runner
+        self.batch_sizes = graph_batch_sizes(max_batch_size)
+        self.max_batch_size = self.batch_sizes[-1]
+        table = runner.table
+        table.req_to_token[table.padding_row, 0] = runner.pool.padding_slot
+        table.token_ids[table.padding_row, 0] = 0
+        self.inputs = torch.empty(2, 0, dtype=torch.long)
+        self.replays = 0
+
+    def padded_size(self, num_reqs: int) -> int:
+        return next(s for s in self.batch_sizes if s >= num_reqs)
+
+    def replay(self, rows: list[int], seq_lens: list[int], size: int) -> torch.Tensor:
+        runner, group = self.runner, self.runner.expert_parallel
+        pad = size - len(rows)
+        self.inputs = torch.tensor([rows + [runner.table.padding_row] * pad, seq_lens + [1] * pad])
+        counts = group.token_counts
+        with group.uniform_step(size):
+            logits = decode_step(
+                runner.model,
+                runner.pool,
+                runner.table,
+                self.inputs[0],
+                self.inputs[1],
+                runner.table.max_context_len - 1,
+            )
+        group.token_counts = counts  # the step goes on as agreed
+        self.replays += 1
+        return logits[: len(rows)]
+
+    def input_rows(self, num_reqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[0, :num_reqs], self.inputs[1, :num_reqs]
+
+
 def member_device(rank: int) -> str:
     """One GPU per member (NCCL between them) under LIGHTPD_TEST_DEVICE=cuda; else the CPU."""
     return "cpu" if DEVICE == "cpu" else f"cuda:{rank}"
@@ -67,18 +108,23 @@ def member(
     die_at: int | None = None,
     death: str = "kill",
     died_at=None,
+    graph_max_batch: int = 0,
 ) -> None:
     """Run rank ``rank`` of a group: add its requests at their steps, step with the
     group until every arrival is past and a step ran nothing anywhere (or the group
-    failed), then report its tokens, errors and pool."""
+    failed), then report its tokens, errors and pool. With ``graph_max_batch``, decode
+    steps that fit replay CUDA graphs (on the CPU, their eager stand-in)."""
     config = EngineConfig(
         model=model_dir,
         device=member_device(rank),
         num_kv_slots=1024,
         max_prefill_tokens=max_prefill_tokens,
+        cuda_graph_max_batch=graph_max_batch,
         expert_parallel=ep_config(size, rank, port),
     )
     engine = LLMEngine(config)
+    if graph_max_batch and DEVICE == "cpu":
+        engine.runner.graphs = EagerGraphs(engine.runner, graph_max_batch)
     initial_free = engine.num_available_slots
     mine = [(step, rid, prompt) for step, r, rid, prompt in arrivals if r == rank]
     last_arrival = max(step for step, *_ in arrivals)
@@ -119,6 +165,7 @@ def member(
             "refused": refused,
             "steps": step,
             "idle_steps": idle_steps,
+            "replays": getattr(engine.runner.graphs, "replays", None),
         }
     )
 
@@ -131,6 +178,7 @@ def run_group(
     die_at: int | None = None,
     death: str = "kill",
     timeout: float = 50.0,
+    graph_max_batch: int = 0,
 ) -> dict:
     """Start ``size`` member processes; their reports by rank (``victim`` dies or
     hangs at step ``die_at`` and reports nothing), and when it did ("died_at")."""
@@ -140,6 +188,7 @@ def run_group(
     processes = []
     for rank in range(size):
         options = {"die_at": die_at, "death": death, "died_at": died_at} if rank == victim else {}
+        options["graph_max_batch"] = graph_max_batch
         processes.append(
             SPAWN.Process(
                 target=member,
@@ -199,14 +248,26 @@ def plan(size: int, vocab: int) -> list[tuple[int, int, str, list[int]]]:
 # ---- the group computes what one engine does ----
 
 
-@pytest.mark.parametrize(("arch", "size"), [("mixtral", 2), ("qwen3_moe", 2), ("mixtral", 3)])
-def test_group_gives_the_greedy_tokens_of_one_engine(tiny_model, arch, size):
+@pytest.mark.parametrize(
+    ("arch", "size", "graph_max_batch"),
+    [
+        ("mixtral", 2, 0),
+        ("qwen3_moe", 2, 0),
+        ("mixtral", 3, 0),
+        ("mixtral", 2, 2),
+        ("qwen3_moe", 3, 2),
+    ],
+)
+def test_group_gives_the_greedy_tokens_of_one_engine(tiny_model, arch, size, graph_max_batch):
+    """With graphs, decode steps of up to ``graph_max_batch`` tokens on the busiest
+    member replay the graph of that size on every member (padding rows and all), the
+    larger ones run eagerly."""
     needs_devices(size)
     model_dir = tiny_model(arch)
     arrivals = plan(size, ModelConfig.from_dir(model_dir).vocab_size)
     expected = reference_tokens(model_dir, {rid: prompt for _, _, rid, prompt in arrivals})
 
-    reports = run_group(size, model_dir, arrivals)
+    reports = run_group(size, model_dir, arrivals, graph_max_batch=graph_max_batch)
 
     for rank in range(size):
         report = reports[rank]
@@ -218,17 +279,24 @@ def test_group_gives_the_greedy_tokens_of_one_engine(tiny_model, arch, size):
     # part with nothing of their own), and agreed on when all were idle.
     assert len({reports[r]["steps"] for r in range(size)}) == 1
     assert sum(len(reports[r]["tokens"]) for r in range(size)) == len(arrivals)
+    if graph_max_batch and DEVICE == "cpu":  # every member replayed the same graphs
+        assert len({reports[r]["replays"] for r in range(size)}) == 1
+        assert reports[0]["replays"] > 0
 
 
 # ---- failure ----
 
 
-@pytest.mark.parametrize(("death", "size"), [("kill", 2), ("kill", 3), ("stop", 2)])
+@pytest.mark.parametrize(
+    ("death", "size", "graph_max_batch"),
+    [("kill", 2, 8), ("kill", 3, 0), ("stop", 2, 8), ("stop", 2, 0)],
+)
 def test_a_member_that_dies_or_hangs_ends_the_others_requests_within_the_bound(
-    tiny_model, death, size
+    tiny_model, death, size, graph_max_batch
 ):
     """SIGKILL (its sockets close: seen at once) or SIGSTOP (it hangs: seen at the
-    collective timeout) of the last member while everyone decodes."""
+    collective timeout) of the last member while everyone decodes (replaying decode
+    graphs, with ``graph_max_batch``)."""
     needs_devices(size)
     model_dir = tiny_model("qwen3_moe")
     vocab = ModelConfig.from_dir(model_dir).vocab_size
@@ -236,7 +304,15 @@ def test_a_member_that_dies_or_hangs_ends_the_others_requests_within_the_bound(
     arrivals = [(0, i % size, f"r{i}", p) for i, p in enumerate(prompts)]
     victim = size - 1
 
-    reports = run_group(size, model_dir, arrivals, victim=victim, die_at=6, death=death)
+    reports = run_group(
+        size,
+        model_dir,
+        arrivals,
+        victim=victim,
+        die_at=6,
+        death=death,
+        graph_max_batch=graph_max_batch,
+    )
 
     died_at = reports["died_at"]
     assert died_at > 0
