@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import redis.asyncio as redis
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call in this, not minutes
 REDIS_REPLY_TIMEOUT_S = 10.0
 LAST_WRITES_S = 2.0  # at exit, for request states that wait for Redis
-FOLLOW_CACHES_S = 1.0  # how often the registry is looked at for nodes to subscribe to
 API_PREFIX = "/v1"
 
 
@@ -183,18 +182,20 @@ async def _cancelled(task: asyncio.Task | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _follow_caches(fleet: Fleet, client: NodeClient) -> None:
-    """Subscribe to the prefix-cache events of every node in the registry as it
-    appears (not at its first request), so this control plane routes as the
-    others do from its first request on."""
-    while True:
-        try:
-            for node in await fleet.nodes():
-                if node.status != "dead":
-                    client.follow_cache(node.control_endpoint, node.node_id)
-        except Exception:  # the registry unreadable for now: next round
-            logger.debug("could not follow the nodes' caches", exc_info=True)
-        await asyncio.sleep(FOLLOW_CACHES_S)
+def _following_caches(store: Store, client: NodeClient) -> Callable[[], Awaitable[list]]:
+    """``store.nodes``, which also subscribes to the prefix-cache events of every node
+    it lists (once; again after a gap). The time-series flusher reads the registry
+    each second with it, so this control plane follows every node from when it
+    appears, not from its first request there, and routes as the others do."""
+
+    async def nodes() -> list:
+        listed = await store.nodes()
+        for node in listed:
+            if node.status != "dead":
+                client.follow_cache(node.control_endpoint, node.node_id)
+        return listed
+
+    return nodes
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -205,9 +206,13 @@ def create_app(settings: Settings) -> FastAPI:
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint, balance_tokens=settings.cache_balance_tokens)
         metrics = Metrics(fleet.cached_nodes, settings.model_name)
-        # The flusher reads the registry itself: routing's cache keeps its own timing.
-        timeseries = Timeseries(client, store.nodes)
         async with NodeClient(settings.cluster_token) as node_client:
+            # The flusher reads the registry itself (routing's cache keeps its own
+            # timing), and so keeps this control plane subscribed to every node.
+            nodes = store.nodes
+            if settings.cache_aware_routing:
+                nodes = _following_caches(store, node_client)
+            timeseries = Timeseries(client, nodes)
             app.state.lightpd = AppState(
                 settings=settings,
                 store=store,
@@ -220,18 +225,11 @@ def create_app(settings: Settings) -> FastAPI:
                 model_fingerprint=fingerprint,
             )
             flusher = asyncio.create_task(timeseries.run())
-            follower = None
-            if settings.cache_aware_routing:
-                follower = asyncio.create_task(_follow_caches(fleet, node_client))
             try:
                 yield
             finally:
-                for task in (flusher, follower):
-                    if task is not None:
-                        task.cancel()
-                await asyncio.gather(
-                    *(t for t in (flusher, follower) if t is not None), return_exceptions=True
-                )
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
                 await _last_request_writes(store, LAST_WRITES_S)
         await client.aclose()
 

@@ -365,7 +365,6 @@ class Dispatcher:
             watched = list(nodes)
             before_first_token = True
             transferring = False
-            cached = 0  # prompt tokens the computing node's cache held
             async for event in self._events(attempt_id, watched):
                 if (
                     prefill is not None
@@ -373,13 +372,11 @@ class Dispatcher:
                     and not (transferring or event.token_ids or event.finish_reason)
                 ):
                     transferring = True  # the prefill node's word that the prompt is computed
-                    cached = event.num_cached_tokens
                     await self.store.record_request(request_id, "transferring")
                 if event.token_ids and before_first_token:
                     before_first_token = False
-                    if prefill is None:
-                        cached = event.num_cached_tokens
-                    event.num_cached_tokens = min(cached, len(prompt))
+                    # The computing node's count (a prefill node's comes with the KV).
+                    event.num_cached_tokens = min(event.num_cached_tokens, len(prompt))
                     self.metrics.cached_prompt_tokens.inc(event.num_cached_tokens)
                     if prefill is not None:
                         watched.remove(prefill)  # the prefill node's part is done

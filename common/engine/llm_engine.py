@@ -410,6 +410,7 @@ class LLMEngine:
             request.num_prompt_tokens - request.kv_send.skip_tokens,
             output.new_token_ids[0],
             output.new_logprobs,
+            request.num_prompt_cached or 0,
         )
 
     def _take_transfers(self) -> list[RequestOutput]:
@@ -428,9 +429,12 @@ class LLMEngine:
                     outputs.append(self._ended(request, FinishReason.ERROR, event.reason, True))
             elif isinstance(event, KVDone) and event.first_token is not None:
                 try:
-                    outputs.append(
-                        self.complete_reservation(request_id, event.first_token, event.logprobs)
+                    output = self.complete_reservation(
+                        request_id, event.first_token, event.logprobs
                     )
+                    # The prompt was computed by the sender: its cache is what saved work.
+                    output.num_cached_tokens = event.num_cached_tokens
+                    outputs.append(output)
                 except RequestError as exc:
                     outputs += self._transfer_failed(request_id, str(exc))
             elif not isinstance(event, KVDone):

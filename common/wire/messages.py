@@ -202,6 +202,7 @@ class PrefillDone(Message, tag="prefill_done"):
     num_prompt_tokens: Count
     first_token: TokenId
     logprobs: TokenLogprobs | None = None
+    num_cached_tokens: Count = 0  # prompt tokens the sender took from its prefix cache
 
 
 class KVAck(Message, tag="kv_ack"):

@@ -65,6 +65,7 @@ class KVDone:
     request_id: str
     first_token: int | None = None
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # of the prompt, in the sender's prefix cache
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,11 @@ class KVConnector(ABC):
         num_prompt_tokens: int,
         first_token: int,
         logprobs: list[TokenLogprob] | None,
+        num_cached_tokens: int = 0,
     ) -> None:
-        """Every layer of the prompt is sent: send the first token; the KV must stay
-        in the pool until ``poll`` reports this send done or failed."""
+        """Every layer of the prompt is sent: send the first token (and how many
+        prompt tokens the sender's prefix cache held); the KV must stay in the pool
+        until ``poll`` reports this send done or failed."""
 
     # ---- receiving ----
 

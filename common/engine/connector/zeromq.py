@@ -185,6 +185,7 @@ class ZmqConnector(KVConnector):
         num_prompt_tokens: int,
         first_token: int,
         logprobs: list[TokenLogprob] | None,
+        num_cached_tokens: int = 0,
     ) -> None:
         send = self._sends.get(request_id)
         if send is None:  # cancelled meanwhile: the engine must still hear it ended
@@ -198,6 +199,7 @@ class ZmqConnector(KVConnector):
             num_prompt_tokens=num_prompt_tokens,
             first_token=first_token,
             logprobs=wire,
+            num_cached_tokens=num_cached_tokens,
         )
         self._send(request_id, send, [encode(done)])
         send.deadline = time.monotonic() + send.spec.timeout_s
@@ -427,7 +429,9 @@ class ZmqConnector(KVConnector):
         del self._recvs[request_id]
         self._reply(identity, KVAck(request_id=request_id))
         logprobs = None if message.logprobs is None else [TokenLogprob.from_wire(message.logprobs)]
-        self._events.append(KVDone(request_id, message.first_token, logprobs))
+        self._events.append(
+            KVDone(request_id, message.first_token, logprobs, message.num_cached_tokens)
+        )
         return None
 
     def _fail_recv(self, request_id: str, reason: str, identity: bytes | None = None) -> None:
