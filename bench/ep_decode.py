@@ -188,7 +188,13 @@ def measure(run: Run, rank: int) -> dict:
     if run.size > 1:
         # Room for Triton's first compiles inside a step, while the others wait.
         group_config = ExpertParallelConfig(
-            run.size, rank, run.init, cluster_token=TOKEN, timeout_s=180, join_timeout_s=900
+            run.size,
+            rank,
+            run.init,
+            cluster_token=TOKEN,
+            timeout_s=180,
+            join_timeout_s=900,
+            cuda_graphs=True,  # whether they run: cuda_graph_max_batch (--eager)
         )
     max_batch = max(run.batches)
     max_model_len = run.context + run.new_tokens + 8

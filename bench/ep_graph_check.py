@@ -90,7 +90,13 @@ def run_member(run: Run, rank: int, init: str, died_at) -> dict:
     group = None
     if run.size > 1:
         group = ExpertParallelConfig(
-            run.size, rank, init, cluster_token=TOKEN, timeout_s=run.timeout_s, join_timeout_s=600
+            run.size,
+            rank,
+            init,
+            cluster_token=TOKEN,
+            timeout_s=run.timeout_s,
+            join_timeout_s=600,
+            cuda_graphs=run.graphs,
         )
     engine = LLMEngine(
         EngineConfig(
@@ -108,10 +114,13 @@ def run_member(run: Run, rank: int, init: str, died_at) -> dict:
     runner = engine.runner
     counts = dict(replays=0, padding_replays=0, eager_decodes=0, eager_empty_steps=0, prefills=0)
 
+    decode_steps = [0]
+
     def decode_step_begins() -> None:
         """Member 1 of a kill run dies at its kill_at-th decode step, after the
         agreement: the other member goes on into the step's exchanges alone."""
-        if rank == 1 and sum(counts.values()) - counts["prefills"] + 1 == run.kill_at:
+        decode_steps[0] += 1
+        if rank == 1 and decode_steps[0] == run.kill_at:
             died_at.value = time.time()
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -5,13 +5,14 @@ requests of this process. Decode nodes are ranked by free KV slots, prefill
 nodes by queued prompt tokens, both net of the work this process has sent them
 since their last heartbeat counted it. Draining and dead nodes get nothing new.
 
-Cache-aware: a request goes to the node whose prefix cache holds the longest
-part of its prompt (its ``overlap``, from ``PrefixIndex``) unless that node is
-overloaded: a prefill node whose queue is ``balance_tokens`` longer than the
-shortest, or a decode node without room for the rest of the prompt. Otherwise,
-and when no node holds any of it, by load, where the cached part counts as work
-the node need not do (compute on a prefill node, slots and transfer on a decode
-node).
+Cache-aware: a request's ``overlap`` with a node (the tokens of its prompt that
+node's prefix cache holds, from ``PrefixIndex``) counts as work the node need
+not do. A prefill node that holds the longest part takes the request unless its
+queue is ``balance_tokens`` longer than the shortest (the compute saved is worth
+a wait); otherwise, and for decode nodes always, by load, where the cached part
+counts (a decode node needs no slots, and no transfer, for it): among decode
+nodes of like load the holder wins, but identical prefixes (a shared system
+prompt) do not pile every request onto one decode node.
 
 While Redis is down the last registry read serves on. When it is back, nodes whose
 heartbeats could not reach it meanwhile are listed as dead (or, if it lost its
@@ -123,10 +124,10 @@ class Fleet:
         scores = {n.node_id: score(n, tokens, held[n.node_id]) for n in candidates}
         node = max(candidates, key=lambda n: scores[n.node_id])
         most = max(held.values())
-        if most > 0:
+        if most > 0 and role == "prefill":
             holders = [n for n in candidates if held[n.node_id] == most]
             holder = max(holders, key=lambda n: scores[n.node_id])
-            if not self._overloaded(holder, role, scores, tokens - most):
+            if not self._overloaded(holder, scores, tokens - most):
                 node = holder
         self.inflight_tokens[node.node_id] += tokens
         return node
@@ -140,13 +141,9 @@ class Fleet:
                 return nodes
         return []
 
-    def _overloaded(
-        self, node: NodePublic, role: NodeRole, scores: dict[str, float], uncached: int
-    ) -> bool:
-        """Whether ``node`` should not take a request for the sake of its cache."""
-        if role == "decode":  # no room for what it does not hold
-            return scores[node.node_id] < 0
-        # Its queue (the score less this request's part) against the shortest one.
+    def _overloaded(self, node: NodePublic, scores: dict[str, float], uncached: int) -> bool:
+        """Whether prefill node ``node`` should not take a request for its cache's
+        sake: its queue (the score less this request's part) against the shortest."""
         queue = -scores[node.node_id] - uncached
         shortest = min(-score for score in scores.values()) - uncached
         return queue > shortest + self.balance_tokens

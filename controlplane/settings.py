@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     # take about 3.5 ms of a decode step (a 512-token prompt prefilled locally shows
     # as 57-60 ms ITL p99 at 32 req/s, 14 ms when handed off).
     local_prefill_tokens: int = Field(128, ge=0)
-    # Send a request to the node whose prefix cache holds most of its prompt (False:
-    # by load alone), unless that is a prefill node whose queue is
-    # cache_balance_tokens longer than the shortest (or a decode node without room).
+    # Count what a node's prefix cache holds of a prompt as work it need not do
+    # (False: by load alone); a prefill node holding the most takes the request
+    # unless its queue is cache_balance_tokens longer than the shortest.
     cache_aware_routing: bool = True
     cache_balance_tokens: int = Field(8192, ge=0)
     # Larger request bodies are refused (413) before they are read whole: the chat

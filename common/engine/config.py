@@ -21,6 +21,12 @@ class ExpertParallelConfig:
     timeout_s: float = 10.0
     # How long members wait for each other to start (model loading included).
     join_timeout_s: float = 300.0
+    # Decode steps replay CUDA graphs on every member together (GPUs): 1.1-1.8x the
+    # eager group's speed on two H200s, but a member that dies while the others'
+    # graphs wait in an exchange was seen to leave a survivor stuck after it
+    # detected the failure (docs/benchmarks.md). Off: eager steps, whose failures
+    # never hang.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 2:

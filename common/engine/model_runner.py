@@ -58,7 +58,8 @@ class ModelRunner:
         self.graph_max_batch = min(config.cuda_graph_max_batch, config.max_num_reqs)
         if self.expert_parallel is not None and self.device.type == "cuda":
             # The members capture, and replay, the same graphs together.
-            self.graph_max_batch = self.expert_parallel.smallest(self.graph_max_batch)
+            wanted = self.graph_max_batch if self.expert_parallel.config.cuda_graphs else 0
+            self.graph_max_batch = self.expert_parallel.smallest(wanted)
         use_graphs = self.device.type == "cuda" and self.graph_max_batch > 0
         num_slots = self._num_kv_slots(use_graphs)
         self.max_model_len = self._max_model_len(num_slots)

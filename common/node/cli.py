@@ -77,6 +77,7 @@ def expert_parallel_config(
     cluster_token: str,
     host: str,
     timeout_s: float,
+    cuda_graphs: bool = False,
 ) -> ExpertParallelConfig:
     if role != "decode":
         raise ValueError("--ep-size is for decode nodes: a prefill node holds every expert")
@@ -85,7 +86,13 @@ def expert_parallel_config(
     if init is None:
         raise ValueError("--ep-init HOST:PORT is needed with --ep-size")
     return ExpertParallelConfig(
-        size, rank, init, cluster_token=cluster_token, host=host, timeout_s=timeout_s
+        size,
+        rank,
+        init,
+        cluster_token=cluster_token,
+        host=host,
+        timeout_s=timeout_s,
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -154,6 +161,14 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 "error and the node exits."
             ),
         ] = 10.0,
+        ep_cuda_graphs: Annotated[
+            bool,
+            typer.Option(
+                help="Expert parallelism on GPUs: decode steps replay CUDA graphs on every "
+                "member together (faster; a member dying mid-step was seen to leave another "
+                "stuck after it noticed). Give it to every member of the group, or none."
+            ),
+        ] = False,
         enable_prefix_caching: Annotated[
             bool,
             typer.Option(
@@ -184,8 +199,9 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 engine = replace(engine, cuda_graph_max_batch=0)
             if ep_size > 1 or ep_rank or ep_init:
                 group = expert_parallel_config(
-                    role, ep_size, ep_rank, ep_init, cluster_token, host, ep_timeout_s
-                )
+                    role, ep_size, ep_rank, ep_init, cluster_token, host, ep_timeout_s,
+                    ep_cuda_graphs,
+                )  # fmt: skip
                 engine = replace(engine, expert_parallel=group)
             config = NodeConfig(
                 engine=engine,

@@ -120,7 +120,7 @@ def member(
         num_kv_slots=1024,
         max_prefill_tokens=max_prefill_tokens,
         cuda_graph_max_batch=graph_max_batch,
-        expert_parallel=ep_config(size, rank, port),
+        expert_parallel=ep_config(size, rank, port, cuda_graphs=bool(graph_max_batch)),
     )
     engine = LLMEngine(config)
     if graph_max_batch and DEVICE == "cpu":

@@ -180,7 +180,9 @@ def test_dashboard_on_a_live_fleet(fleet: LocalFleet, browser: Browser, tmp_path
         row = page.locator(f'#nodes tr[data-node-id="{node_id}"]')
         expect(row.locator(".status")).to_have_text("ready")
         expect(row.locator(".kvtext")).to_have_text(re.compile(r"^\d+/8192 · \d+$"))
-        expect(row.locator("td").nth(9)).to_have_text(re.compile(r"^\d+\.\d s ago$"))
+        # Prompt tokens its prefix cache held, then its last heartbeat.
+        expect(row.locator("td").nth(9)).to_have_text(re.compile(r"^\d+(\.\d+)?%$"))
+        expect(row.locator("td").nth(10)).to_have_text(re.compile(r"^\d+\.\d s ago$"))
     ids = sorted((prefill, first_decode, second_decode))
     page.click('#nodes th[data-sort="node_id"]')  # sorted by id already: now descending
     expect(page.locator('#nodes th[aria-sort="descending"]')).to_have_text("Node")
