@@ -26,18 +26,7 @@
 set -uo pipefail
 out=${1:?usage: bench/prefix_cache_gpu.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  rm -rf /tmp/lightpd-site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lightpd-site \
-    "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH="/tmp/lightpd-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if [[ -f "$WHEELS/bin/redis-server" ]]; then
-  chmod +x "$WHEELS/bin/redis-server" && export PATH="$PWD/$WHEELS/bin:$PATH"
-fi
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 step() { echo "== $(date +%T) $*" | tee -a "$out/steps.log"; }
 if [[ ! -f "$MODEL_DIR/config.json" ]]; then
   step "writing the random checkpoint to $MODEL_DIR"

