@@ -29,6 +29,7 @@ both members (padding-only ones too) and ep2-graphs-kill fails in time.
 """
 
 import argparse
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ import torch
 from bench.ep_decode import bench_model, free_port
 from common.engine import EngineConfig, LLMEngine
 from common.engine.config import ExpertParallelConfig
+from common.engine.expert_parallel import TEARDOWN_WAIT_S
 from common.wire.sampling_params import SamplingParams
 
 TOKEN = "ep-graph-check"
@@ -78,6 +80,8 @@ def prompts(vocab: int) -> list[list[int]]:
 
 
 def member(run: Run, rank: int, init: str, died_at, results) -> None:
+    # A member stuck past the run's bound prints where (every thread) and exits.
+    faulthandler.dump_traceback_later(run.timeout_s + 60, exit=True)
     try:
         results.put(run_member(run, rank, init, died_at))
     except BaseException:
@@ -253,7 +257,8 @@ def compare(reference: dict[str, list[int]], result: dict) -> dict:
 
 
 def judge_kill(result: dict, timeout_s: float) -> dict:
-    """Member 0 failed the group within the bound and ended every request of its own."""
+    """Member 0 failed the group within the bound (the collective's timeout, then at
+    most TEARDOWN_WAIT_S for the group's teardown) and ended every request of its own."""
     if "error" in result:
         return {"ok": False, "error": result["error"]}
     report = result["members"][0]
@@ -263,7 +268,7 @@ def judge_kill(result: dict, timeout_s: float) -> dict:
     ok = (
         report["failure"] is not None
         and after is not None
-        and after < timeout_s + 5
+        and after < timeout_s + TEARDOWN_WAIT_S + 5
         and set(report["errors"]) == started & mine
         and all("retried" in e for e in report["errors"].values())
     )

@@ -44,6 +44,7 @@ import hmac
 import logging
 import os
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -62,6 +63,7 @@ from common.engine.models.moe import MoEExperts, SparseMoeBlock
 logger = logging.getLogger(__name__)
 
 _LABEL = b"lightpd expert parallel v1"
+TEARDOWN_WAIT_S = 10.0  # how long a failed member waits for the group's teardown
 
 
 class ExpertParallelError(RuntimeError):
@@ -317,15 +319,33 @@ class ExpertParallelGroup:
                 self.size,
                 reason,
             )
-        _release_all(self._releases)
         groups = {id(g): g for g in (self._control, self._data) if g is not None}
+        releases, self._releases[:] = list(self._releases), []
         self._control = self._data = self._store = None
         self._unfinished = False
-        for group in groups.values():
-            try:
-                group.abort()
-            except Exception:  # already broken: nothing more to release
-                logger.debug("aborting the expert-parallel group", exc_info=True)
+
+        def tear_down() -> None:
+            # The communicators first: a graph replay stuck in an exchange with a dead
+            # member holds its stream, and destroying that graph waits for it (seen
+            # on H200s); the abort is what ends the stuck kernels.
+            for group in groups.values():
+                try:
+                    group.abort()
+                except Exception:  # already broken: nothing more to release
+                    logger.debug("aborting the expert-parallel group", exc_info=True)
+            _release_all(releases)
+
+        # On a thread, bounded: whatever the driver does, this member goes on to end
+        # its requests (and a node then exits).
+        worker = threading.Thread(target=tear_down, name="ep-teardown", daemon=True)
+        worker.start()
+        worker.join(TEARDOWN_WAIT_S)
+        if worker.is_alive():
+            logger.error(
+                "tearing the expert-parallel group down did not finish within %g s; "
+                "going on without it",
+                TEARDOWN_WAIT_S,
+            )
 
 
 class ExpertExchange(nn.Module):

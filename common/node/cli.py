@@ -20,7 +20,7 @@ from common.engine.config import ExpertParallelConfig
 from common.engine.expert_parallel import ExpertParallelError
 from common.node.registrar import Registrar
 from common.node.runtime import default_node_id
-from common.node.server import DEFAULT_LEASE_S, NodeConfig, NodeServer
+from common.node.server import DEFAULT_LEASE_S, EXIT_GROUP_FAILED, NodeConfig, NodeServer
 
 Model = Annotated[str, typer.Option(help="Local Hugging Face model directory.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda:N.")]
@@ -261,7 +261,16 @@ def serve(server: NodeServer, role: str, control_plane: str | None, cluster_toke
     server.serve_forever()
     if registrar is not None:
         registrar.stop()
-    raise SystemExit(exit_code or server.exit_code)
+    code = exit_code or server.exit_code
+    if code == EXIT_GROUP_FAILED:
+        # A torn-down expert-parallel group (its communicators, and any CUDA graph that
+        # captured them) can abort the interpreter's own exit on GPUs: leave at once,
+        # with the code that says why.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def _registration(server: NodeServer) -> dict:
