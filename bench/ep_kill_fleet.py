@@ -51,11 +51,13 @@ async def stream(client: httpx.AsyncClient, url: str, tokens: int, ended: dict, 
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited child its parent has not reaped yet, a
+    zombie, has left)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
         return False
-    return True
 
 
 async def main() -> int:
