@@ -274,10 +274,13 @@ class Dispatcher:
         if self.settings.cache_aware_routing:
             hashes = block_hashes(tokens)
             index = self.client.prefix_index
+            held: dict[str, int] = {}  # by node: each is looked up once per request
 
             def overlap(node: NodePublic) -> int:
-                self.client.follow_cache(node.control_endpoint, node.node_id)
-                return index.overlap(node.control_endpoint, hashes)
+                if node.node_id not in held:
+                    self.client.follow_cache(node.control_endpoint, node.node_id)
+                    held[node.node_id] = index.overlap(node.control_endpoint, hashes)
+                return held[node.node_id]
 
         decode = await self.fleet.pick("decode", tried, len(tokens), overlap)
         if decode is None:

@@ -111,6 +111,15 @@ class PrefixCache:
         """The slots of the longest cached prefix of ``token_ids`` and the node it
         ends at (a node is split so that the match ends exactly at one). Marks the
         path as just used."""
+        node, _, parts = self._walk(token_ids)
+        if not parts:
+            return self.root.slots, node
+        return torch.cat(parts), node
+
+    def _walk(self, token_ids: list[int]) -> tuple[PrefixNode, int, list[torch.Tensor]]:
+        """Follow ``token_ids`` down the tree, splitting the last edge where they part,
+        and mark the path as just used: the node they end at, how many tokens it
+        covers, and the slots of each edge on the way."""
         node, matched, parts = self.root, 0, []
         now = next(self._clock)
         while matched < len(token_ids):
@@ -124,9 +133,7 @@ class PrefixCache:
             parts.append(child.slots)
             matched += n
             node = child
-        if not parts:
-            return self.root.slots, node
-        return torch.cat(parts), node
+        return node, matched, parts
 
     def path_slots(self, node: PrefixNode) -> torch.Tensor:
         """The slots of the whole prefix that ends at ``node``, int32."""
@@ -177,25 +184,17 @@ class PrefixCache:
         already, the tree keeps its own slots: returns that prefix's length (the
         caller still owns ``slots`` there) and the node the whole of ``token_ids``
         ends at. The tree owns ``slots`` past that length from now on."""
-        node, pos = self.root, 0
-        now = next(self._clock)
-        while pos < len(token_ids):
-            child = node.children.get(token_ids[pos])
-            if child is None:
-                break
-            n = _common_length(child.token_ids, token_ids[pos:])
-            if n < len(child):
-                child = self._split(child, n)
-            child.last_access = now
-            pos += n
-            node = child
+        node, pos, _ = self._walk(token_ids)
         num_existing = pos
         if pos < len(token_ids):
             leaf = PrefixNode(list(token_ids[pos:]), slots[pos:].clone(), node)
-            leaf.last_access = now
+            leaf.last_access = next(self._clock)
             node.children[token_ids[pos]] = leaf
             self.num_cached_slots += len(leaf)
-            leaf.hashes = block_hashes(token_ids)[pos // BLOCK_TOKENS :]
+            # Only the new blocks are named, the chain going on from the path's last.
+            first = pos // BLOCK_TOKENS
+            previous = self._last_block_name(node) if first else None
+            leaf.hashes = block_hashes(token_ids, first, previous)
             self._note_blocks(leaf.hashes, stored=True)
             # Nothing references a new leaf: its slots are evictable at once.
             node = leaf
@@ -237,6 +236,12 @@ class PrefixCache:
             return
         for block in hashes:
             self._block_events[block] = stored
+
+    def _last_block_name(self, node: PrefixNode) -> int:
+        """The name of the last whole block of the path that ends at ``node``."""
+        while not node.hashes:
+            node = node.parent
+        return node.hashes[-1]
 
     def take_block_events(self) -> tuple[list[int], list[int]]:
         """The names of the blocks stored and of those removed since the last call

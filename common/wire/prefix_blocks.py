@@ -16,15 +16,21 @@ import numpy as np
 BLOCK_TOKENS = 16
 
 
-def block_hashes(token_ids: list[int], num_blocks: int | None = None) -> list[int]:
-    """The names of the first ``num_blocks`` whole blocks of ``token_ids`` (all of
-    them when None); a trailing partial block has no name."""
-    whole = len(token_ids) // BLOCK_TOKENS
-    num_blocks = whole if num_blocks is None else min(num_blocks, whole)
-    data = np.asarray(token_ids[: num_blocks * BLOCK_TOKENS], dtype="<u4").tobytes()
+def block_hashes(
+    token_ids: list[int], first_block: int = 0, previous: int | None = None
+) -> list[int]:
+    """The names of the whole blocks of ``token_ids`` from ``first_block`` on (a
+    trailing partial block has no name). ``previous``: the name of block
+    ``first_block - 1``, which the chain goes on from (None from block 0)."""
+    if (previous is None) != (first_block == 0):
+        raise ValueError("a chain goes on from block 0, or from the name before first_block")
+    start = first_block * BLOCK_TOKENS
+    whole = start + (len(token_ids) - start) // BLOCK_TOKENS * BLOCK_TOKENS
+    data = np.asarray(token_ids[start:whole], dtype="<u4").tobytes()
     step = 4 * BLOCK_TOKENS
-    hashes, previous = [], b"\0" * 8
+    hashes = []
+    chain = b"\0" * 8 if previous is None else previous.to_bytes(8, "little", signed=True)
     for offset in range(0, len(data), step):
-        previous = hashlib.blake2b(previous + data[offset : offset + step], digest_size=8).digest()
-        hashes.append(int.from_bytes(previous, "little", signed=True))
+        chain = hashlib.blake2b(chain + data[offset : offset + step], digest_size=8).digest()
+        hashes.append(int.from_bytes(chain, "little", signed=True))
     return hashes
