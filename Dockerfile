@@ -1,5 +1,5 @@
 # One image for every lightpd service of compose.yaml: the control plane (the
-# default command), prefill and decode nodes (`python -m prefill_node|decode_node`),
+# default command), prefill and decode nodes (`python -m lightpd.prefill_node|decode_node`),
 # `lightctl` and the node health check. torch and Triton are the line our GPU
 # figures were measured with (docs/benchmarks.md: torch 2.11.0+cu130, Triton 3.6,
 # Python 3.12 on Ubuntu 24.04). The CUDA libraries come with the torch wheel
@@ -32,13 +32,13 @@ RUN python3.12 -m venv /opt/lightpd \
     && pip install --index-url https://download.pytorch.org/whl/cu130 torch==2.11.0 triton==3.6.0
 
 WORKDIR /src
+# Exact versions from the lock (torch and triton are the layer above), then lightpd
+# itself without resolving anything again: a release elsewhere cannot change the image.
+COPY requirements.lock ./
+RUN pip install --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
-COPY common ./common
-COPY kernels ./kernels
-COPY controlplane ./controlplane
-COPY prefill_node ./prefill_node
-COPY decode_node ./decode_node
-RUN pip install . && python -c "import torch, triton; print(torch.__version__, triton.__version__)"
+COPY lightpd ./lightpd
+RUN pip install --no-deps . && python -c "import torch, triton; print(torch.__version__, triton.__version__)"
 
 # Triton keeps its compiled kernels under $HOME, so the user gets one. The folder of
 # the default model is the mount point of compose.yaml's `tiny-llama` volume: a new
@@ -50,4 +50,4 @@ USER lightpd
 WORKDIR /home/lightpd
 
 EXPOSE 8000
-CMD ["python", "-m", "controlplane"]
+CMD ["python", "-m", "lightpd.controlplane"]

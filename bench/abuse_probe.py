@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from common.tiny import write_tiny_checkpoint
-from controlplane.embedded_redis import EmbeddedRedis, free_port
+from lightpd.common.tiny import write_tiny_checkpoint
+from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
 from tests.e2e.fleet import wait_healthy
 
 
@@ -88,7 +88,7 @@ def main() -> None:
         "LIGHTPD_PORT": str(port),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "controlplane"], env=env, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "lightpd.controlplane"], env=env, stderr=subprocess.DEVNULL
     )
     try:
         wait_healthy(url)

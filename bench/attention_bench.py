@@ -15,8 +15,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from kernels.decode_attention import DecodeLaunch, decode_attention_triton, decode_launch
-from kernels.prefill_attention import PrefillLaunch, prefill_attention_triton
+from lightpd.kernels.decode_attention import DecodeLaunch, decode_attention_triton, decode_launch
+from lightpd.kernels.prefill_attention import PrefillLaunch, prefill_attention_triton
 
 HQ, HK, D, DTYPE = 32, 8, 128, torch.bfloat16
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.tiny import write_tiny_checkpoint
 from tests.e2e.fleet import API_KEY, LocalFleet
 
 # When each fault strikes: the share of all streamed tokens passed by then.

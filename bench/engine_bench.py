@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from bench.attention_bench import copy_bandwidth, matmul_tflops, median_ms
-from common.engine import EngineConfig, LLMEngine
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.wire.sampling_params import SamplingParams
 
 LLAMA_31_8B = dict(
     hidden_size=4096,

@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 
 from bench.serving_model import write_model
-from common.engine import EngineConfig, LLMEngine
-from common.engine.config import ExpertParallelConfig
-from common.engine.models.moe import MoEExperts
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.config import ExpertParallelConfig
+from lightpd.common.engine.models.moe import MoEExperts
+from lightpd.common.wire.sampling_params import SamplingParams
 
 TOKEN = "ep-decode-bench"
 WARMUP_STEPS = 5

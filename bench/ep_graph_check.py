@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 
 from bench.ep_decode import bench_model, free_port
-from common.engine import EngineConfig, LLMEngine
-from common.engine.config import ExpertParallelConfig
-from common.engine.expert_parallel import TEARDOWN_WAIT_S
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.config import ExpertParallelConfig
+from lightpd.common.engine.expert_parallel import TEARDOWN_WAIT_S
+from lightpd.common.wire.sampling_params import SamplingParams
 
 TOKEN = "ep-graph-check"
 # (step, rank, prompt length, new tokens) of each request, "r0", "r1", ...

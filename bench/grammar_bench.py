@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from common.engine import EngineConfig, LLMEngine
-from common.engine.grammar import GrammarCache
-from common.wire.sampling_params import GrammarSpec, SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.grammar import GrammarCache
+from lightpd.common.wire.sampling_params import GrammarSpec, SamplingParams
 
 WEATHER = {
     "type": "object",
@@ -97,7 +97,7 @@ def synthetic_tokenizer(out: Path, vocab_size: int, bos_id: int, eos_id: int) ->
 
 def model_dir(tiny: bool, work: Path) -> Path:
     if tiny:
-        from common.tiny import write_tiny_checkpoint
+        from lightpd.common.tiny import write_tiny_checkpoint
 
         return write_tiny_checkpoint(work / "tiny", "llama")
     from bench.engine_bench import LLAMA_31_8B, build_model

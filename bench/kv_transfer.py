@@ -21,9 +21,9 @@ import time
 import torch
 import zmq
 
-from common.engine.kv_pool import TokenKVPool
-from common.engine.kv_transfer import gather_layer, scatter_layer
-from common.wire.auth import FleetKeys, start_authenticator
+from lightpd.common.engine.kv_pool import TokenKVPool
+from lightpd.common.engine.kv_transfer import gather_layer, scatter_layer
+from lightpd.common.wire.auth import FleetKeys, start_authenticator
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -99,11 +99,11 @@ def transfer_throughput(token_counts: list[int], repeats: int, plain: bool) -> N
 
 
 async def added_ttft(token_counts: list[int], repeats: int) -> None:
-    from common.engine import EngineConfig, LLMEngine
-    from common.tiny import write_tiny_checkpoint
-    from common.wire.sampling_params import SamplingParams
-    from controlplane.node_client import NodeClient
-    from controlplane.node_process import start_node
+    from lightpd.common.engine import EngineConfig, LLMEngine
+    from lightpd.common.tiny import write_tiny_checkpoint
+    from lightpd.common.wire.sampling_params import SamplingParams
+    from lightpd.controlplane.node_client import NodeClient
+    from lightpd.controlplane.node_process import start_node
 
     overrides = dict(
         hidden_size=256,

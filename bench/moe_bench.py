@@ -28,14 +28,14 @@ if not torch.cuda.is_available():
     # Triton reads this when a kernel is decorated, so before kernels/ is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.fused_moe import (
+from lightpd.kernels.fused_moe import (
     GemmTile,
     MoELaunch,
     fused_moe_reference,
     fused_moe_triton,
     moe_launch,
 )
-from kernels.moe_routing import moe_route_reference
+from lightpd.kernels.moe_routing import moe_route_reference
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.serving_fleet import cpu_seconds
-from common.tiny import write_tiny_checkpoint
-from controlplane.embedded_redis import free_port
-from controlplane.node_process import start_node
+from lightpd.common.tiny import write_tiny_checkpoint
+from lightpd.controlplane.embedded_redis import free_port
+from lightpd.controlplane.node_process import start_node
 
 
 def main() -> None:

@@ -20,17 +20,17 @@ import threading
 import time
 from pathlib import Path
 
-from common.engine import EngineConfig, LLMEngine
-from common.engine.request import RequestError, RequestOutput
-from common.tokenizer import load_tokenizer
-from common.wire.sampling_params import SamplingParams
-from controlplane.bench.client import ClientConfig
-from controlplane.bench.metrics import parse_slo, summarize
-from controlplane.bench.plots import write_plots
-from controlplane.bench.record import RequestRecord
-from controlplane.bench.report import result_json, write_result
-from controlplane.bench.runner import LoadSpec, Runner
-from controlplane.bench.workload import TokenPrompts, WorkloadSpec, build_workload
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.request import RequestError, RequestOutput
+from lightpd.common.tokenizer import load_tokenizer
+from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.bench.client import ClientConfig
+from lightpd.controlplane.bench.metrics import parse_slo, summarize
+from lightpd.controlplane.bench.plots import write_plots
+from lightpd.controlplane.bench.record import RequestRecord
+from lightpd.controlplane.bench.report import result_json, write_result
+from lightpd.controlplane.bench.runner import LoadSpec, Runner
+from lightpd.controlplane.bench.workload import TokenPrompts, WorkloadSpec, build_workload
 
 
 class EngineClient:

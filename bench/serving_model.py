@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from bench.engine_bench import SHAPES
-from common.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from lightpd.common.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 
 SMALL = dict(
     hidden_size=256,

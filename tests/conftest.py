@@ -17,7 +17,7 @@ DEVICE = os.environ.get("LIGHTPD_TEST_DEVICE", "cpu")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Build (once per session) a tiny random checkpoint: tiny_model("qwen3", dtype=...)."""
-    from common.tiny import write_tiny_checkpoint
+    from lightpd.common.tiny import write_tiny_checkpoint
 
     cache: dict[tuple, str] = {}
 

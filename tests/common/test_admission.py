@@ -1,4 +1,4 @@
-from common.engine.admission import OutputLengthEstimator, peak_tokens
+from lightpd.common.engine.admission import OutputLengthEstimator, peak_tokens
 
 
 def test_peak_tokens_matches_hand_computed_schedule():

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from common.engine import EngineConfig, LLMEngine
-from common.engine.cuda_graphs import graph_batch_sizes
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.cuda_graphs import graph_batch_sizes
+from lightpd.common.wire.sampling_params import SamplingParams
 from tests.common.test_engine import hf_greedy, random_prompts
 from tests.conftest import DEVICE
 

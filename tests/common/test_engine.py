@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.engine import EngineConfig, FinishReason, LLMEngine, RequestError, llm_engine
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine, RequestError, llm_engine
+from lightpd.common.wire.sampling_params import SamplingParams
 from tests.conftest import DEVICE
 
 NEW_TOKENS = 32

@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-from common.engine import EngineConfig, LLMEngine, RequestError
-from common.engine.config import ExpertParallelConfig
-from common.engine.cuda_graphs import decode_step, graph_batch_sizes
-from common.engine.expert_parallel import ExpertParallelError, ExpertParallelGroup
-from common.engine.loader import load_model
-from common.engine.model_config import ModelConfig
-from common.engine.models.moe import SparseMoeBlock
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine, RequestError
+from lightpd.common.engine.config import ExpertParallelConfig
+from lightpd.common.engine.cuda_graphs import decode_step, graph_batch_sizes
+from lightpd.common.engine.expert_parallel import ExpertParallelError, ExpertParallelGroup
+from lightpd.common.engine.loader import load_model
+from lightpd.common.engine.model_config import ModelConfig
+from lightpd.common.engine.models.moe import SparseMoeBlock
+from lightpd.common.wire.sampling_params import SamplingParams
 from tests.common.test_engine import make_engine, random_prompts
 from tests.conftest import DEVICE
 
@@ -416,7 +416,7 @@ def test_a_dense_model_cannot_share_experts(tiny_model):
 
 
 def test_the_loader_never_reads_other_members_experts(tiny_model, monkeypatch):
-    from common.engine import loader
+    from lightpd.common.engine import loader
 
     model_dir = tiny_model("mixtral")
     read: list[str] = []

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from common.engine import EngineConfig, FinishReason, LLMEngine
-from common.tokenizer import load_tokenizer
-from common.wire.sampling_params import GrammarSpec, SamplingParams
+from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine
+from lightpd.common.tokenizer import load_tokenizer
+from lightpd.common.wire.sampling_params import GrammarSpec, SamplingParams
 from tests.conftest import DEVICE
 from tests.json_schema_check import ALL_SCHEMAS, check
 
@@ -19,7 +19,7 @@ FORK = "x[0-9]{5}|y[a-z]{5}"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from common.tiny import write_tiny_checkpoint
+    from lightpd.common.tiny import write_tiny_checkpoint
 
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("grammar") / "m", "llama"))
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 import zmq
 
-from common.engine import EngineConfig, FinishReason, LLMEngine
-from common.engine.connector import KVConnector, KVRecvSpec, KVSendSpec, LayerChunk
-from common.engine.connector.collective import CollectiveConnector
-from common.engine.connector.zeromq import ZmqConnector
-from common.engine.kv_transfer import kv_layout
-from common.wire.auth import FleetKeys
-from common.wire.messages import KVLayout
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine
+from lightpd.common.engine.connector import KVConnector, KVRecvSpec, KVSendSpec, LayerChunk
+from lightpd.common.engine.connector.collective import CollectiveConnector
+from lightpd.common.engine.connector.zeromq import ZmqConnector
+from lightpd.common.engine.kv_transfer import kv_layout
+from lightpd.common.wire.auth import FleetKeys
+from lightpd.common.wire.messages import KVLayout
+from lightpd.common.wire.sampling_params import SamplingParams
 from tests.conftest import DEVICE
 
 SLOTS = 2048
@@ -367,7 +367,7 @@ class socket_nobody_reads:
 
 def test_free_slots_are_counted_by_the_pool():
     # The suite's end-state check relies on the pool's count: a sanity check of it.
-    from common.engine.kv_pool import TokenKVPool
+    from lightpd.common.engine.kv_pool import TokenKVPool
 
     pool = TokenKVPool(16, 1, 1, 4, torch.float32, "cpu")
     slots = pool.allocate(5)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.engine.kv_pool import OutOfSlotsError, TokenKVPool
+from lightpd.common.engine.kv_pool import OutOfSlotsError, TokenKVPool
 
 
 def make_pool(num_slots: int = 64) -> TokenKVPool:

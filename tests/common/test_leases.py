@@ -3,7 +3,7 @@ only that sender's; peers that own no request are not remembered."""
 
 import time
 
-from common.node.runtime import Leases
+from lightpd.common.node.runtime import Leases
 
 
 def test_only_the_silent_owner_expires_and_others_are_forgotten():

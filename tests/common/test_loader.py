@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.engine import EngineConfig, LLMEngine
-from common.engine.loader import WeightLoadError
-from common.engine.model_config import ModelConfig, ModelConfigError
-from common.engine.models import UnsupportedArchitectureError
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.loader import WeightLoadError
+from lightpd.common.engine.model_config import ModelConfig, ModelConfigError
+from lightpd.common.engine.models import UnsupportedArchitectureError
+from lightpd.common.tiny import write_tiny_checkpoint
 
 
 def copy_model(src: str, dst: Path) -> Path:

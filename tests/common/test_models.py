@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine import EngineConfig, LLMEngine
 from tests.conftest import DEVICE
 
 ARCHES = [

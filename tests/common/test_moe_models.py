@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from common.engine.loader import WeightLoadError
-from common.engine.models.moe import SparseMoeBlock, moe_experts_reference
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.engine.loader import WeightLoadError
+from lightpd.common.engine.models.moe import SparseMoeBlock, moe_experts_reference
+from lightpd.common.tiny import write_tiny_checkpoint
 from tests.common.test_engine import GREEDY, hf_greedy, make_engine, random_prompts, run_staggered
 from tests.common.test_loader import copy_model, edit_weights, load
 

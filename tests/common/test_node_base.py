@@ -5,10 +5,10 @@ import time
 
 import zmq
 
-from common.node.runtime import Publisher
-from common.wire.auth import FleetKeys, start_authenticator
-from common.wire.messages import HealthCheck, TokenEvent, decode, encode
-from common.wire.sockets import serving_socket
+from lightpd.common.node.runtime import Publisher
+from lightpd.common.wire.auth import FleetKeys, start_authenticator
+from lightpd.common.wire.messages import HealthCheck, TokenEvent, decode, encode
+from lightpd.common.wire.sockets import serving_socket
 
 KEYS = FleetKeys.from_token("unit-test-token")
 

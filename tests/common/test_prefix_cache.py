@@ -4,11 +4,11 @@ import random
 
 import torch
 
-from common.engine import EngineConfig, LLMEngine
-from common.engine.kv_pool import TokenKVPool
-from common.engine.prefix_cache import PrefixCache
-from common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.engine.kv_pool import TokenKVPool
+from lightpd.common.engine.prefix_cache import PrefixCache
+from lightpd.common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
+from lightpd.common.wire.sampling_params import SamplingParams
 from tests.conftest import DEVICE
 
 

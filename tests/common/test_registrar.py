@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from common.node.registrar import Registrar
+from lightpd.common.node.registrar import Registrar
 
 UNAVAILABLE = {"error": {"message": "Redis is unavailable", "code": "redis_unavailable"}}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from common.engine.sampler import Sampler, SamplingBatch, seed_to_key
+from lightpd.common.engine.sampler import Sampler, SamplingBatch, seed_to_key
 
 VOCAB = 50
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from transformers import AutoTokenizer, TokenizersBackend
+from transformers import AutoTokenizer
 
-from common.tokenizer import encode_chat, load_tokenizer
+from lightpd.common.tokenizer import encode_chat, load_tokenizer
+from lightpd.controlplane.text_stream import TextStream
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 TEXTS = [
     "Hello world! How are you today?",
     "  leading and trailing spaces  \n\n\ttabs\r\nand lines\n",
@@ -40,23 +41,10 @@ CONVERSATIONS = [
 ]
 
 
-def reference_tokenizer(arch: str, path: str):
-    """transformers' tokenizer for the folder. For a qwen2 config, AutoTokenizer
-    builds Qwen2Tokenizer, which replaces tokenizer.json's pre-tokenizer with its own
-    and adds <|endoftext|> past the model's vocabulary; our tiny checkpoints were not
-    made with that pipeline, so the reference is the class tokenizer_config.json
-    names, the one AutoTokenizer gives for the other architectures."""
-    if arch == "qwen2":
-        return TokenizersBackend.from_pretrained(path)
-    reference = AutoTokenizer.from_pretrained(path)
-    assert type(reference) is TokenizersBackend
-    return reference
-
-
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def tokenizers(request, tiny_model):
     path = tiny_model(request.param)
-    return load_tokenizer(path), reference_tokenizer(request.param, path)
+    return load_tokenizer(path), AutoTokenizer.from_pretrained(path)
 
 
 def test_encode_matches_transformers(tokenizers):
@@ -144,7 +132,7 @@ def old_style_checkpoint(tiny_model, tmp_path):
 
 def test_config_options_match_transformers(old_style_checkpoint):
     ours = load_tokenizer(old_style_checkpoint)
-    theirs = TokenizersBackend.from_pretrained(old_style_checkpoint)
+    theirs = AutoTokenizer.from_pretrained(old_style_checkpoint)
     assert len(ours) == len(theirs) == 402
     assert ours.all_special_ids == theirs.all_special_ids
     for text in [*TEXTS, "<unk> and <|image|>"]:
@@ -172,9 +160,12 @@ def test_a_template_may_reject_a_conversation(old_style_checkpoint):
         encode_chat(ours, [{"role": "tool", "content": "{}"}])
 
 
-def test_a_folder_without_tokenizer_json_is_refused(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"no tokenizer\.json: only fast tokenizers"):
+def test_a_folder_transformers_cannot_read_is_refused_with_its_reason(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
+    with pytest.raises(
+        ValueError, match=r"transformers could not load the tokenizer of \S+: \w.+"
+    ):
         load_tokenizer(tmp_path)
 
 
@@ -182,7 +173,7 @@ def test_the_control_plane_imports_neither_torch_nor_transformers():
     pytest.importorskip("fastapi")  # absent where only the engine is installed (GPU image)
     pytest.importorskip("redis")
     check = (
-        "import sys, controlplane.app; "
+        "import sys, lightpd.controlplane.app; "
         "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]; "
         "assert not any(m.startswith('transformers') for m in sys.modules)"
     )
@@ -191,3 +182,91 @@ def test_the_control_plane_imports_neither_torch_nor_transformers():
         [sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+# Tokenizer files that disagree with their model family's class: transformers picks
+# the class by config.json's model_type when tokenizer_config.json names none (or
+# names the generic backend), and that class may rebuild parts of the pipeline.
+
+MATRIX_TEXTS = [
+    "0 1 2 3 4 5",
+    'JSON: {"a": [1, 2',
+    "12345678901234567890 3.14159e-10",
+    "中文 日本語 한국어 混合 text",
+    "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷",
+    "runs    of     spaces\n\n\n\nand\t\tnewlines \n \n",
+    "<|bos|>inside<|im_end|> text <|tool|>call<|tool|>x",
+    " leading space and trailing ",
+]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "llama", "mistral"])
+def family(request):
+    return request.param
+
+
+@pytest.mark.parametrize("tokenizer_class", [None, "TokenizersBackend"])
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_token_ids_and_text_are_transformers_own(
+    tiny_model, tmp_path, family, tokenizer_class, add_bos_token
+):
+    source = Path(tiny_model("llama"))
+    shutil.copy(source / "tokenizer.json", tmp_path)
+    model_config = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**model_config, "model_type": family}))
+    config = {
+        "bos_token": "<|bos|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>",
+        "add_bos_token": add_bos_token,
+        "add_eos_token": False,
+        # A special token the vocabulary lacks: added, and split out of text.
+        "extra_special_tokens": ["<|tool|>"],
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert len(ours) == len(theirs)
+    assert ours.all_special_ids == theirs.all_special_ids
+    for text in MATRIX_TEXTS:
+        for add_special_tokens in (True, False):
+            expected = theirs.encode(text, add_special_tokens=add_special_tokens)
+            assert ours.encode(text, add_special_tokens=add_special_tokens) == expected, text
+        ids = theirs.encode(text, add_special_tokens=True)
+        expected_text = theirs.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=True) == expected_text, text
+        # Streamed one token at a time, as the control plane sends it.
+        stream = TextStream(ours, stops=[])
+        streamed = "".join(stream.add([token]) for token in ids) + stream.flush()
+        assert streamed == expected_text, text
+
+
+def test_the_qwen2_case_of_the_report(tiny_model, tmp_path):
+    """A qwen2 checkpoint whose tokenizer.json splits digit runs as one: transformers'
+    Qwen2Tokenizer splits every digit, and so must we."""
+    path = Path(tiny_model("qwen2"))
+    theirs = AutoTokenizer.from_pretrained(path)
+    assert type(theirs).__name__ == "Qwen2Tokenizer"
+    ours = load_tokenizer(path)
+    for text in ("0 1 2 3 4 5", 'JSON: {"a": [1, 2', "2026-12-07 12345"):
+        assert ours.encode(text) == theirs.encode(text), text
+
+
+def test_the_export_is_made_once_and_reused(tiny_model, tmp_path, monkeypatch):
+    from lightpd.common import tokenizer_export
+
+    monkeypatch.setenv("LIGHTPD_HOME", str(tmp_path))
+    path = Path(tiny_model("qwen3"))
+    load_tokenizer(path)
+    exports = list((tmp_path / "tokenizers").glob("*.json"))
+    assert len(exports) == 1
+    made = exports[0].stat().st_mtime_ns
+    load_tokenizer(path)
+    assert exports[0].stat().st_mtime_ns == made  # read from the cache, not made again
+    assert (
+        tokenizer_export.exported_tokenizer(path)["tokenizer_class"]
+        == type(AutoTokenizer.from_pretrained(path)).__name__
+    )

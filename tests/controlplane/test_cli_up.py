@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from controlplane.embedded_redis import EmbeddedRedis, free_port
+from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
 
 LIGHTCTL = os.path.join(os.path.dirname(sys.executable), "lightctl")
 READY = "Press Ctrl-C"

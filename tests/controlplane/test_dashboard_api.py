@@ -7,11 +7,11 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
-from common.wire.identity import model_fingerprint
-from controlplane import session
-from controlplane.app import create_app
-from controlplane.settings import Settings
-from controlplane.store import Store
+from lightpd.common.wire.identity import model_fingerprint
+from lightpd.controlplane import session
+from lightpd.controlplane.app import create_app
+from lightpd.controlplane.settings import Settings
+from lightpd.controlplane.store import Store
 from tests.controlplane.test_store import registration
 
 ADMIN = "admin-secret-token"

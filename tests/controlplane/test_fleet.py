@@ -4,8 +4,8 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from controlplane.fleet import Fleet
-from controlplane.store import Store
+from lightpd.controlplane.fleet import Fleet
+from lightpd.controlplane.store import Store
 from tests.controlplane.test_store import registration
 
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from controlplane.api import openai
-from controlplane.app import create_app
-from controlplane.settings import Settings
+from lightpd.controlplane.api import openai
+from lightpd.controlplane.app import create_app
+from lightpd.controlplane.settings import Settings
 
 API_KEY = "sk-test-key"
 ADMIN = "admin-secret-token"

@@ -2,9 +2,9 @@
 
 import time
 
-from common.wire.messages import CacheEvents
-from common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
-from controlplane.prefix_index import PrefixIndex
+from lightpd.common.wire.messages import CacheEvents
+from lightpd.common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
+from lightpd.controlplane.prefix_index import PrefixIndex
 
 NODE = "tcp://127.0.0.1:5000"
 

@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from controlplane.app import create_app, redis_client
-from controlplane.embedded_redis import EmbeddedRedis
-from controlplane.fleet import Fleet
-from controlplane.settings import Settings
-from controlplane.store import PENDING_RETRY_S, Store
+from lightpd.controlplane.app import create_app, redis_client
+from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.fleet import Fleet
+from lightpd.controlplane.settings import Settings
+from lightpd.controlplane.store import PENDING_RETRY_S, Store
 from tests.controlplane.test_store import STATS, registration
 
 ADMIN = "admin-token"
@@ -113,7 +113,7 @@ def test_the_request_buffer_is_bounded_and_says_when_it_drops(server, settings, 
         await until(lambda: _no_pending(store))
         return await store.requests()
 
-    with caplog.at_level(logging.WARNING, logger="controlplane.store"):
+    with caplog.at_level(logging.WARNING, logger="lightpd.controlplane.store"):
         recorded = run(settings, body, max_pending_requests=3)
     assert {r.request_id: r.state for r in recorded} == {
         "r2": "queued",

@@ -3,9 +3,9 @@
 import asyncio
 import time
 
-from controlplane.app import redis_client
-from controlplane.embedded_redis import EmbeddedRedis
-from controlplane.settings import Settings
+from lightpd.controlplane.app import redis_client
+from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.settings import Settings
 
 
 def test_calls_beyond_the_pool_wait_for_a_connection(tiny_model) -> None:

@@ -15,12 +15,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from common.wire.messages import TokenEvent
-from common.wire.sampling_params import SamplingParams
-from controlplane import store as store_module
-from controlplane.app import create_app
-from controlplane.embedded_redis import EmbeddedRedis
-from controlplane.settings import Settings
+from lightpd.common.wire.messages import TokenEvent
+from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane import store as store_module
+from lightpd.controlplane.app import create_app
+from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.settings import Settings
 
 API_KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

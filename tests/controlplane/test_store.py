@@ -5,9 +5,9 @@ import time
 
 import redis.asyncio as aioredis
 
-from controlplane.fleet import Fleet
-from controlplane.schemas import NodeRegistration, NodeStats
-from controlplane.store import Store
+from lightpd.controlplane.fleet import Fleet
+from lightpd.controlplane.schemas import NodeRegistration, NodeStats
+from lightpd.controlplane.store import Store
 
 STATS = NodeStats(
     num_free_slots=100,
@@ -159,8 +159,8 @@ def test_a_node_whose_loop_is_stuck_is_dead_though_it_heartbeats(redis_url):
 def test_the_registry_schemas_are_the_nodes_own_status():
     # Nodes describe themselves with one struct (common.wire.messages.NodeStatus); the
     # control plane's HTTP schemas must take exactly its fields, or they drift apart.
-    from common.wire.messages import NodeStats as WireStats
-    from common.wire.messages import NodeStatus
+    from lightpd.common.wire.messages import NodeStats as WireStats
+    from lightpd.common.wire.messages import NodeStatus
 
     identity = set(NodeStatus.__struct_fields__) - {"layout", "stats"}
     assert set(NodeRegistration.model_fields) == identity

@@ -5,9 +5,9 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from controlplane import timeseries
-from controlplane.schemas import NodePublic
-from controlplane.timeseries import Timeseries, percentile
+from lightpd.controlplane import timeseries
+from lightpd.controlplane.schemas import NodePublic
+from lightpd.controlplane.timeseries import Timeseries, percentile
 from tests.controlplane.test_store import STATS, registration
 
 T0 = 1_800_000_000  # a whole second

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from controlplane.api.errors import OpenAIError
-from controlplane.openai_schemas import ChatCompletionRequest
-from controlplane.tool_calls import SYNTAXES, ToolPlan, plan_tools, syntax_of
+from lightpd.controlplane.api.errors import OpenAIError
+from lightpd.controlplane.openai_schemas import ChatCompletionRequest
+from lightpd.controlplane.tool_calls import SYNTAXES, ToolPlan, plan_tools, syntax_of
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [

@@ -147,7 +147,7 @@ def _check_script(script: str) -> None:
 
 def node_env_vars() -> set[str]:
     """The environment variables a node's command line reads."""
-    from prefill_node.__main__ import app
+    from lightpd.prefill_node.__main__ import app
 
     command = typer.main.get_command(app)
     return {p.envvar for p in command.params if isinstance(getattr(p, "envvar", None), str)}

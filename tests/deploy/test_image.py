@@ -135,7 +135,7 @@ def dockerignore() -> list[str]:
 
 def test_dockerignore_keeps_environments_wheels_caches_and_secrets_out():
     patterns = dockerignore()
-    for path in (".venv", ".wheels", ".cache", ".git", ".env", "controlplane/__pycache__"):
+    for path in (".venv", ".wheels", ".cache", ".git", ".env", "lightpd/controlplane/__pycache__"):
         assert ignored(path, patterns), path
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import zmq
 
-from common.wire.auth import FleetKeys
-from common.wire.messages import Message, decode
-from controlplane.embedded_redis import EmbeddedRedis, free_port
-from controlplane.node_process import NodeProcess, start_node
+from lightpd.common.wire.auth import FleetKeys
+from lightpd.common.wire.messages import Message, decode
+from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
+from lightpd.controlplane.node_process import NodeProcess, start_node
 
 ADMIN_TOKEN = "test-admin"
 CLUSTER_TOKEN = "test-cluster"
@@ -103,7 +103,7 @@ class LocalFleet:
         self.url = f"http://127.0.0.1:{port}"
         output = None if self.control_plane_log is None else self.control_plane_log.open("ab")
         self.control_plane = subprocess.Popen(
-            [sys.executable, "-m", "controlplane"],
+            [sys.executable, "-m", "lightpd.controlplane"],
             env={**self.env, "LIGHTPD_PORT": str(port)},
             stdout=output,
             stderr=None if output is None else subprocess.STDOUT,
@@ -127,7 +127,7 @@ class LocalFleet:
         their heartbeats going to the first one."""
         port = free_port()
         process = subprocess.Popen(
-            [sys.executable, "-m", "controlplane"],
+            [sys.executable, "-m", "lightpd.controlplane"],
             env={**self.env, "LIGHTPD_PORT": str(port), **settings},
         )
         control_plane = ControlPlane(process, f"http://127.0.0.1:{port}")

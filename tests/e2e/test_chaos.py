@@ -4,7 +4,7 @@ SIGKILLed, Redis is killed and restarted, and one control plane is restarted.
 The longer run is `python3 -m bench.chaos` (figures in docs/benchmarks.md)."""
 
 from bench import chaos
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.tiny import write_tiny_checkpoint
 
 STREAMS = 200
 TOKENS = 48

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.tiny import write_tiny_checkpoint
 from tests.e2e.fleet import API_KEY, LocalFleet
 
 GRACE_S = 2.0

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.tiny import write_tiny_checkpoint
 from tests.e2e.fleet import ADMIN_TOKEN, LocalFleet
 from tests.e2e.test_fleet_ops import Traffic, chat, run_lightctl
 

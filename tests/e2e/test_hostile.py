@@ -13,16 +13,16 @@ import httpx
 import pytest
 import zmq
 
-from common.wire.auth import FleetKeys
-from common.wire.messages import (
+from lightpd.common.wire.auth import FleetKeys
+from lightpd.common.wire.messages import (
     HealthCheck,
     KVLayer,
     PrefillDone,
     Reserve,
     encode,
 )
-from common.wire.sampling_params import SamplingParams
-from controlplane.node_client import NodeClient
+from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.node_client import NodeClient
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call, wait_healthy
 
 # A pool of 1,200 slots: 20 requests of 20 prompt + 40 output tokens at a time.
@@ -32,7 +32,7 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    from common.tiny import write_tiny_checkpoint
+    from lightpd.common.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny", "llama")
     running = LocalFleet(
@@ -182,7 +182,7 @@ def test_many_member_connections_leave_the_node_open_files_bounded(fleet):
 
 
 def test_a_destination_that_never_reads_cannot_freeze_a_node(fleet, tmp_path):
-    from controlplane.node_process import start_node
+    from lightpd.controlplane.node_process import start_node
 
     node = start_node(
         "decode", fleet.model, "--num-kv-slots", str(SLOTS), cluster_token=CLUSTER_TOKEN
@@ -310,12 +310,12 @@ _PROCESSES: dict[str, subprocess.Popen] = {}
 def _second_control_plane(fleet: LocalFleet, settings: dict[str, str]) -> str:
     import sys
 
-    from controlplane.embedded_redis import free_port
+    from lightpd.controlplane.embedded_redis import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "controlplane"],
+        [sys.executable, "-m", "lightpd.controlplane"],
         env={**fleet.env, **settings, "LIGHTPD_PORT": str(port)},
     )
     _PROCESSES[url] = process

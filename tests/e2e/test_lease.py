@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.tiny import write_tiny_checkpoint
-from common.wire.auth import FleetKeys
-from common.wire.messages import Health, HealthCheck, NodeStatus, TokenEvent, encode
-from common.wire.sampling_params import SamplingParams
-from controlplane.node_client import NodeClient
-from controlplane.node_process import NodeProcess, start_node
+from lightpd.common.tiny import write_tiny_checkpoint
+from lightpd.common.wire.auth import FleetKeys
+from lightpd.common.wire.messages import Health, HealthCheck, NodeStatus, TokenEvent, encode
+from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.node_client import NodeClient
+from lightpd.controlplane.node_process import NodeProcess, start_node
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call
 
 KEYS = FleetKeys.from_token(CLUSTER_TOKEN)

@@ -6,9 +6,9 @@ import random
 import msgspec
 import pytest
 
-from common.engine import EngineConfig, LLMEngine
-from common.wire.auth import FleetKeys
-from common.wire.messages import (
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.wire.auth import FleetKeys
+from lightpd.common.wire.messages import (
     PROTOCOL_VERSION,
     Error,
     HealthCheck,
@@ -18,9 +18,9 @@ from common.wire.messages import (
     PrefillDone,
     encode,
 )
-from common.wire.sampling_params import SamplingParams
-from controlplane.node_client import NodeClient, NodeError
-from controlplane.node_process import start_node
+from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.node_client import NodeClient, NodeError
+from lightpd.controlplane.node_process import start_node
 from tests.e2e.fleet import CLUSTER_TOKEN, raw_call
 
 SLOTS = 4096
@@ -82,7 +82,7 @@ async def wait_for_idle(client: NodeClient, *endpoints: str, timeout: float = 10
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
-    from common.tiny import write_tiny_checkpoint
+    from lightpd.common.tiny import write_tiny_checkpoint
 
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama"))
 

@@ -9,10 +9,10 @@ import httpx
 import openai
 import pytest
 
-from common.engine import EngineConfig, LLMEngine
-from common.tokenizer import encode_chat, load_tokenizer
-from common.wire.sampling_params import SamplingParams
-from controlplane.embedded_redis import free_port
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.tokenizer import encode_chat, load_tokenizer
+from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.embedded_redis import free_port
 from tests.e2e.fleet import API_KEY, LocalFleet
 
 MODEL_NAME = "tiny"
@@ -22,7 +22,7 @@ MODEL_NAME = "tiny"
 # group per node pair ("nccl": NCCL between GPUs, Gloo here on the CPU).
 @pytest.fixture(scope="module", params=("zmq", "nccl"))
 def fleet(tmp_path_factory, request):
-    from common.tiny import write_tiny_checkpoint
+    from lightpd.common.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path_factory.mktemp("m") / MODEL_NAME, "qwen2")
     node_args = (*LocalFleet.node_args, "--kv-transport", request.param)
@@ -275,7 +275,7 @@ def test_admin_api_metrics_and_a_second_control_plane(fleet, client):
     # Another control plane on the same Redis serves the same fleet.
     port = free_port()
     second = subprocess.Popen(
-        [sys.executable, "-m", "controlplane"], env={**fleet.env, "LIGHTPD_PORT": str(port)}
+        [sys.executable, "-m", "lightpd.controlplane"], env={**fleet.env, "LIGHTPD_PORT": str(port)}
     )
     try:
         other = openai.OpenAI(

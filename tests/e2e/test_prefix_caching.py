@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from common.engine import EngineConfig, LLMEngine
-from common.tiny import write_tiny_checkpoint
-from common.tokenizer import encode_chat, load_tokenizer
-from common.wire.sampling_params import SamplingParams
+from lightpd.common.engine import EngineConfig, LLMEngine
+from lightpd.common.tiny import write_tiny_checkpoint
+from lightpd.common.tokenizer import encode_chat, load_tokenizer
+from lightpd.common.wire.sampling_params import SamplingParams
 from tests.e2e.fleet import API_KEY, LocalFleet
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}

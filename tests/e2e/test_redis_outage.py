@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from common.tiny import write_tiny_checkpoint
+from lightpd.common.tiny import write_tiny_checkpoint
 from tests.e2e.fleet import LocalFleet
 
 OUTAGE_S = 3.0

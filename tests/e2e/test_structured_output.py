@@ -48,7 +48,7 @@ SCHEMAS = {"get_weather": WEATHER, "set_alarm": ALARM}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from common.tiny import write_tiny_checkpoint
+    from lightpd.common.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path_factory.mktemp("m") / MODEL, "qwen2")
     (model / "chat_template.jinja").write_text(TOOLS_TEMPLATE)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import triton
 
-from kernels.decode_attention import (
+from lightpd.kernels.decode_attention import (
     DecodeLaunch,
     decode_attention_reference,
     decode_attention_triton,

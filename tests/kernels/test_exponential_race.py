@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.exponential_race import exponential_race_reference, exponential_race_triton
+from lightpd.kernels.exponential_race import exponential_race_reference, exponential_race_triton
 from tests.kernels.helpers import DEVICE, DTYPES
 
 VOCAB = 5000  # not a multiple of the kernel's block: the last block is partial

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels.fused_moe import GemmTile, MoELaunch, fused_moe_reference, fused_moe_triton
-from kernels.moe_routing import (
+from lightpd.kernels.fused_moe import GemmTile, MoELaunch, fused_moe_reference, fused_moe_triton
+from lightpd.kernels.moe_routing import (
     MoERouting,
     local_expert_map,
     max_expert_blocks,

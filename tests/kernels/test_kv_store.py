@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.kv_store import store_kv_reference, store_kv_triton
+from lightpd.kernels.kv_store import store_kv_reference, store_kv_triton
 from tests.kernels.helpers import DEVICE, DTYPES, fused_qkv
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.prefill_attention import (
+from lightpd.kernels.prefill_attention import (
     PrefillLaunch,
     prefill_attention_reference,
     prefill_attention_triton,

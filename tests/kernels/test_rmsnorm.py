@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.rmsnorm import rms_norm_reference, rms_norm_triton
+from lightpd.kernels.rmsnorm import rms_norm_reference, rms_norm_triton
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close
 
 EPS = 1e-6

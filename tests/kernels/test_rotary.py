@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.rotary import apply_rotary_reference, apply_rotary_triton
+from lightpd.kernels.rotary import apply_rotary_reference, apply_rotary_triton
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close, fused_qkv
 
 MAX_POSITIONS = 4096

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.silu_and_mul import silu_and_mul_reference, silu_and_mul_triton
+from lightpd.kernels.silu_and_mul import silu_and_mul_reference, silu_and_mul_triton
 from tests.kernels.helpers import DEVICE, DTYPES, assert_close
 
 

@@ -7,11 +7,11 @@ import json
 import httpx
 import pytest
 
-from controlplane.bench.arrivals import arrival_times
-from controlplane.bench.client import ClientConfig, StreamClient
-from controlplane.bench.record import RequestRecord
-from controlplane.bench.runner import BenchError, LoadSpec, Runner
-from controlplane.bench.workload import WordPrompts, WorkloadSpec, build_workload
+from lightpd.controlplane.bench.arrivals import arrival_times
+from lightpd.controlplane.bench.client import ClientConfig, StreamClient
+from lightpd.controlplane.bench.record import RequestRecord
+from lightpd.controlplane.bench.runner import BenchError, LoadSpec, Runner
+from lightpd.controlplane.bench.workload import WordPrompts, WorkloadSpec, build_workload
 
 
 def sse(*chunks: dict | str) -> bytes:

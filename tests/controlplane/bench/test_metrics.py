@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from controlplane.bench.metrics import (
+from lightpd.controlplane.bench.metrics import (
     Summary,
     error_counts,
     inter_token_latencies,
@@ -15,7 +15,7 @@ from controlplane.bench.metrics import (
     timeline,
     tpot,
 )
-from controlplane.bench.record import RequestRecord
+from lightpd.controlplane.bench.record import RequestRecord
 
 
 def records() -> list[RequestRecord]:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from controlplane.bench.plots import latency_figure, pyplot, throughput_figure, write_plots
-from controlplane.bench.record import RequestRecord
+from lightpd.controlplane.bench.plots import latency_figure, pyplot, throughput_figure, write_plots
+from lightpd.controlplane.bench.record import RequestRecord
 
 
 def completed(index: int, sent_s: float, e2e_s: float, tokens: int = 5) -> RequestRecord:

@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-from common.tiny import build_tokenizer
-from controlplane.bench.arrivals import arrival_times
-from controlplane.bench.workload import (
+from lightpd.common.tiny import build_tokenizer
+from lightpd.controlplane.bench.arrivals import arrival_times
+from lightpd.controlplane.bench.workload import (
     TokenPrompts,
     WordPrompts,
     WorkloadSpec,

@@ -1,0 +1,164 @@
+"""Routing over the registry: which decode and which prefill node take a request.
+
+The registry is read from Redis at most every ``refresh_s`` and shared by all
+requests of this process. Decode nodes are ranked by free KV slots, prefill
+nodes by queued prompt tokens, both net of the work this process has sent them
+since their last heartbeat counted it. Draining and dead nodes get nothing new.
+
+Cache-aware: a request's ``overlap`` with a node (the tokens of its prompt that
+node's prefix cache holds, from ``PrefixIndex``) counts as work the node need
+not do. A prefill node that holds the longest part takes the request unless its
+queue is ``balance_tokens`` longer than the shortest (the compute saved is worth
+a wait); otherwise, and for decode nodes always, by load, where the cached part
+counts (a decode node needs no slots, and no transfer, for it): among decode
+nodes of like load the holder wins, but identical prefixes (a shared system
+prompt) do not pile every request onto one decode node.
+
+While Redis is down the last registry read serves on. When it is back, nodes whose
+heartbeats could not reach it meanwhile are listed as dead (or, if it lost its
+data, not at all) until they register again, a second or two later; for
+``node_ttl_s`` after the last failed Redis call, such a node keeps its place
+here, so that its running requests are not taken for lost.
+"""
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from lightpd.controlplane.schemas import NodePublic, NodeRole
+from lightpd.controlplane.store import REDIS_DOWN, Store
+
+
+class Fleet:
+    def __init__(
+        self,
+        store: Store,
+        model_fingerprint: str,
+        refresh_s: float = 0.25,
+        balance_tokens: int = 8192,
+    ) -> None:
+        self.store = store
+        self.balance_tokens = balance_tokens
+        self.model_fingerprint = model_fingerprint
+        self.refresh_s = refresh_s
+        self._nodes: dict[str, NodePublic] = {}
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+        self.inflight_tokens: Counter[str] = Counter()
+
+    async def nodes(self, max_age_s: float | None = None) -> list[NodePublic]:
+        """The registry as read at most ``max_age_s`` (default ``refresh_s``) ago."""
+        max_age_s = self.refresh_s if max_age_s is None else max_age_s
+        if self.store.outage.down:  # no asking again before refresh_s, however urgent
+            max_age_s = max(max_age_s, self.refresh_s)
+        async with self._lock:
+            if time.monotonic() - self._fetched_at > max_age_s:
+                try:
+                    nodes = await self.store.nodes()
+                except REDIS_DOWN as exc:
+                    self.store.outage.failed(exc)
+                else:
+                    self.store.outage.recovered()
+                    self._nodes = self._after_outage(nodes)
+                self._fetched_at = time.monotonic()
+        return list(self._nodes.values())
+
+    def _after_outage(self, nodes: list[NodePublic]) -> dict[str, NodePublic]:
+        """``nodes`` as read, except that right after an outage a node that was alive
+        and now reads dead or gone keeps its last entry (see the module's note)."""
+        read = {n.node_id: n for n in nodes}
+        if not self.store.outage.failed_within(self.store.node_ttl_s):
+            return read
+        for node_id, node in self._nodes.items():
+            lapsed = node_id not in read or read[node_id].status == "dead"
+            if lapsed and node.status != "dead":
+                read[node_id] = node
+        return read
+
+    def cached_nodes(self) -> list[NodePublic]:
+        return list(self._nodes.values())
+
+    async def is_alive(self, node_id: str) -> bool:
+        """Whether the node is in the registry and not dead (heartbeats lapsed)."""
+        status = await self.status(node_id)
+        return status is not None and status != "dead"
+
+    async def status(self, node_id: str) -> str | None:
+        """The node's status in the registry (cached briefly); None once it is gone."""
+        await self.nodes()
+        node = self._nodes.get(node_id)
+        return None if node is None else node.status
+
+    async def ready_counts(self) -> dict[str, int]:
+        """Ready nodes by role."""
+        ready = await self._ready(lambda n: True)
+        return {role: sum(n.role == role for n in ready) for role in ("prefill", "decode")}
+
+    async def servable(self) -> bool:
+        """Whether a request can be served now: a ready decode node (it prefills
+        itself when no prefill node can take the prompt)."""
+        return (await self.ready_counts())["decode"] > 0
+
+    async def max_model_len(self) -> int | None:
+        """The context every ready node can serve, or None when no node is ready."""
+        ready = await self._ready(lambda n: True)
+        return min((n.max_model_len for n in ready), default=None)
+
+    async def pick(
+        self,
+        role: NodeRole,
+        exclude: set[str],
+        tokens: int = 0,
+        overlap: Callable[[NodePublic], int] | None = None,
+    ) -> NodePublic | None:
+        """The best ready node of ``role``, charged ``tokens`` in flight in the same
+        step (no await between choosing and charging), so concurrent picks see
+        each other; the caller gives the tokens back when the hand-off is over.
+        ``overlap``: how many of the ``tokens`` a node's prefix cache holds."""
+        candidates = await self._ready(lambda n: n.role == role and n.node_id not in exclude)
+        if not candidates:
+            return None
+        score = self._score_decode if role == "decode" else self._score_prefill
+        held = {n.node_id: overlap(n) if overlap else 0 for n in candidates}
+        scores = {n.node_id: score(n, tokens, held[n.node_id]) for n in candidates}
+        node = max(candidates, key=lambda n: scores[n.node_id])
+        most = max(held.values())
+        if most > 0 and role == "prefill":
+            holders = [n for n in candidates if held[n.node_id] == most]
+            holder = max(holders, key=lambda n: scores[n.node_id])
+            if not self._overloaded(holder, scores, tokens - most):
+                node = holder
+        self.inflight_tokens[node.node_id] += tokens
+        return node
+
+    async def _ready(self, wanted: Callable[[NodePublic], bool]) -> list[NodePublic]:
+        """Ready nodes that are ``wanted``; when none, the registry is read afresh once,
+        so a node that joined since the last read is not missed."""
+        for max_age_s in (None, 0.0):
+            nodes = [n for n in await self.nodes(max_age_s) if n.status == "ready" and wanted(n)]
+            if nodes:
+                return nodes
+        return []
+
+    def _overloaded(self, node: NodePublic, scores: dict[str, float], uncached: int) -> bool:
+        """Whether prefill node ``node`` should not take a request for its cache's
+        sake: its queue (the score less this request's part) against the shortest."""
+        queue = -scores[node.node_id] - uncached
+        shortest = min(-score for score in scores.values()) - uncached
+        return queue > shortest + self.balance_tokens
+
+    def _score_decode(self, node: NodePublic, tokens: int, held: int) -> float:
+        # Free slots net of the reservations queued there (from every control
+        # plane, as of the last heartbeat) and of this process's since, and of the
+        # slots this request would take there.
+        if node.stats is None:
+            free = node.num_slots
+        else:
+            free = node.stats.num_free_slots - node.stats.num_queued_tokens
+        return free - self.inflight_tokens[node.node_id] - (tokens - held)
+
+    def _score_prefill(self, node: NodePublic, tokens: int, held: int) -> float:
+        # Prompt tokens it would compute before this one's last, this one's included.
+        queued = node.stats.num_queued_tokens if node.stats else 0
+        return -(queued + self.inflight_tokens[node.node_id] + tokens - held)
