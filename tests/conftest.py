@@ -2,6 +2,9 @@
 is set here, before any kernel module is imported, whenever no GPU is present."""
 
 import os
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +33,43 @@ def tiny_model(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+# What a test starts in this process it stops: a thread left running (a connector's
+# sender, a grammar compiler, an engine's worker) would touch the GPU while a later
+# test captures a CUDA graph, and a node would meet the same. Engine and kernel tests
+# are checked here; each thread still running after a grace period fails the test.
+CHECKED_FOR_THREADS = ("tests/common", "tests/kernels")
+THREAD_GRACE_S = 10.0
+
+
+_open_engines: list = []
+
+
+def open_engine(config, connector=None):
+    """An LLMEngine that is closed when the test that opened it ends, passed or not.
+    (A module's shared engine is opened directly and closed by its fixture.)"""
+    from lightpd.common.engine import LLMEngine
+
+    engine = LLMEngine(config, connector)
+    _open_engines.append(engine)
+    return engine
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_thread_running(request):
+    path = Path(str(request.node.fspath)).resolve().relative_to(Path(__file__).resolve().parents[1])
+    opened = len(_open_engines)
+    before = set(threading.enumerate())
+    try:
+        yield
+    finally:
+        while len(_open_engines) > opened:
+            _open_engines.pop().close()
+    if not str(path).startswith(CHECKED_FOR_THREADS):
+        return
+    deadline = time.monotonic() + THREAD_GRACE_S
+    while left := [t for t in threading.enumerate() if t not in before and t.is_alive()]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the test left threads running: {sorted(t.name for t in left)}")
+        time.sleep(0.05)

@@ -2,9 +2,11 @@
 
 A fleet keeps its state in its own folder (``cli_common.FleetHome``, named after its
 port), locked while it runs, so that a second `lightctl up` on the same port stops
-before starting anything and leaves the first one's files alone. Whatever ends it (a
-signal, a failed start, a child that dies, a closed stdout, an exception), every
-process it started is stopped before it exits.
+before starting anything and leaves the first one's files alone. Once up, it
+supervises what it started (``supervisor``): a process that exits is started again,
+one that keeps exiting is given up alone. Whatever ends it (a signal, a failed
+start, nothing left that can serve, a closed stdout, an exception), every process
+it started is stopped before it exits.
 """
 
 import errno
@@ -27,8 +29,15 @@ import typer
 
 from lightpd.controlplane.cli_common import FleetHome, ensure_default_model, fail, home, say
 from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
-from lightpd.controlplane.fleet_children import Children, Stopped, StopSignals, exit_cause, log_tail
-from lightpd.controlplane.node_process import start_node
+from lightpd.controlplane.fleet_children import (
+    Children,
+    Stopped,
+    StopSignals,
+    exit_cause,
+    log_tail,
+)
+from lightpd.controlplane.node_process import NodeStart, start_node
+from lightpd.controlplane.supervisor import FleetAccess, RestartPolicy, Supervisor, supervise
 
 NODE_START_TIMEOUT_S = 600.0  # loading a large checkpoint onto a GPU takes minutes
 
@@ -94,6 +103,16 @@ def up(
         ),
     ] = False,
     example: Annotated[bool, typer.Option(help="Send one example request once up.")] = True,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            help="A process that exits is started again; one that exits more often than "
+            "this within --restart-window is given up (the fleet serves without it)."
+        ),
+    ] = 5,
+    restart_window: Annotated[
+        float, typer.Option(help="Seconds over which --max-restarts counts exits.")
+    ] = 60.0,
 ) -> None:
     """Start the whole fleet here and serve until Ctrl-C (or SIGTERM)."""
     if decode_nodes < 1:
@@ -106,6 +125,10 @@ def up(
         raise fail("--expert-parallel needs --decode-nodes of 2 or more: they share the experts")
     if max_model_len is not None and max_model_len < 1:
         raise fail("--max-model-len must be at least 1")
+    try:
+        policy = RestartPolicy(max_restarts=max_restarts, window_s=restart_window)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     if model_dir and model and model_dir.resolve() != model.resolve():
         raise fail(f"two models given: {model_dir} and --model {model}; pass one")
     model = model_dir or model
@@ -122,7 +145,7 @@ def up(
         nodes = NodeOptions(
             prefill_nodes, decode_nodes, num_kv_slots, max_model_len, kv_transport, expert_parallel
         )
-        _run(fleet, signals, model, host, port, served_model_name, api_key, example, nodes)
+        _run(fleet, signals, model, host, port, served_model_name, api_key, example, nodes, policy)
     except Stopped as stop:  # before anything started
         say(f"\n{stop} received: stopped.")
     finally:
@@ -139,6 +162,7 @@ def _run(
     api_keys: list[str] | None,
     example: bool,
     nodes: NodeOptions,
+    policy: RestartPolicy,
 ) -> None:
     say("Starting a lightpd fleet:")
     default_model = model is None
@@ -153,6 +177,7 @@ def _run(
     keys = api_keys or [k for k in os.environ.get("LIGHTPD_API_KEYS", "").split(",") if k.strip()]
     url = _client_url(host, port)
     children = Children(signals, fleet)
+    supervisor = Supervisor(policy, say)
     wrote_state = False
     try:
         _fresh_logs(fleet)
@@ -184,27 +209,37 @@ def _run(
         }
         started = _step(f"starting the control plane on {url}")
         log = fleet.logs / "controlplane.log"
-        with open(log, "ab") as out:
-            command = [sys.executable, "-m", "lightpd.controlplane"]
-            children.control_plane = subprocess.Popen(command, env=env, stdout=out, stderr=out)
-        _wait_control_plane(url, admin_token, children.control_plane, log)
+
+        def start_control_plane(restarts: int = 0) -> subprocess.Popen:
+            with open(log, "ab") as out:
+                command = [sys.executable, "-m", "lightpd.controlplane"]
+                children.control_plane = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+            _wait_control_plane(url, admin_token, children.control_plane, log)
+            return children.control_plane
+
+        start_control_plane()
         _done(started)
         wrote_state = True  # first: a signal between the two leaves no stale tokens
         _save_state(fleet, url, admin_token, cluster_token, model)
         _start_nodes(children, nodes, model, host, url, cluster_token)
         _wait_for_nodes(url, admin_token, children)
         _announce(url, served_name, admin_token, keys, example, fleet, default_model)
-        while True:  # serve until a signal; report a process that dies
+        access = FleetAccess(model, url, admin_token, cluster_token, NODE_START_TIMEOUT_S)
+        supervise(supervisor, children, start_control_plane, access)
+        while True:  # serve until a signal, or until nothing can serve
             time.sleep(0.5)
-            if exited := children.first_exited():
-                name, process = exited
-                raise fail(exit_cause(name, process, children.log_of(name)), code=1)
+            supervisor.tick()
+            if cause := supervisor.can_serve():
+                raise fail(f"nothing can serve: {cause}", code=1)
     except Stopped as stop:
         say(f"\n{stop} received.")
     finally:
         signals.stopping()  # also on the exception paths: a signal no longer interrupts
         say("Stopping the fleet ...")
+        supervisor.stop()
         children.stop(url, admin_token)
+        supervisor.join()  # a start under way fails once its process is stopped
+        children.end_strays()
         if wrote_state:
             fleet.state_file.unlink(missing_ok=True)
         say("stopped.")
@@ -302,9 +337,9 @@ def _start_nodes(
         name = f"the {role} node {number}"
         if role == "decode" and nodes.expert_parallel:
             ep = ["--ep-size", str(nodes.num_decode), "--ep-rank", str(number), "--ep-init", init]
-            group.append(_NodeStart(name, role, number, device, [*extra, *ep]))
+            group.append(NodeStart(name, role, number, device, [*extra, *ep]))
             continue
-        node = _NodeStart(name, role, number, device, extra)
+        node = NodeStart(name, role, number, device, extra)
         started = _step(f"starting {role} node {number} on {device}")
         _start(children, node, model, cluster_token)
         _done(started)
@@ -315,16 +350,7 @@ def _start_nodes(
         _done(started)
 
 
-@dataclass(frozen=True)
-class _NodeStart:
-    name: str
-    role: str
-    number: int
-    device: str
-    args: list[str]
-
-
-def _start(children: Children, node: _NodeStart, model: Path, cluster_token: str) -> None:
+def _start(children: Children, node: NodeStart, model: Path, cluster_token: str) -> None:
     log = children.fleet.logs / f"{node.role}-{node.number}.log"
     try:
         started = start_node(
@@ -340,17 +366,18 @@ def _start(children: Children, node: _NodeStart, model: Path, cluster_token: str
         say()
         raise fail(f"{node.name} did not start: {exc}" + log_tail(log), code=1) from None
     children.nodes.append((node.name, started, log))
+    children.node_starts[node.name] = node
 
 
 def _start_together(
-    children: Children, nodes: list[_NodeStart], model: Path, cluster_token: str
+    children: Children, nodes: list[NodeStart], model: Path, cluster_token: str
 ) -> None:
     """Start nodes that wait for each other (the members of a group): at once, each
     in a thread; the first that fails ends the start (stopping the fleet ends the
     others, started or not)."""
     failures: list[BaseException] = []
 
-    def start(node: _NodeStart) -> None:
+    def start(node: NodeStart) -> None:
         try:
             _start(children, node, model, cluster_token)
         except BaseException as exc:  # typer.Exit from fail, after its message

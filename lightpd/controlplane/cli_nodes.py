@@ -210,7 +210,7 @@ def status(control_plane: Url = None, admin_token: AdminTokenOpt = None) -> None
 def _print_nodes(nodes: list[dict]) -> None:
     header = (
         f"{'NODE':<28} {'ROLE':<8} {'STATUS':<9} {'DEVICE':<8} {'KV':<5} {'FREE/SLOTS':>13} "
-        f"{'RUN':>4} {'QUEUE':>5} {'TOK/S':>8} {'CACHED':>14}  EP"
+        f"{'RUN':>4} {'QUEUE':>5} {'TOK/S':>8} {'CACHED':>14} {'RESTARTS':>8}  EP"
     )
     typer.echo(header)
     for n in nodes:
@@ -220,7 +220,8 @@ def _print_nodes(nodes: list[dict]) -> None:
             f"{n.get('kv_transport', 'zmq'):<5} "
             f"{str(s.get('num_free_slots', '-')) + '/' + str(n['num_slots']):>13} "
             f"{s.get('num_running', '-'):>4} {s.get('num_queued', '-'):>5} "
-            f"{s.get('tokens_per_s', 0.0):>8.1f} {_cache_hits(s):>14}  {_expert_parallel(n)}"
+            f"{s.get('tokens_per_s', 0.0):>8.1f} {_cache_hits(s):>14} {n.get('restarts', 0):>8}  "
+            f"{_expert_parallel(n)}"
         )
 
 

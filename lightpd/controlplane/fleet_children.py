@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 
@@ -59,6 +60,7 @@ class Children:
         self.redis: EmbeddedRedis | None = None
         self.control_plane: subprocess.Popen | None = None
         self.nodes: list[tuple[str, NodeProcess, Path]] = []  # (name, node, its log)
+        self.node_starts: dict[str, Any] = {}  # name: how lightctl up started it
 
     def first_exited(self) -> tuple[str, subprocess.Popen] | None:
         if self.control_plane is not None and self.control_plane.poll() is not None:
@@ -82,6 +84,11 @@ class Children:
             self._end([self.control_plane], timeout=15)
         if self.redis is not None:
             self.redis.stop()
+        self.end_strays()
+
+    def end_strays(self) -> None:
+        """Stop any child not stopped above: one caught starting (a node still
+        loading when the signal came, or being started again)."""
         for pid in _child_pids():
             _end_stray(pid)
 

@@ -202,10 +202,19 @@ class _NodeCollector(Collector):
                 labels=["node", "role"],
             ),
         }
+        # Restarts come with the registration (the supervisor counts them), so a node
+        # keeps its count while dead, and its id keeps its series across restarts.
+        restarts = CounterMetricFamily(
+            "lightpd_node_restarts",
+            "Times a supervisor (lightctl up) started the node again after it exited",
+            labels=["node", "role"],
+        )
         for node in self.nodes():
+            restarts.add_metric([node.node_id, node.role], node.restarts)
             if node.stats is None or node.status == "dead":  # a dead node's stats are stale
                 continue
             for field, family in (gauges | counters).items():
                 family.add_metric([node.node_id, node.role], getattr(node.stats, field))
         yield from gauges.values()
         yield from counters.values()
+        yield restarts

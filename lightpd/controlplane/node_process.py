@@ -31,6 +31,17 @@ class NodeProcess:
                 self.kill()
 
 
+@dataclass(frozen=True)
+class NodeStart:
+    """How `lightctl up` starts a node (and starts it again): its flags and device."""
+
+    name: str
+    role: str
+    number: int
+    device: str
+    args: list[str]
+
+
 def start_node(
     role: str,
     model: str,

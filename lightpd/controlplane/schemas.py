@@ -25,6 +25,7 @@ class NodeRegistration(BaseModel):
     ep_group: str | None = Field(None, max_length=256)
     ep_rank: int = Field(0, ge=0)
     ep_size: int = Field(1, ge=1)
+    restarts: int = Field(0, ge=0)  # times a supervisor started this node again
 
 
 class NodeStats(BaseModel):

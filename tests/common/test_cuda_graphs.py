@@ -12,7 +12,7 @@ from lightpd.common.engine import EngineConfig, LLMEngine
 from lightpd.common.engine.cuda_graphs import graph_batch_sizes
 from lightpd.common.wire.sampling_params import SamplingParams
 from tests.common.test_engine import hf_greedy, random_prompts
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, open_engine
 
 on_gpu = pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a GPU")
 
@@ -25,7 +25,7 @@ def test_batch_size_ladder() -> None:
 
 
 def test_cpu_engines_run_eagerly(tiny_model) -> None:
-    engine = LLMEngine(EngineConfig(model=tiny_model("llama"), device="cpu", num_kv_slots=64))
+    engine = open_engine(EngineConfig(model=tiny_model("llama"), device="cpu", num_kv_slots=64))
     assert engine.runner.graphs is None
 
 
@@ -38,7 +38,7 @@ def test_graph_decode_matches_transformers_and_eager(tiny_model) -> None:
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=20)
 
     def run(max_graph_batch: int) -> tuple[list[list[int]], LLMEngine]:
-        engine = LLMEngine(
+        engine = open_engine(
             EngineConfig(
                 model=model_dir,
                 device=DEVICE,
@@ -68,8 +68,8 @@ def test_kv_pool_grows_with_the_memory_fraction(tiny_model) -> None:
 
     def slots(fraction: float) -> tuple[int, int]:
         config = EngineConfig(model=model_dir, device=DEVICE, gpu_memory_fraction=fraction)
-        engine = LLMEngine(config)
-        result = engine.pool.num_slots, engine.model_config.kv_bytes_per_token
+        with LLMEngine(config) as engine:
+            result = engine.pool.num_slots, engine.model_config.kv_bytes_per_token
         del engine
         torch.cuda.empty_cache()
         return result

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine, RequestError, llm_engine
 from lightpd.common.wire.sampling_params import SamplingParams
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, open_engine
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, min_new_tokens
 
 def make_engine(model_dir: str, **options) -> LLMEngine:
     options.setdefault("num_kv_slots", 2048)
-    return LLMEngine(EngineConfig(model=model_dir, device=DEVICE, **options))
+    return open_engine(EngineConfig(model=model_dir, device=DEVICE, **options))
 
 
 def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -9,7 +9,7 @@ import pytest
 from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.sampling_params import GrammarSpec, SamplingParams
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, open_engine
 from tests.json_schema_check import ALL_SCHEMAS, check
 
 # The first token decides what follows: "x" then digits, or "y" then letters. A
@@ -26,7 +26,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    return LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=4096))
+    with LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=4096)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_a_resumed_request_replays_its_output_into_the_matcher(engine, tokenizer
 
 
 def test_paused_requests_keep_their_grammar_state(model_dir, engine, tokenizer):
-    small = LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=200))
+    small = open_engine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=200))
     # Teach the estimator that outputs are short, so it admits more than fits.
     small.generate([[5, 6, 7, 8]] * 8, SamplingParams(max_new_tokens=2))
     spec = GrammarSpec("json_schema", json.dumps(ALL_SCHEMAS[1]))

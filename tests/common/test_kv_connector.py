@@ -94,12 +94,18 @@ def make_engines(model: str, cache: bool) -> tuple[LLMEngine, LLMEngine, LLMEngi
 @pytest.fixture(scope="module")
 def engines(tiny_model):
     # The transport's own behaviour: no prefix cache, so every prompt moves whole.
-    return make_engines(tiny_model("llama"), cache=False)
+    engines = make_engines(tiny_model("llama"), cache=False)
+    yield engines
+    for engine in engines:
+        engine.close()
 
 
 @pytest.fixture(scope="module")
 def cached_engines(tiny_model):
-    return make_engines(tiny_model("llama"), cache=True)
+    engines = make_engines(tiny_model("llama"), cache=True)
+    yield engines
+    for engine in engines:
+        engine.close()
 
 
 class Pair:

@@ -13,6 +13,7 @@ from lightpd.common.engine.loader import WeightLoadError
 from lightpd.common.engine.model_config import ModelConfig, ModelConfigError
 from lightpd.common.engine.models import UnsupportedArchitectureError
 from lightpd.common.tiny import write_tiny_checkpoint
+from tests.conftest import open_engine
 
 
 def copy_model(src: str, dst: Path) -> Path:
@@ -28,7 +29,7 @@ def edit_weights(model_dir: Path, edit) -> None:
 
 
 def load(model_dir) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model_dir), device="cpu", num_kv_slots=64))
+    return open_engine(EngineConfig(model=str(model_dir), device="cpu", num_kv_slots=64))
 
 
 def test_sharded_checkpoint_loads_the_same_weights(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightpd.common.engine import EngineConfig, LLMEngine
-from tests.conftest import DEVICE
+from lightpd.common.engine import EngineConfig
+from tests.conftest import DEVICE, open_engine
 
 ARCHES = [
     ("llama", {}),  # Llama 3.1 layout: llama3 rope scaling, untied head
@@ -28,7 +28,7 @@ def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
 @pytest.mark.parametrize(("arch", "options"), ARCHES, ids=lambda v: str(v) if v else "")
 def test_last_position_logits_match_transformers(tiny_model, arch, options):
     model_dir = tiny_model(arch, **options)
-    engine = LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=1024))
+    engine = open_engine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=1024))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     prompts = random_prompts(PROMPT_LENGTHS, engine.model_config.vocab_size)
 
@@ -44,7 +44,7 @@ def test_last_position_logits_match_transformers(tiny_model, arch, options):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_checkpoints_load_in_their_dtype(tiny_model, dtype):
     model_dir = tiny_model("qwen3", dtype=dtype)
-    engine = LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=256))
+    engine = open_engine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=256))
     assert {p.dtype for p in engine.runner.model.parameters()} == {getattr(torch, dtype)}
     assert engine.pool.kv_buffer.dtype == getattr(torch, dtype)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))

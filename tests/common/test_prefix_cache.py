@@ -9,13 +9,13 @@ from lightpd.common.engine.kv_pool import TokenKVPool
 from lightpd.common.engine.prefix_cache import PrefixCache
 from lightpd.common.wire.prefix_blocks import BLOCK_TOKENS, block_hashes
 from lightpd.common.wire.sampling_params import SamplingParams
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, open_engine
 
 
 def make_engine(model_dir: str, cache: bool, **options) -> LLMEngine:
     options.setdefault("num_kv_slots", 2048)
     config = EngineConfig(model=model_dir, device=DEVICE, enable_prefix_cache=cache, **options)
-    return LLMEngine(config)
+    return open_engine(config)
 
 
 def tokens_of(g: torch.Generator, n: int, vocab: int) -> list[int]:

@@ -163,9 +163,7 @@ def test_a_template_may_reject_a_conversation(old_style_checkpoint):
 def test_a_folder_transformers_cannot_read_is_refused_with_its_reason(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
-    with pytest.raises(
-        ValueError, match=r"transformers could not load the tokenizer of \S+: \w.+"
-    ):
+    with pytest.raises(ValueError, match=r"transformers could not load the tokenizer of \S+: \w.+"):
         load_tokenizer(tmp_path)
 
 

@@ -85,8 +85,23 @@ def test_installing_the_project_keeps_the_pinned_torch():
     assert constraints, "pip install . could replace torch with another build"
     written = next(r for r in runs() if constraints[1] in r)
     assert f"torch=={pinned('torch')}" in written and f"triton=={pinned('triton')}" in written
-    order = [i for i, r in enumerate(runs()) if "download.pytorch.org" in r or "pip install ." in r]
-    assert len(order) == 2, "torch first, then the project"
+    steps = [
+        next(i for i, r in enumerate(runs()) if "download.pytorch.org" in r),
+        next(i for i, r in enumerate(runs()) if "-r requirements.lock" in r),
+        next(i for i, r in enumerate(runs()) if re.search(r"pip install --no-deps \.( |$)", r)),
+    ]
+    assert steps == sorted(steps), "torch first, then the locked versions, then the project"
+
+
+def test_the_image_installs_the_locked_versions_and_resolves_nothing():
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    pins = [line for line in lock if line.strip() and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9._-]+==[^=\s]+", line) for line in pins), pins
+    names = {line.split("==")[0].lower() for line in pins}
+    assert not names & {"torch", "triton", "lightpd"}, "torch comes from the PyTorch index"
+    for run in runs():
+        if "pip install" in run and "download.pytorch.org" not in run:
+            assert "--no-deps" in run, run
 
 
 @pytest.mark.parametrize("package", ["torch", "triton"])
@@ -148,7 +163,8 @@ def test_the_image_copies_every_package_and_what_pyproject_reads():
     packages = [
         p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
     ]
-    for needed in ("pyproject.toml", pyproject()["project"]["readme"], *packages):
+    needed_files = ("pyproject.toml", "requirements.lock", pyproject()["project"]["readme"])
+    for needed in (*needed_files, *packages):
         assert needed in copied, f"{needed} is not copied"
         assert (ROOT / needed).exists()
         assert not ignored(needed, dockerignore()), f"{needed} is excluded by .dockerignore"

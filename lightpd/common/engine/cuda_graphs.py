@@ -12,9 +12,10 @@ and gathers the token ids, positions and output slots from the request table
 inside the graph, so a step costs no other copies and no host sync.
 """
 
+import gc
 import weakref
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -107,7 +108,15 @@ class DecodeGraphs:
                 self._step(size)  # compiles kernels and picks cuBLAS algorithms outside capture
             torch.cuda.synchronize(self.pool.device)
             graph = torch.cuda.CUDAGraph()
-            with step_scope(size), torch.cuda.graph(graph, pool=self.memory_pool):
+            # thread_local: another thread's CUDA call (a KV connector's copy, a pinned
+            # allocation) must not invalidate this capture, and this capture must not
+            # fail theirs. torch collects garbage right before it begins; none is
+            # collected during it, since freeing an old engine's graphs or memory is
+            # an operation a capturing stream forbids.
+            capturing = torch.cuda.graph(
+                graph, pool=self.memory_pool, capture_error_mode="thread_local"
+            )
+            with step_scope(size), _no_garbage_collection(), capturing:
                 self._step(size)
             if self.memory_pool is None:
                 self.memory_pool = graph.pool()
@@ -146,6 +155,17 @@ class DecodeGraphs:
         rows, seq_lens = self.inputs[0, :size], self.inputs[1, :size]
         logits = decode_step(self.model, self.pool, self.table, rows, seq_lens, self.max_seq_len)
         self.logits[:size].copy_(logits)
+
+
+@contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _destroy(graphs: dict[int, torch.cuda.CUDAGraph]) -> None:

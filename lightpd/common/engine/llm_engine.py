@@ -64,6 +64,22 @@ class LLMEngine:
         mc = self.model_config
         self.grammars = GrammarCache(config.model, mc.vocab_size, mc.eos_token_ids)
 
+    def close(self) -> None:
+        """Let go at once of what the engine holds beyond memory: the KV connector's
+        threads and sockets, the grammar compiler's thread, the CUDA graphs. Whoever
+        made an engine closes it (a thread left running would touch the GPU while
+        another engine captures its graphs). The engine takes no work afterwards."""
+        if self.connector is not None:
+            self.connector.close()
+        self.grammars.close()
+        self.runner.close()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def attach(self, connector: KVConnector) -> None:
         self.connector = connector
 

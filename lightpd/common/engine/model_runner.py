@@ -68,6 +68,12 @@ class ModelRunner:
         if use_graphs:
             self.graphs = self._capture_graphs(graph_batch_sizes(self.graph_max_batch))
 
+    def close(self) -> None:
+        """Destroy the CUDA graphs now rather than whenever the runner is collected."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def _load_expert_parallel(self, config: ExpertParallelConfig) -> ExpertParallelGroup:
         """Load this member's share of the experts, then meet the group (blocking until
         every member has loaded its own)."""

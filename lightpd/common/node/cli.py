@@ -169,6 +169,14 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 "stuck after it noticed). Give it to every member of the group, or none."
             ),
         ] = False,
+        restarts: Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="How many times a supervisor (lightctl up) has started this node "
+                "again; shown in node lists and as lightpd_node_restarts_total.",
+            ),
+        ] = 0,
         enable_prefix_caching: Annotated[
             bool,
             typer.Option(
@@ -212,6 +220,7 @@ def node_app(role: str, make_server: Callable[[NodeConfig], NodeServer]) -> type
                 kv_port=kv_port,
                 kv_transport=kv_transport,
                 lease_s=lease_s,
+                restarts=restarts,
             )
             serve(make_server(config), role, control_plane, cluster_token)
 

@@ -71,6 +71,7 @@ class NodeConfig:
     # A control plane renews its lease every LEASE_RENEW_S; one that has sent this
     # node nothing for lease_s is taken for gone and its requests here are aborted.
     lease_s: float = DEFAULT_LEASE_S
+    restarts: int = 0  # times a supervisor started this node again (it reports them)
 
     def __post_init__(self) -> None:
         if self.kv_transport not in ("auto", "zmq", "nccl"):
@@ -160,7 +161,7 @@ class NodeServer(ABC):
                 self.current = self.status()
                 self.clock.tick()
         finally:
-            self.connector.close()
+            self.engine.close()  # the connector too
             self.auth.stop()
             self.ctx.destroy(linger=0)
 
@@ -341,4 +342,5 @@ class NodeServer(ABC):
             ep_group=None if group is None else group.init,
             ep_rank=0 if group is None else group.rank,
             ep_size=1 if group is None else group.size,
+            restarts=self.config.restarts,
         )

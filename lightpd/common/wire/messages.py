@@ -295,6 +295,7 @@ class NodeStatus(msgspec.Struct, kw_only=True):
     ep_group: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     ep_rank: Count = 0
     ep_size: Count = 1
+    restarts: Count = 0  # times a supervisor started this node again
 
     def registration(self) -> dict:
         """The identity fields, as the control plane's registry takes them."""

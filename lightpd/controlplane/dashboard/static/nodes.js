@@ -128,6 +128,11 @@ export class NodesTable {
     if (row.ep_size > 1) c[3].textContent += ` · EP ${row.ep_rank}/${row.ep_size}`;
     c[3].title = row.ep_size > 1 ? `expert-parallel group ${row.ep_group}` : "";
     c[4].replaceChildren(h("span", { class: `status badge ${row.status}` }, row.status));
+    // A node its supervisor (lightctl up) started again after it died.
+    if (row.restarts > 0) {
+      const times = row.restarts === 1 ? "once" : `${row.restarts} times`;
+      c[4].append(" ", h("span", { class: "restarts muted", title: `restarted ${times}` }, `↻${row.restarts}`));
+    }
     c[5].replaceChildren(row.live ? kvBar(row) : "–");
     for (const [i, value] of [[6, row.running], [7, row.queued], [8, rate(row.tokens_per_s)]]) {
       c[i].textContent = row.live ? value : "–";
