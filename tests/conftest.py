@@ -37,11 +37,15 @@ def tiny_model(tmp_path_factory):
 
 # What a test starts in this process it stops: a thread left running (a connector's
 # sender, a grammar compiler, an engine's worker) would touch the GPU while a later
-# test captures a CUDA graph, and a node would meet the same. Engine and kernel tests
-# are checked here; each thread still running after a grace period fails the test.
+# test captures a CUDA graph, and a node would meet the same. Each module of the
+# engine and kernel tests is checked once its fixtures are torn down: a thread it
+# started that still runs after a grace period fails it. (Module, not test: a
+# module's shared engine may start its grammar thread during any of its tests.)
 CHECKED_FOR_THREADS = ("tests/common", "tests/kernels")
 THREAD_GRACE_S = 10.0
-
+# Process-wide helpers that never touch a device: tqdm's refresh monitor, started
+# by the first progress bar (transformers' save_pretrained) and kept for the process.
+LIFELONG_THREADS = ("tqdm_monitor",)
 
 _open_engines: list = []
 
@@ -57,19 +61,26 @@ def open_engine(config, connector=None):
 
 
 @pytest.fixture(autouse=True)
+def closes_its_engines():
+    opened = len(_open_engines)
+    yield
+    while len(_open_engines) > opened:
+        _open_engines.pop().close()
+
+
+@pytest.fixture(scope="module", autouse=True)
 def leaves_no_thread_running(request):
     path = Path(str(request.node.fspath)).resolve().relative_to(Path(__file__).resolve().parents[1])
-    opened = len(_open_engines)
     before = set(threading.enumerate())
-    try:
-        yield
-    finally:
-        while len(_open_engines) > opened:
-            _open_engines.pop().close()
+    yield
     if not str(path).startswith(CHECKED_FOR_THREADS):
         return
     deadline = time.monotonic() + THREAD_GRACE_S
-    while left := [t for t in threading.enumerate() if t not in before and t.is_alive()]:
+    while left := [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and t.name not in LIFELONG_THREADS
+    ]:
         if time.monotonic() > deadline:
-            pytest.fail(f"the test left threads running: {sorted(t.name for t in left)}")
+            pytest.fail(f"{path} left threads running: {sorted(t.name for t in left)}")
         time.sleep(0.05)

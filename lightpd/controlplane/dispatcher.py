@@ -57,9 +57,9 @@ from lightpd.common.wire.messages import TokenEvent
 from lightpd.common.wire.prefix_blocks import block_hashes
 from lightpd.common.wire.sampling_params import SamplingParams
 from lightpd.controlplane.fleet import Fleet
+from lightpd.controlplane.fleet_schemas import NodePublic
 from lightpd.controlplane.metrics import Metrics, RequestTimes
 from lightpd.controlplane.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
-from lightpd.controlplane.schemas import NodePublic
 from lightpd.controlplane.settings import Settings
 from lightpd.controlplane.store import Store
 from lightpd.controlplane.timeseries import Timeseries

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from lightpd.controlplane.schemas import NodePublic, NodeRole
+from lightpd.controlplane.fleet_schemas import NodePublic, NodeRole
 from lightpd.controlplane.store import REDIS_DOWN, Store
 
 

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lightpd.controlplane.schemas import (
+from lightpd.controlplane.fleet_schemas import (
     NodePublic,
     NodeRegistration,
     NodeStats,

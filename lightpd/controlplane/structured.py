@@ -107,6 +107,6 @@ def _choice(choices: list[str]) -> GrammarSpec:
 
 @lru_cache(maxsize=512)
 def _grammar_error(spec: GrammarSpec) -> str | None:
-    from lightpd.common.grammar import grammar_error
+    from lightpd.common.grammar_build import grammar_error
 
     return grammar_error(spec)

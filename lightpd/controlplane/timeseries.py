@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
-from lightpd.controlplane.schemas import NodePublic
+from lightpd.controlplane.fleet_schemas import NodePublic
 
 logger = logging.getLogger(__name__)
 KEEP_S = 660  # ten minutes of history, and a minute of slack

@@ -1,6 +1,7 @@
 """`lightctl up` as a user runs it: real processes, each test in its own LIGHTPD_HOME,
 and every process a test started (found by that LIGHTPD_HOME in its environment)
-killed at its end, whether it passed or not."""
+killed at its end, whether it passed or not. Each runs in a folder of its own, away
+from the repository (where a user's shell would be, `cd /tmp && lightctl up`)."""
 
 import contextlib
 import json
@@ -78,7 +79,12 @@ def home(tmp_path):
 def lightctl(home: Path, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
     command = [LIGHTCTL, *map(str, args)]
     return subprocess.run(
-        command, env=lightctl_env(home), capture_output=True, text=True, timeout=timeout
+        command,
+        env=lightctl_env(home),
+        cwd=home.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -94,6 +100,7 @@ class Up:
         self.process = subprocess.Popen(
             ["nohup", *command] if nohup else command,
             env=lightctl_env(home),
+            cwd=home.parent,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -6,7 +6,7 @@ import time
 import redis.asyncio as aioredis
 
 from lightpd.controlplane.fleet import Fleet
-from lightpd.controlplane.schemas import NodeRegistration, NodeStats
+from lightpd.controlplane.fleet_schemas import NodeRegistration, NodeStats
 from lightpd.controlplane.store import Store
 
 STATS = NodeStats(

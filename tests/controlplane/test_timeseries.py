@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from lightpd.controlplane import timeseries
-from lightpd.controlplane.schemas import NodePublic
+from lightpd.controlplane.fleet_schemas import NodePublic
 from lightpd.controlplane.timeseries import Timeseries, percentile
 from tests.controlplane.test_store import STATS, registration
 

@@ -108,8 +108,9 @@ def test_renewals_keep_a_busy_control_planes_requests_and_silence_frees_them(
             return freed_after, events, await client.next_event("waiting", 5)
 
     freed_after, events, waiting = asyncio.run(main())
-    # The last renewal went out at most a second before the silence began.
-    assert LEASE_S - 1.2 <= freed_after <= LEASE_S + 1.5
+    # The last renewal went out about a second before the silence began (later on a
+    # loaded machine, where this test's own busy loop delays the renewal task).
+    assert LEASE_S - 1.8 <= freed_after <= LEASE_S + 1.5
     # Were the control plane alive after all, it would learn why.
     why = "aborted by the node: this control plane sent nothing for 2 s (its lease)"
     assert (waiting.finish_reason, waiting.error) == ("error", why)

@@ -69,6 +69,7 @@ class Fleet:
         self.process = subprocess.Popen(
             command,
             env=env,
+            cwd=home.parent,  # away from the repository, as a user runs it
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -89,7 +89,7 @@ class GrammarCache:
         return future
 
     def _compile(self, spec: GrammarSpec) -> Any:
-        from lightpd.common.grammar import build_grammar
+        from lightpd.common.grammar_build import build_grammar
 
         if self._compiler is None:
             self._compiler = self._make_compiler()
@@ -236,7 +236,7 @@ JSON_KINDS = ("json_schema", "json_object")
 
 
 def compile_error(exc: BaseException) -> str:
-    from lightpd.common.grammar import describe_error
+    from lightpd.common.grammar_build import describe_error
 
     return f"the grammar does not compile: {describe_error(exc)}"
 

@@ -54,7 +54,7 @@ class LLMEngine:
             config.max_prefill_tokens,
             prefix_cache=PrefixCache(self.pool) if config.enable_prefix_cache else None,
         )
-        self.requests = RequestBuilder(self.model_config, self.max_model_len, config.seed)
+        self.request_builder = RequestBuilder(self.model_config, self.max_model_len, config.seed)
         self.connector = connector
         # A member of an expert-parallel group: every step is one of the group's.
         self.expert_parallel = self.runner.expert_parallel
@@ -254,7 +254,7 @@ class LLMEngine:
             raise RequestError(f"{self.failure}; this engine takes no more requests")
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        request = self.requests.build(request_id, prompt_token_ids, params, output_token_ids)
+        request = self.request_builder.build(request_id, prompt_token_ids, params, output_token_ids)
         if params.grammar is not None:  # compiles while the request waits
             request.grammar = self.grammars.start(request_id, params.grammar, output_token_ids)
         return request
@@ -508,7 +508,7 @@ class LLMEngine:
         """Run ``prompts`` to completion together; their output token ids, in order."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        first = self.requests.num_built
+        first = self.request_builder.num_built
         ids = [f"generate-{first + i}" for i in range(len(prompts))]
         for request_id, prompt, p in zip(ids, prompts, params, strict=True):
             self.add_request(request_id, prompt, p)

@@ -13,7 +13,7 @@ MAX_GRAMMAR_CHARS = 1 << 20  # a schema, regex or grammar: far below a message's
 
 class GrammarSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A constraint on the output, compiled by each node that samples the request
-    (``common/grammar.py`` says what each kind means).
+    (``lightpd/common/grammar_build.py`` says what each kind means).
 
     ``json_schema``: ``text`` is a JSON Schema; ``json_object``: any JSON object
     (``text`` empty); ``regex``; ``ebnf`` (xgrammar's EBNF, rule ``root``);

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 
 from lightpd.controlplane.api.errors import OpenAIError
 from lightpd.controlplane.deps import AdminToken, State
-from lightpd.controlplane.schemas import NodePublic, RequestPublic
+from lightpd.controlplane.fleet_schemas import NodePublic, RequestPublic
 from lightpd.controlplane.timeseries import KEEP_S
 
 router = APIRouter(prefix="/admin", dependencies=[AdminToken])

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header
 
 from lightpd.controlplane.api.errors import OpenAIError
 from lightpd.controlplane.deps import ClusterToken, State
-from lightpd.controlplane.schemas import HeartbeatReply, NodeJoin, NodeRegistration, NodeStats
+from lightpd.controlplane.fleet_schemas import HeartbeatReply, NodeJoin, NodeRegistration, NodeStats
 
 router = APIRouter(prefix="/internal/nodes", dependencies=[ClusterToken])
 HEARTBEAT_S = 1.0
