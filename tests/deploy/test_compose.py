@@ -186,6 +186,15 @@ def test_every_service_has_a_healthcheck_or_gates_by_its_exit(compose):
             assert rule["condition"] == expected, f"{name} -> {dependency}"
 
 
+def test_every_long_running_service_is_started_again_when_it_exits(compose):
+    """What `lightctl up` does for its fleet, compose does by restart policy: Redis, the
+    control plane and every node come back after a crash (Docker backs off itself)."""
+    for name, service in compose["services"].items():
+        if name in one_shots(compose):
+            continue
+        assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
+
+
 def test_node_healthchecks_ask_their_own_node_in_its_role(compose):
     for name, module in NODE_SERVICES.items():
         service = compose["services"][name]
