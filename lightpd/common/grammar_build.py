@@ -9,6 +9,7 @@ a grammar, so a control plane that never sees one never loads torch.
 """
 
 import re
+from functools import lru_cache
 
 import xgrammar as xgr
 
@@ -43,12 +44,35 @@ def build_grammar(spec: GrammarSpec) -> xgr.Grammar:
 
 
 def grammar_error(spec: GrammarSpec) -> str | None:
-    """Why ``spec`` cannot be compiled, in a line; None if it can."""
+    """Why ``spec`` cannot be compiled, or accepts no text at all, in a line; None if
+    it can be served."""
     try:
-        build_grammar(spec)
+        grammar = build_grammar(spec)
+        # Grammars written by hand may have no way out (``root ::= root``): every
+        # token would be refused at the first step. JSON schemas built by xgrammar
+        # always start somewhere.
+        if spec.kind in ("ebnf", "regex") and not _starts(grammar):
+            return "the grammar accepts no text: no string can start it"
     except Exception as exc:  # xgrammar raises RuntimeError, its own errors, TypeError
         return describe_error(exc)
     return None
+
+
+@lru_cache(maxsize=1)
+def _byte_compiler() -> xgr.GrammarCompiler:
+    """A compiler over a vocabulary of the 256 bytes and an end token: any text can
+    be spelled in it, so it tells whether a grammar can start, for any model."""
+    vocab = [bytes([b]).decode("latin-1") for b in range(256)] + ["</s>"]
+    info = xgr.TokenizerInfo(vocab, stop_token_ids=[256])
+    return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+
+def _starts(grammar: xgr.Grammar) -> bool:
+    compiler = _byte_compiler()
+    matcher = xgr.GrammarMatcher(compiler.compile_grammar(grammar))
+    bitmask = xgr.allocate_token_bitmask(1, 257)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bool(bitmask.any())
 
 
 def describe_error(exc: BaseException) -> str:

@@ -233,7 +233,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await _last_request_writes(store, LAST_WRITES_S)
         await client.aclose()
 
-    app = FastAPI(title="lightpd", lifespan=lifespan)
+    docs = {} if settings.api_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lightpd", lifespan=lifespan, **docs)
     app.state.shutdown = Shutdown(settings.shutdown_grace_s)  # begun by __main__'s server
     app.add_middleware(RequireJson)
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)

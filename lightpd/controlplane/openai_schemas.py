@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI-compatible API (responses are built as plain dicts)."""
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +25,12 @@ MAX_TOOLS = 128  # as OpenAI allows
 MAX_CHOICES = 1024  # guided_choice entries
 MAX_CHOICE_CHARS = 4096
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # of a function or a JSON schema, as OpenAI's
+MAX_MODEL_CHARS = 256  # a model name, as OpenAI's ids go
+# Below these, sampling is greedy, as in vLLM: a temperature or top_p of 1e-40
+# would otherwise underflow into a distribution with no token left in it.
+GREEDY_TEMPERATURE = 1e-5
+GREEDY_TOP_P = 1e-8
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # OpenAI parameters we do not implement (here), with what to say; any other unknown
 # field is refused too (explicit nulls, which some clients send, mean "not set").
 NOT_YET = {
@@ -40,6 +47,24 @@ NOT_YET = {
     "prediction": "predicted outputs are not supported",
     "web_search_options": "web search is not supported",
 }
+
+
+def check_text(value: object, where: str = "") -> None:
+    """Refuse text that is not Unicode: JSON may escape a lone surrogate (\\ud800), which
+    no tokenizer (and no UTF-8 reply) can take."""
+    if isinstance(value, str):
+        if found := _SURROGATE.search(value):
+            raise ValueError(
+                f"{where or 'the body'} holds a lone surrogate (U+{ord(found.group()):04X}),"
+                " which is not valid Unicode text"
+            )
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, f"{where}.{key}" if where else str(key))
 
 
 class Strict(BaseModel):
@@ -110,10 +135,20 @@ class StructuredOutputs(Strict):
         return self
 
 
-class SamplingFields(Strict):
+class TopLevel(Strict):
+    """A whole request body: no text in it may be a lone surrogate."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: object) -> object:
+        check_text(data)
+        return data
+
+
+class SamplingFields(TopLevel):
     """Fields both endpoints share: OpenAI's, then the usual vLLM/SGLang extras."""
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -147,11 +182,25 @@ class SamplingFields(Strict):
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
         for key, value in bias.items():
-            if not key.isdigit() or int(key) > INT32_MAX:
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) > INT32_MAX:
+                shown = key if len(key) <= 16 else f"{key[:16]}... ({len(key)} characters)"
+                raise ValueError(f"keys must be token ids, got {shown!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {value} for token {key}")
         return bias
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max_tokens(self) -> "SamplingFields":
+        limit = getattr(self, "max_completion_tokens", None) or getattr(self, "max_tokens", None)
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        """Sampling that keeps only the most likely token: temperature 0, or a
+        temperature or top_p so small that it means the same."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_p < GREEDY_TOP_P
 
     @property
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
@@ -295,10 +344,10 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(TopLevel):
     """vLLM's /tokenize: a prompt, or chat messages under the model's template."""
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     prompt: str | None = Field(None, max_length=MAX_PROMPT_TOKENS)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     add_special_tokens: bool = True
@@ -310,6 +359,6 @@ class TokenizeRequest(Strict):
         return self
 
 
-class DetokenizeRequest(Strict):
-    model: str
+class DetokenizeRequest(TopLevel):
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     tokens: list[TokenId] = Field(max_length=MAX_PROMPT_TOKENS)

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Larger request bodies are refused (413) before they are read whole: the chat
     # template and the tokenizer take time in proportion to the body.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # /docs, /redoc and /openapi.json map the whole API for anyone who asks: off
+    # unless an operator turns them on.
+    api_docs: bool = False
     # On SIGTERM or SIGINT the API refuses new requests (503 with Retry-After) and
     # those running get this long to finish; the rest then end with an error (a
     # stream with an error event and [DONE]) and are aborted on their nodes.

@@ -3,6 +3,7 @@
 None of these needs a node: every refusal comes before the request is dispatched.
 """
 
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -192,3 +193,75 @@ def test_health_answers_while_a_large_chat_body_is_tokenized(client, monkeypatch
     assert held_until_health == [True]
     # The body was accepted and tokenized; with no node ready, dispatch answers 503.
     assert replies[0].status_code == 503, replies[0].text
+
+
+# Smaller gaps an abuse probe found (issue 25): each a 400 that says what is wrong.
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "where"),
+    [
+        ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+        ("/v1/completions", {"prompt": ["fine", "x\udfffy"]}, "prompt[1]"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+            "messages[0].content[0].text",
+        ),
+    ],
+)
+def test_a_lone_surrogate_is_refused_with_400(client, endpoint, body, where):
+    # As a client writes it: JSON escapes the surrogate (\\ud800), as json.dumps does.
+    raw = json.dumps({"model": client.model_name, **body})
+    headers = {**AUTH, "Content-Type": "application/json"}
+    err = error(client.post(endpoint, content=raw, headers=headers), 400)
+    assert f"{where} holds a lone surrogate" in err["message"]
+    assert "not valid Unicode" in err["message"]
+
+
+def test_min_tokens_above_max_tokens_is_refused(client):
+    body = {"model": client.model_name, "prompt": "hi", "min_tokens": 100, "max_tokens": 4}
+    err = error(client.post("/v1/completions", json=body, headers=AUTH), 400)
+    assert "min_tokens (100) must not exceed max_tokens (4)" in err["message"]
+    chat = {"model": client.model_name, "messages": [{"role": "user", "content": "hi"}]}
+    chat |= {"min_tokens": 9, "max_completion_tokens": 8}
+    err = error(client.post("/v1/chat/completions", json=chat, headers=AUTH), 400)
+    assert "min_tokens (9) must not exceed max_tokens (8)" in err["message"]
+
+
+def test_a_huge_logit_bias_key_is_refused_without_python_internals(client):
+    body = {"model": client.model_name, "prompt": "hi", "logit_bias": {"9" * 5000: 1}}
+    err = error(client.post("/v1/completions", json=body, headers=AUTH), 400)
+    assert "keys must be token ids" in err["message"] and "(5000 characters)" in err["message"]
+    assert "int_max_str_digits" not in err["message"] and len(err["message"]) < 200
+
+
+def test_a_long_model_id_is_never_echoed_whole(client):
+    name = "m" * 10_000
+    err = error(
+        client.post("/v1/completions", json={"model": name, "prompt": "hi"}, headers=AUTH), 400
+    )
+    assert err["param"] == "model" and name not in err["message"]
+    reply = client.get(f"/v1/models/{name}", headers=AUTH)
+    assert reply.status_code == 404 and name not in reply.text
+    assert "(10000 characters)" in reply.json()["error"]["message"]
+
+
+def test_a_grammar_that_accepts_nothing_is_refused_with_400(client):
+    body = {"model": client.model_name, "prompt": "hi", "guided_grammar": "root ::= root"}
+    err = error(client.post("/v1/completions", json=body, headers=AUTH), 400)
+    assert "accepts no text" in err["message"]
+
+
+def test_the_api_map_is_not_public_by_default(client, redis_url, tiny_model):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404, path
+    settings = Settings(
+        model=tiny_model("llama"),
+        redis_url=redis_url,
+        admin_token=ADMIN,
+        cluster_token=CLUSTER,
+        api_docs=True,
+    )
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as open_docs:
+        assert open_docs.get("/openapi.json").status_code == 200

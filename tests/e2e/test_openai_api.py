@@ -448,3 +448,19 @@ def test_stop_string_endings_count_as_finished_and_vllm_metric_families(fleet, c
     ):
         assert f'{name}{{model_name="{MODEL_NAME}"' in after or f"{name}{{" in after, name
         assert MODEL_NAME in next(line for line in after.splitlines() if line.startswith(name))
+
+
+def test_a_vanishing_temperature_or_top_p_samples_greedily(fleet, client):
+    """temperature 1e-40 or top_p 1e-300 keep only the most likely token, as in vLLM:
+    the text is the greedy one, never a stream of token 0 (issue 25)."""
+
+    def text(**sampling) -> str:
+        reply = client.completions.create(
+            model=MODEL_NAME, prompt="The quick brown fox", max_tokens=12, seed=3, **sampling
+        )
+        return reply.choices[0].text
+
+    greedy = text(temperature=0)
+    assert greedy.strip()
+    assert text(temperature=1e-40) == greedy
+    assert text(temperature=1.0, top_p=1e-300) == greedy

@@ -62,7 +62,7 @@ async def list_models(state: State) -> dict:
 async def retrieve_model(model_id: str, state: State) -> dict:
     model = next((m for m in await _models(state) if m["id"] == model_id), None)
     if model is None:
-        message = f"The model `{model_id}` does not exist."
+        message = f"The model `{_shown(model_id)}` does not exist."
         raise OpenAIError(404, message, "model", "model_not_found")
     return model
 
@@ -134,8 +134,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 def _check_model(body: SamplingFields, state: AppState) -> None:
     if body.model != state.settings.model_name:
         raise OpenAIError(
-            404, f"The model `{body.model}` does not exist.", "model", "model_not_found"
+            404, f"The model `{_shown(body.model)}` does not exist.", "model", "model_not_found"
         )
+
+
+def _shown(name: str, limit: int = 64) -> str:
+    """A client's model name as an error quotes it: never more than ``limit`` characters."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
 
 
 async def _completion_prompts(body: CompletionRequest, state: AppState) -> list[list[int]]:
@@ -284,9 +289,9 @@ def _sampling_params(
         return SamplingParams(
             max_new_tokens=max_tokens,
             min_new_tokens=min(body.min_tokens, max_tokens),
-            temperature=body.temperature,
+            temperature=0.0 if body.greedy else body.temperature,
             top_k=body.top_k,
-            top_p=body.top_p,
+            top_p=1.0 if body.greedy else body.top_p,
             min_p=body.min_p,
             repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty,
