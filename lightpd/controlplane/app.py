@@ -30,6 +30,7 @@ from lightpd.controlplane.api.errors import (
 from lightpd.controlplane.deps import AppState
 from lightpd.controlplane.dispatcher import Dispatcher
 from lightpd.controlplane.fleet import Fleet
+from lightpd.controlplane.instance_lease import InstanceLease
 from lightpd.controlplane.metrics import Metrics
 from lightpd.controlplane.node_client import NodeClient
 from lightpd.controlplane.settings import Settings
@@ -228,12 +229,15 @@ def create_app(settings: Settings) -> FastAPI:
                 model_fingerprint=fingerprint,
             )
             flusher = asyncio.create_task(timeseries.run())
+            lease = asyncio.create_task(InstanceLease(client, store).run())
             try:
                 yield
             finally:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
                 await _last_request_writes(store, LAST_WRITES_S)
+                lease.cancel()  # once its requests' ends are written: nobody fails them
+                await asyncio.gather(lease, return_exceptions=True)
         await client.aclose()
 
     docs = {} if settings.api_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)

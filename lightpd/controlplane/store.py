@@ -344,6 +344,8 @@ class Store:
         self._request_writes = _RequestWrites(client, self.outage, max_pending_requests)
         self._verified_keys = _VerifiedKeys()
         self._has_api_keys: bool | None = None  # Redis's last answer
+        # This control plane, in each request it takes (instance_lease.py).
+        self.instance_id = secrets.token_hex(8)
 
     async def now(self) -> float:
         """Redis's clock, the one node heartbeats are stamped with."""
@@ -456,6 +458,7 @@ class Store:
             fields={
                 "state": state,
                 f"t_{state}": str(now),
+                **({"instance": self.instance_id} if state == "queued" else {}),
                 **{k: str(v) for k, v in fields.items()},
             },
             queued_at=now if state == "queued" else None,

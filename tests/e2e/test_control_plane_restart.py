@@ -242,3 +242,30 @@ def test_the_other_control_plane_serves_on(fleet):
     nodes = fleet.admin("GET", "/admin/nodes").json()
     assert sorted(n["status"] for n in nodes) == ["ready", "ready"], nodes
     wait_until(lambda: pools_idle(fleet), 10, "slots still held")
+
+
+def test_a_killed_control_planes_requests_leave_no_ghosts(fleet):
+    """SIGKILL leaves a control plane no time to record how its requests ended; once
+    its lease has run out another control plane fails them, so the admin figures
+    agree with the nodes (issue 25: 50 ghosts stayed "running" for good)."""
+    killed = fleet.add_control_plane()
+    calls = [Call(killed.url, LONG_TOKENS, stream=True) for _ in range(12)]
+    deadline = time.monotonic() + 30
+    while fleet.admin("GET", "/admin/stats").json()["running_requests"] < len(calls):
+        assert time.monotonic() < deadline, "the requests did not start"
+        time.sleep(0.2)
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(timeout=10)
+    killed_at = time.monotonic()
+    for call in calls:
+        call.thread.join(timeout=10)
+    # The lease (10 s), the next look (5 s), the second look (5 s), and a margin.
+    while fleet.admin("GET", "/admin/stats").json()["running_requests"] > 0:
+        assert time.monotonic() - killed_at < 30, fleet.admin("GET", "/admin/stats").json()
+        time.sleep(0.5)
+    ended = fleet.admin("GET", "/admin/requests?limit=12").json()
+    assert len(ended) == len(calls)
+    assert all(r["state"] == "failed" and "stopped before it ended" in r["error"] for r in ended)
+    # The nodes let the requests go too (their own lease on the control plane).
+    stats = fleet.admin("GET", "/admin/stats").json()
+    assert all(role["running"] == 0 for role in stats["roles"].values()), stats
