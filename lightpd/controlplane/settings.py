@@ -37,7 +37,6 @@ class Settings(BaseSettings):
     # get a 503 with Retry-After at once.
     max_queued: int = Field(1024, ge=0)
     kv_timeout_s: float = Field(30.0, gt=0, le=600)  # admitted, until its KV is complete
-    token_timeout_s: float = 120.0  # longest silence of a running request
     max_attempts: int = 3  # failed tries on live nodes (busy, failed hand-offs) per request
     # Prompts of which at most this many tokens are not in their decode node's prefix
     # cache are prefilled on that node, which saves the hand-off where it costs more
@@ -56,6 +55,9 @@ class Settings(BaseSettings):
     # Larger request bodies are refused (413) before they are read whole: the chat
     # template and the tokenizer take time in proportion to the body.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # At most this many output tokens in one request: n (or best_of) x prompts x
+    # max_tokens (without max_tokens, the model's context bounds each sequence).
+    max_request_tokens: int = Field(16 * 65536, ge=1)
     # /docs, /redoc and /openapi.json map the whole API for anyone who asks: off
     # unless an operator turns them on.
     api_docs: bool = False

@@ -265,3 +265,11 @@ def test_the_api_map_is_not_public_by_default(client, redis_url, tiny_model):
     )
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as open_docs:
         assert open_docs.get("/openapi.json").status_code == 200
+
+
+def test_one_request_cannot_ask_for_more_output_than_the_budget(client):
+    # The probe's request: 64 prompts x n=16 x 2,000 tokens = 2,048,000 output tokens.
+    body = {"model": client.model_name, "prompt": [[5, 6, 7]] * 64, "n": 16, "max_tokens": 2000}
+    err = error(client.post("/v1/completions", json=body, headers=AUTH), 400)
+    assert "1024 sequences x 2000 tokens = 2048000" in err["message"]
+    assert "LIGHTPD_MAX_REQUEST_TOKENS" in err["message"]

@@ -1,6 +1,7 @@
 """What the wheel ships and what `import` finds: one top-level name, ``lightpd``, so
 our folders never shadow, or get shadowed by, another distribution's package."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,13 +13,22 @@ from tests.deploy.compose_file import ROOT
 
 
 def test_the_wheel_has_one_top_level_package(tmp_path):
+    # Built from a copy: setuptools writes build/ beside the sources it builds.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    shutil.copytree(
+        ROOT / "lightpd", source / "lightpd", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("lightpd-*.whl")
+    (wheel,) = out.glob("lightpd-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}

@@ -169,6 +169,10 @@ async def _serve(
     grammar: GrammarSpec | None = None,
     tools: ToolPlan | None = None,
 ) -> JSONResponse | StreamingResponse:
+    # best_of > n: more candidates, each with its token logprobs, the n best kept.
+    candidates = getattr(body, "best_of", None) or body.n
+    if max_tokens is not None:  # else each sequence is bounded by its context's room
+        _check_budget(state, candidates * len(prompts), max_tokens)
     max_len = await state.fleet.max_model_len()
     if max_len is None:
         raise OpenAIError(
@@ -180,8 +184,6 @@ async def _serve(
     bad = next((t for t, _ in body.logit_bias_pairs if t >= vocab), None)
     if bad is not None:
         raise OpenAIError(400, f"logit_bias: token id {bad} is not below {vocab}", "logit_bias")
-    # best_of > n: more candidates, each with its token logprobs, the n best kept.
-    candidates = getattr(body, "best_of", None) or body.n
     scored = logprobs if candidates == body.n or logprobs is not None else 0
     choices = []
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -231,6 +233,21 @@ async def _serve(
             await asyncio.gather(task, return_exceptions=True)
             return _client_left()
     return JSONResponse(await task)
+
+
+def _check_budget(state: AppState, num_sequences: int, max_tokens: int) -> None:
+    """One request may not ask for more output than LIGHTPD_MAX_REQUEST_TOKENS in all:
+    n (or best_of) x prompts x max_tokens, so that one client cannot fill a node."""
+    budget = state.settings.max_request_tokens
+    if num_sequences * max_tokens > budget:
+        raise OpenAIError(
+            400,
+            f"the request asks for up to {num_sequences} sequences x {max_tokens} tokens = "
+            f"{num_sequences * max_tokens} output tokens, over this server's limit of "
+            f"{budget} (LIGHTPD_MAX_REQUEST_TOKENS): lower n, the number of prompts or "
+            "max_tokens",
+            "max_tokens",
+        )
 
 
 def _client_left() -> JSONResponse:
