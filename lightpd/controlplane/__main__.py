@@ -17,6 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from lightpd.controlplane.app import create_app
+from lightpd.controlplane.http_guard import ConnectionLimits, guarded_protocol
 from lightpd.controlplane.settings import Settings
 from lightpd.controlplane.shutdown import END_WAIT_S, Shutdown
 
@@ -68,10 +69,16 @@ def main() -> None:
         print(f"error: bad control plane settings (LIGHTPD_*):\n{exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     app = create_app(settings)
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+        max_per_client=settings.max_connections_per_client,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(limits),
         log_level="info",
         access_log=False,
         # uvicorn stops only after the app's shutdown, so this bounds what it then waits

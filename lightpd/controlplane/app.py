@@ -71,17 +71,22 @@ class RequireJson:
 
 
 class LimitBody:
-    """Request bodies over ``max_bytes`` are refused (413) before they are read whole.
+    """Request bodies over ``max_bytes`` are refused (413) before they are read whole,
+    and bodies not whole within ``timeout_s`` of the request's start get a 408.
 
     A Content-Length over the limit is answered before any of the body is read. A
     body without one (chunked) is counted as it arrives: the ``receive`` that would
-    pass the limit raises instead of handing the bytes on, and the route's exception
-    handling answers 413. A plain ASGI middleware, for RequireJson's reasons.
+    pass the limit, or wait past the deadline, raises instead of handing the bytes
+    on, and the route's exception handling answers (and closes the connection on a
+    408: the rest of that body is never read). Once the body is whole, ``receive``
+    (a stream's wait for the client to leave) has no deadline. A plain ASGI
+    middleware, for RequireJson's reasons.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
         self.message = f"the request body is larger than the limit of {max_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,14 +98,27 @@ class LimitBody:
             await error_response(413, self.message)(scope, receive, send)
             return
         num_received = 0
+        body_done = False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def receive_within_limit() -> Message:
-            nonlocal num_received
-            message = await receive()
+            nonlocal num_received, body_done
+            if body_done:
+                return await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except TimeoutError:
+                raise StarletteHTTPException(
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 num_received += len(message.get("body", b""))
                 if num_received > self.max_bytes:
                     raise StarletteHTTPException(413, self.message)
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, receive_within_limit, send)
@@ -244,7 +262,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="lightpd", lifespan=lifespan, **docs)
     app.state.shutdown = Shutdown(settings.shutdown_grace_s)  # begun by __main__'s server
     app.add_middleware(RequireJson)
-    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        LimitBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RefuseWhenStopping, shutdown=app.state.shutdown)  # outermost: runs first
     install_error_handlers(app)
     install_redis_error_handler(app)

@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     # Larger request bodies are refused (413) before they are read whole: the chat
     # template and the tokenizer take time in proportion to the body.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # Slow clients: a request body must be whole within body_timeout_s (else 408),
+    # headers within header_timeout_s of the connection's start or of the previous
+    # response (else it is closed); past max_connections in all (default: the file
+    # descriptor limit less 256) or max_connections_per_client from one address, a
+    # new connection gets a 503 with Retry-After and is closed.
+    body_timeout_s: float = Field(30.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int | None = Field(None, ge=1)
+    max_connections_per_client: int = Field(1024, ge=1)
     # At most this many output tokens in one request: n (or best_of) x prompts x
     # max_tokens (without max_tokens, the model's context bounds each sequence).
     max_request_tokens: int = Field(16 * 65536, ge=1)
