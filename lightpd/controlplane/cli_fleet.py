@@ -113,6 +113,14 @@ def up(
     restart_window: Annotated[
         float, typer.Option(help="Seconds over which --max-restarts counts exits.")
     ] = 60.0,
+    prefix_cache_scope: Annotated[
+        str,
+        typer.Option(
+            envvar="LIGHTPD_PREFIX_CACHE_SCOPE",
+            help="tenant: cached prompt prefixes are shared only among requests with "
+            "the same API key; fleet: among all (trust every client).",
+        ),
+    ] = "tenant",
 ) -> None:
     """Start the whole fleet here and serve until Ctrl-C (or SIGTERM)."""
     if decode_nodes < 1:
@@ -129,6 +137,9 @@ def up(
         policy = RestartPolicy(max_restarts=max_restarts, window_s=restart_window)
     except ValueError as exc:
         raise fail(str(exc)) from None
+    if prefix_cache_scope not in ("tenant", "fleet"):
+        raise fail(f"--prefix-cache-scope must be tenant or fleet, not {prefix_cache_scope!r}")
+    os.environ["LIGHTPD_PREFIX_CACHE_SCOPE"] = prefix_cache_scope  # the control plane's
     if model_dir and model and model_dir.resolve() != model.resolve():
         raise fail(f"two models given: {model_dir} and --model {model}; pass one")
     model = model_dir or model

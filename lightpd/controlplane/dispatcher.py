@@ -174,7 +174,9 @@ class Dispatcher:
                 attempt += 1  # node deaths are bounded by MAX_NODE_DEATHS instead
                 resume = tuple(generated)
                 try:
-                    decode, prefill = await self._pick(tried, prompt + list(resume), resume)
+                    decode, prefill = await self._pick(
+                        tried, prompt + list(resume), resume, params.cache_namespace
+                    )
                 except NoCapacityError as exc:
                     if not resume:
                         raise
@@ -263,7 +265,11 @@ class Dispatcher:
             )
 
     async def _pick(
-        self, tried: set[str], tokens: list[int], resume: tuple[int, ...] = ()
+        self,
+        tried: set[str],
+        tokens: list[int],
+        resume: tuple[int, ...] = (),
+        namespace: int = 0,
     ) -> tuple[NodePublic, NodePublic | None]:
         """A decode node and a prefill node for ``tokens`` (the prompt, and what a
         resumed request generated), each charged them in flight at once (the
@@ -272,7 +278,7 @@ class Dispatcher:
         prompt is short, no prefill node can take it, or the request resumes."""
         overlap = None
         if self.settings.cache_aware_routing:
-            hashes = block_hashes(tokens)
+            hashes = block_hashes(tokens, namespace=namespace)  # the request's tenant's
             index = self.client.prefix_index
             held: dict[str, int] = {}  # by node: each is looked up once per request
 

@@ -173,6 +173,8 @@ class SamplingFields(TopLevel):
     guided_choice: Choices | None = None
     guided_grammar: GrammarText | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's: shares cached prefixes only with requests of the same salt (tenancy.py).
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_USER_CHARS)
 
     @field_validator("logit_bias")
     @classmethod

@@ -2,6 +2,7 @@
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,12 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)
     max_connections: int | None = Field(None, ge=1)
     max_connections_per_client: int = Field(1024, ge=1)
+    # Whose prefixes a request may share (tenancy.py): "tenant" (the default), only
+    # those of requests with the same API key (or the same tenant_header value, when
+    # a trusted proxy names tenants), narrowed further by a request's cache_salt;
+    # "fleet", every request's (cache_salt still narrows).
+    prefix_cache_scope: Literal["tenant", "fleet"] = "tenant"
+    tenant_header: str | None = None
     # At most this many output tokens in one request: n (or best_of) x prompts x
     # max_tokens (without max_tokens, the model's context bounds each sequence).
     max_request_tokens: int = Field(16 * 65536, ge=1)

@@ -56,14 +56,18 @@ def assert_pool_consistent(engine: LLMEngine) -> None:
 def assert_block_names(cache: PrefixCache) -> None:
     """Each node names exactly the whole blocks that end on its edge, as a control
     plane would name them from the tokens of the path."""
-    stack = [(child, []) for child in cache.root.children.values()]
+    stack = [
+        (child, [], namespace)
+        for namespace, root in cache.roots.items()
+        for child in root.children.values()
+    ]
     while stack:
-        node, above = stack.pop()
+        node, above, namespace = stack.pop()
         path = above + node.token_ids
         assert node.depth == len(path)
         first = (len(above)) // BLOCK_TOKENS
-        assert node.hashes == block_hashes(path)[first:]
-        stack += [(child, path) for child in node.children.values()]
+        assert node.hashes == block_hashes(path, namespace=namespace)[first:]
+        stack += [(child, path, namespace) for child in node.children.values()]
 
 
 def test_tree_splits_pins_and_evicts_least_recent_first():
@@ -179,3 +183,31 @@ def test_random_traffic_with_aborts_and_eviction_leaks_nothing(tiny_model):
     got = run(engine, probes)
     assert_pool_consistent(engine)
     assert got == run(make_engine(model_dir, cache=False, num_kv_slots=256), probes)
+
+
+def test_namespaces_share_nothing_and_name_their_blocks_apart():
+    """Tenants' prefixes live in namespaces of their own: the same tokens cached by
+    one are a miss for another (by match, peek and block name), and eviction frees
+    across them, dropping a namespace's tree once it is empty."""
+    pool = TokenKVPool(128, 1, 1, 2, torch.float32, "cpu")
+    cache = PrefixCache(pool)
+    tokens = list(range(3, 3 + 2 * BLOCK_TOKENS + 5))
+    alice, bob = 1234567, -987654321
+    num_existing, _ = cache.insert(tokens, pool.allocate(len(tokens)), alice)
+    assert num_existing == 0
+    assert cache.peek(tokens, alice) == (len(tokens), len(tokens))
+    assert cache.peek(tokens, bob) == (0, 0) and cache.peek(tokens) == (0, 0)
+    slots, _ = cache.match(tokens, bob)
+    assert slots.numel() == 0 and bob not in cache.roots  # a miss leaves nothing behind
+    hit, _ = cache.match(tokens, alice)
+    assert hit.numel() == len(tokens)
+    shared = cache.block_names()
+    assert shared == block_hashes(tokens, namespace=alice)
+    assert not set(shared) & set(block_hashes(tokens)) and not set(shared) & set(
+        block_hashes(tokens, namespace=bob)
+    )
+    cache.insert(tokens, pool.allocate(len(tokens)), bob)
+    assert cache.peek(tokens, bob)[0] == len(tokens)
+    assert_block_names(cache)
+    assert cache.evict(2 * len(tokens)) == 2 * len(tokens)
+    assert cache.roots == {} and pool.num_free_slots == pool.num_slots

@@ -160,3 +160,51 @@ def test_another_control_plane_routes_alike(fleet):
     replies = asyncio.run(main())
     cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies]
     assert all(c >= PREFIX_TOKENS for c in cached), cached
+
+
+def test_tenants_never_see_each_others_prefixes_unless_the_fleet_shares(fleet):
+    """The probe of issue 25: tenant B sends tenant A's prefix and watches
+    cached_tokens. By default (scope "tenant") B's count never includes A's tokens;
+    a cache_salt narrows a tenant's own namespace; LIGHTPD_PREFIX_CACHE_SCOPE=fleet
+    shares prefixes across keys, as before."""
+    rng = random.Random(25)
+    public = [rng.randrange(3, 390) for _ in range(PREFIX_TOKENS)]
+    secret = [rng.randrange(3, 390) for _ in range(6)]
+    other_key = fleet.admin("POST", "/admin/api-keys").json()["api_key"]
+
+    async def cached(url: str, key: str, prompt: list[int], **extra) -> int:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0, **extra}
+        async with httpx.AsyncClient() as client:
+            reply = await client.post(
+                f"{url}/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+        assert reply.status_code == 200, reply.text
+        return reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    def run(*args, **extra) -> int:
+        return asyncio.run(cached(*args, **extra))
+
+    # The attack: the public prefix, a guess at A's next token, one more token (so
+    # that the guess is within the part a cache may cover), and cached_tokens read.
+    def probe(url: str, guess: int) -> int:
+        return run(url, other_key, [*public, guess, 7])
+
+    alice = public + secret
+    run(fleet.url, API_KEY, alice)
+    assert run(fleet.url, API_KEY, alice) >= PREFIX_TOKENS + 1  # a tenant shares with itself
+    wrong = next(t for t in range(3, 390) if t != secret[0])
+    assert probe(fleet.url, wrong) == 0  # A's prefix is not B's to find
+    # B's own probe cached the public part for B; never A's secret token on top.
+    assert probe(fleet.url, secret[0]) == PREFIX_TOKENS
+    # What B itself sent (the prefix and its right guess), never A's whole prompt.
+    assert run(fleet.url, other_key, alice) == PREFIX_TOKENS + 1
+    assert run(fleet.url, API_KEY, [*public, 9, 9], cache_salt="project-7") == 0  # a salt narrows
+    # An operator who trusts every client shares the cache fleet-wide: there the
+    # probe finds A's token.
+    shared = fleet.add_control_plane(LIGHTPD_PREFIX_CACHE_SCOPE="fleet")
+    public = [rng.randrange(3, 390) for _ in range(PREFIX_TOKENS)]
+    run(shared.url, API_KEY, public + secret)
+    assert probe(shared.url, secret[0]) == PREFIX_TOKENS + 1

@@ -47,7 +47,8 @@ class KVManager:
         many of those are evictable now; changes nothing."""
         if not self._uses_cache(request):
             return 0, 0
-        return self.prefix_cache.peek(self._cacheable_tokens(request))
+        namespace = request.params.cache_namespace
+        return self.prefix_cache.peek(self._cacheable_tokens(request), namespace)
 
     @staticmethod
     def _cacheable_tokens(request: Request) -> list[int]:
@@ -71,7 +72,8 @@ class KVManager:
         self.table.token_ids[row, :num_tokens] = torch.tensor(tokens, dtype=torch.int32)
         num_cached = 0
         if self._uses_cache(request):
-            cached, node = self.prefix_cache.match(self._cacheable_tokens(request))
+            tokens = self._cacheable_tokens(request)
+            cached, node = self.prefix_cache.match(tokens, request.params.cache_namespace)
             self.prefix_cache.lock(node)  # before evicting, so the match stays
             num_cached = cached.numel()
             self.table.req_to_token[row, :num_cached] = cached
@@ -113,7 +115,8 @@ class KVManager:
         num_computed = request.num_computed_tokens
         tokens = (request.prompt_token_ids + request.output_token_ids)[:num_computed]
         slots = self.table.req_to_token[request.row, :num_computed]
-        num_existing, node = self.prefix_cache.insert(tokens, slots)
+        namespace = request.params.cache_namespace
+        num_existing, node = self.prefix_cache.insert(tokens, slots, namespace)
         if num_existing > request.num_cached_slots:
             # Another request cached these tokens since this one was admitted.
             self.pool.free(slots[request.num_cached_slots : num_existing].clone())

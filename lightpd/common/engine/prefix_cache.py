@@ -31,6 +31,7 @@ class PrefixNode:
         "depth",
         "hashes",
         "last_access",
+        "namespace",
         "parent",
         "ref_count",
         "slots",
@@ -50,6 +51,7 @@ class PrefixNode:
         # blocks that end on it (block ends in (depth - len, depth]).
         self.depth = len(token_ids) + (parent.depth if parent is not None else 0)
         self.hashes: list[int] = []
+        self.namespace = 0  # a root's: whose prefixes its tree holds
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -75,7 +77,10 @@ class PrefixCache:
 
     def __init__(self, pool: TokenKVPool) -> None:
         self.pool = pool
-        self.root = PrefixNode([], torch.empty(0, dtype=torch.int32, device=pool.device), None)
+        self._empty = torch.empty(0, dtype=torch.int32, device=pool.device)
+        # One tree per namespace (a tenant's, see SamplingParams.cache_namespace): a
+        # prefix is shared only within its namespace. 0 is the fleet-wide one.
+        self.roots: dict[int, PrefixNode] = {}
         self.num_cached_slots = 0  # slots owned by the tree
         self.num_locked_slots = 0  # of those, slots on a path some request references
         self._clock = itertools.count(1)
@@ -90,10 +95,24 @@ class PrefixCache:
 
     # ---- lookups ----
 
-    def peek(self, token_ids: list[int]) -> tuple[int, int]:
+    def _root(self, namespace: int, create: bool) -> PrefixNode:
+        """The namespace's tree; one that holds nothing is kept only once something
+        goes in (a lookup alone leaves none behind)."""
+        root = self.roots.get(namespace)
+        if root is None:
+            root = PrefixNode([], self._empty, None)
+            root.namespace = namespace
+            if create:
+                self.roots[namespace] = root
+        return root
+
+    def peek(self, token_ids: list[int], namespace: int = 0) -> tuple[int, int]:
         """Without changing anything: how many leading ``token_ids`` are cached, and
         how many of those are evictable now (locking the match would pin them)."""
-        node, matched, unlocked = self.root, 0, 0
+        root = self.roots.get(namespace)
+        if root is None:
+            return 0, 0
+        node, matched, unlocked = root, 0, 0
         while matched < len(token_ids):
             child = node.children.get(token_ids[matched])
             if child is None:
@@ -107,20 +126,22 @@ class PrefixCache:
             node = child
         return matched, unlocked
 
-    def match(self, token_ids: list[int]) -> tuple[torch.Tensor, PrefixNode]:
-        """The slots of the longest cached prefix of ``token_ids`` and the node it
-        ends at (a node is split so that the match ends exactly at one). Marks the
-        path as just used."""
-        node, _, parts = self._walk(token_ids)
+    def match(self, token_ids: list[int], namespace: int = 0) -> tuple[torch.Tensor, PrefixNode]:
+        """The slots of the longest cached prefix of ``token_ids`` in ``namespace``
+        and the node it ends at (a node is split so that the match ends exactly at
+        one). Marks the path as just used."""
+        node, _, parts = self._walk(token_ids, namespace, create=False)
         if not parts:
-            return self.root.slots, node
+            return self._empty, node
         return torch.cat(parts), node
 
-    def _walk(self, token_ids: list[int]) -> tuple[PrefixNode, int, list[torch.Tensor]]:
-        """Follow ``token_ids`` down the tree, splitting the last edge where they part,
-        and mark the path as just used: the node they end at, how many tokens it
-        covers, and the slots of each edge on the way."""
-        node, matched, parts = self.root, 0, []
+    def _walk(
+        self, token_ids: list[int], namespace: int, create: bool
+    ) -> tuple[PrefixNode, int, list[torch.Tensor]]:
+        """Follow ``token_ids`` down the namespace's tree, splitting the last edge
+        where they part, and mark the path as just used: the node they end at, how
+        many tokens it covers, and the slots of each edge on the way."""
+        node, matched, parts = self._root(namespace, create), 0, []
         now = next(self._clock)
         while matched < len(token_ids):
             child = node.children.get(token_ids[matched])
@@ -138,10 +159,10 @@ class PrefixCache:
     def path_slots(self, node: PrefixNode) -> torch.Tensor:
         """The slots of the whole prefix that ends at ``node``, int32."""
         parts = []
-        while node is not self.root:
+        while node.parent is not None:
             parts.append(node.slots)
             node = node.parent
-        return torch.cat(parts[::-1]) if parts else self.root.slots
+        return torch.cat(parts[::-1]) if parts else self._empty
 
     def _split(self, node: PrefixNode, length: int) -> PrefixNode:
         """Cut ``node``'s edge after ``length`` tokens; returns the new upper half."""
@@ -162,14 +183,14 @@ class PrefixCache:
 
     def lock(self, node: PrefixNode) -> None:
         """A request uses the prefix ending at ``node``: keep that path."""
-        while node is not self.root:
+        while node.parent is not None:
             if node.ref_count == 0:
                 self.num_locked_slots += len(node)
             node.ref_count += 1
             node = node.parent
 
     def unlock(self, node: PrefixNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             node.ref_count -= 1
             if node.ref_count < 0:
                 raise RuntimeError("a prefix cache node was unlocked more often than locked")
@@ -179,12 +200,14 @@ class PrefixCache:
 
     # ---- insertion and eviction ----
 
-    def insert(self, token_ids: list[int], slots: torch.Tensor) -> tuple[int, PrefixNode]:
-        """Cache ``slots`` as the KV of ``token_ids``. Where a prefix is cached
-        already, the tree keeps its own slots: returns that prefix's length (the
-        caller still owns ``slots`` there) and the node the whole of ``token_ids``
-        ends at. The tree owns ``slots`` past that length from now on."""
-        node, pos, _ = self._walk(token_ids)
+    def insert(
+        self, token_ids: list[int], slots: torch.Tensor, namespace: int = 0
+    ) -> tuple[int, PrefixNode]:
+        """Cache ``slots`` as the KV of ``token_ids`` in ``namespace``. Where a prefix
+        is cached already, the tree keeps its own slots: returns that prefix's length
+        (the caller still owns ``slots`` there) and the node the whole of
+        ``token_ids`` ends at. The tree owns ``slots`` past that length from now on."""
+        node, pos, _ = self._walk(token_ids, namespace, create=True)
         num_existing = pos
         if pos < len(token_ids):
             leaf = PrefixNode(list(token_ids[pos:]), slots[pos:].clone(), node)
@@ -194,7 +217,7 @@ class PrefixCache:
             # Only the new blocks are named, the chain going on from the path's last.
             first = pos // BLOCK_TOKENS
             previous = self._last_block_name(node) if first else None
-            leaf.hashes = block_hashes(token_ids, first, previous)
+            leaf.hashes = block_hashes(token_ids, first, previous, namespace)
             self._note_blocks(leaf.hashes, stored=True)
             # Nothing references a new leaf: its slots are evictable at once.
             node = leaf
@@ -225,7 +248,10 @@ class PrefixCache:
                 continue
             parent = leaf.parent
             del parent.children[leaf.token_ids[0]]
-            if parent is not self.root and not parent.children and parent.ref_count == 0:
+            if parent.parent is None:  # a namespace's root
+                if not parent.children:
+                    del self.roots[parent.namespace]
+            elif not parent.children and parent.ref_count == 0:
                 heapq.heappush(leaves, parent)
         return freed
 
@@ -257,8 +283,11 @@ class PrefixCache:
         return [block for node in self._nodes() for block in node.hashes]
 
     def _nodes(self) -> list[PrefixNode]:
-        """Every node but the root."""
-        nodes, stack = [], list(self.root.children.values())
+        """Every node but the roots."""
+        nodes, stack = (
+            [],
+            [child for root in self.roots.values() for child in root.children.values()],
+        )
         while stack:
             node = stack.pop()
             nodes.append(node)
@@ -268,7 +297,7 @@ class PrefixCache:
     def cached_slots(self) -> torch.Tensor:
         """Every slot the tree owns (for consistency checks)."""
         parts = [n.slots for n in self._nodes()]
-        return torch.cat(parts) if parts else self.root.slots
+        return torch.cat(parts) if parts else self._empty
 
     def ref_counts(self) -> list[int]:
         """The reference count of every node (for consistency checks)."""

@@ -17,19 +17,23 @@ BLOCK_TOKENS = 16
 
 
 def block_hashes(
-    token_ids: list[int], first_block: int = 0, previous: int | None = None
+    token_ids: list[int], first_block: int = 0, previous: int | None = None, namespace: int = 0
 ) -> list[int]:
     """The names of the whole blocks of ``token_ids`` from ``first_block`` on (a
     trailing partial block has no name). ``previous``: the name of block
-    ``first_block - 1``, which the chain goes on from (None from block 0)."""
+    ``first_block - 1``, which the chain goes on from (None from block 0).
+    ``namespace``: the prefix cache's (a tenant's); a chain from block 0 starts from
+    it, so the same tokens in two namespaces share no name."""
     if (previous is None) != (first_block == 0):
         raise ValueError("a chain goes on from block 0, or from the name before first_block")
+    if previous is None:
+        previous = namespace
     start = first_block * BLOCK_TOKENS
     whole = start + (len(token_ids) - start) // BLOCK_TOKENS * BLOCK_TOKENS
     data = np.asarray(token_ids[start:whole], dtype="<u4").tobytes()
     step = 4 * BLOCK_TOKENS
     hashes = []
-    chain = b"\0" * 8 if previous is None else previous.to_bytes(8, "little", signed=True)
+    chain = previous.to_bytes(8, "little", signed=True)
     for offset in range(0, len(data), step):
         chain = hashlib.blake2b(chain + data[offset : offset + step], digest_size=8).digest()
         hashes.append(int.from_bytes(chain, "little", signed=True))

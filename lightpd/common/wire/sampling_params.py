@@ -39,6 +39,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     before anything else (penalties, masks, temperature), as OpenAI's API does.
     ``grammar``: only tokens that keep the output within it may be sampled, and
     the request stops once the grammar is complete.
+    ``cache_namespace``: the prefix cache's namespace the request reads and fills
+    (the control plane derives it from the tenant and ``cache_salt``); prefixes are
+    shared only within one. 0: the fleet-wide namespace.
     """
 
     max_new_tokens: int = 16
@@ -56,6 +59,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: GrammarSpec | None = None
+    cache_namespace: int = 0  # a signed 64-bit name, as msgpack carries it
 
     def __post_init__(self) -> None:
         checks = [
