@@ -16,6 +16,11 @@ from functools import lru_cache
 
 from lightpd.common.wire.sampling_params import MAX_GRAMMAR_CHARS, GrammarSpec
 from lightpd.controlplane.api.errors import OpenAIError
+from lightpd.controlplane.grammar_limits import (
+    choices_limit_error,
+    schema_limit_error,
+    text_limit_error,
+)
 from lightpd.controlplane.openai_schemas import SamplingFields
 
 
@@ -37,6 +42,8 @@ async def requested_grammar(
         raise OpenAIError(400, f"min_tokens cannot be combined with {param}", "min_tokens")
     if len(spec.text) > MAX_GRAMMAR_CHARS:
         raise OpenAIError(400, f"{param} must be at most {MAX_GRAMMAR_CHARS} characters", param)
+    if limit := _limit_error(body, spec):
+        raise OpenAIError(400, f"{param}: {limit}", param)
     error = await asyncio.to_thread(_grammar_error, spec)
     if error is not None:
         raise OpenAIError(400, f"{param}: {error}", param)
@@ -47,10 +54,20 @@ async def check_tool_schemas(parameters: dict[str, dict]) -> None:
     """Each tool's parameters must be a JSON schema we can compile."""
     for i, (name, schema) in enumerate(parameters.items()):
         spec = GrammarSpec("json_schema", json.dumps(schema))
-        error = await asyncio.to_thread(_grammar_error, spec)
+        error = schema_limit_error(schema) or await asyncio.to_thread(_grammar_error, spec)
         if error is not None:
             param = f"tools[{i}].function.parameters"
             raise OpenAIError(400, f"{param} (of {name!r}): {error}", param)
+
+
+def _limit_error(body: SamplingFields, spec: GrammarSpec) -> str | None:
+    """Which size bound the constraint passes (grammar_limits.py), before any compile."""
+    choices = body.guided_choice or (body.structured_outputs and body.structured_outputs.choice)
+    if choices:
+        return choices_limit_error(choices)
+    if spec.kind == "json_schema":
+        return schema_limit_error(json.loads(spec.text))
+    return text_limit_error(spec.kind, spec.text)
 
 
 def _constraints(body: SamplingFields) -> list[tuple[str, GrammarSpec]]:

@@ -3,10 +3,12 @@ request's grammar state kept across the hand-off, pauses and moves."""
 
 import json
 import re
+import time
 
 import pytest
 
 from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine
+from lightpd.common.engine import grammar as grammar_module
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.sampling_params import GrammarSpec, SamplingParams
 from tests.conftest import DEVICE, open_engine
@@ -181,3 +183,56 @@ def test_a_grammar_that_does_not_compile_fails_its_request_not_the_engine(engine
     assert error.startswith("the grammar does not compile: Regex parsing error")
     assert results["good"][1] == FinishReason.LENGTH and len(results["good"][0]) == 4
     assert engine.num_available_slots == engine.pool.num_slots
+
+
+def _slow_choices(seed: int) -> GrammarSpec:
+    """A grammar that takes this machine seconds to compile: 150 long choices."""
+    choices = [f"{seed}-{i:04d}" + "q" * 790 for i in range(150)]
+    return GrammarSpec("ebnf", "root ::= " + " | ".join(json.dumps(c) for c in choices))
+
+
+def test_a_grammar_that_compiles_slowly_stalls_no_step(model_dir, tokenizer):
+    """A request waits for its grammar apart from the batch: the other requests run
+    at once, every step stays short, and it runs once its grammar is ready."""
+    with LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=4096)) as engine:
+        prompt = tokenizer.encode("Hello")
+        slow = _slow_choices(1)
+        engine.add_request("slow", prompt, params(slow, 1, max_new_tokens=32))
+        engine.add_request("plain", prompt, params(None, 2, max_new_tokens=8))
+        finished, longest_step, tokens = {}, 0.0, []
+        while engine.has_unfinished():
+            started = time.monotonic()
+            for out in engine.step():
+                if out.request_id == "slow":
+                    tokens += out.new_token_ids
+                if out.finish_reason is not None:
+                    finished[out.request_id] = (time.monotonic(), out.finish_reason, out.error)
+            longest_step = max(longest_step, time.monotonic() - started)
+            time.sleep(0.001)
+        assert finished["plain"][0] < finished["slow"][0]  # it did not wait for the compile
+        assert finished["slow"][1:] == (FinishReason.LENGTH, None)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        assert re.fullmatch(r"1-0\d{3}q*", text), text  # under its grammar
+        assert longest_step < 1.0, longest_step
+        assert engine.num_available_slots == engine.pool.num_slots
+
+
+def test_a_grammar_past_its_compile_budget_fails_only_its_request(
+    model_dir, tokenizer, monkeypatch
+):
+    monkeypatch.setattr(grammar_module, "COMPILE_BUDGET_S", 0.2)
+    with LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=4096)) as engine:
+        prompt = tokenizer.encode("Hello")
+        engine.add_request("slow", prompt, params(_slow_choices(2), 1))
+        engine.add_request("plain", prompt, params(None, 2, max_new_tokens=8))
+        results = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finish_reason is not None:
+                    results[out.request_id] = (out.finish_reason, out.error)
+            time.sleep(0.01)
+        assert results["plain"] == (FinishReason.LENGTH, None)
+        reason, error = results["slow"]
+        assert reason == FinishReason.ERROR
+        assert "did not compile within 0.2 s (the compile time limit)" in error
+        assert engine.num_available_slots == engine.pool.num_slots

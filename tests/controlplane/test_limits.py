@@ -273,3 +273,38 @@ def test_one_request_cannot_ask_for_more_output_than_the_budget(client):
     err = error(client.post("/v1/completions", json=body, headers=AUTH), 400)
     assert "1024 sequences x 2000 tokens = 2048000" in err["message"]
     assert "LIGHTPD_MAX_REQUEST_TOKENS" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        # The probe's grammar bomb: 1,024 distinct choices of 1,000 characters.
+        (
+            {"guided_choice": [f"{i:04d}" + "q" * 996 for i in range(1024)]},
+            "guided_choice: the choices are longer than 120000 characters in all",
+        ),
+        (
+            {
+                "guided_json": {
+                    "type": "object",
+                    "properties": {
+                        f"p{i}": {"type": "string", "pattern": "a+"} for i in range(6000)
+                    },
+                }
+            },
+            "more than 5000 object properties",
+        ),
+        (
+            {"guided_json": {"type": "string", "enum": [f"v{i}" for i in range(50_000)]}},
+            "more than 1000 enum values",
+        ),
+        ({"guided_regex": "a" * 5000}, "the regular expression is longer than 4096 characters"),
+    ],
+    ids=["choice-bomb", "properties", "enum", "regex"],
+)
+def test_grammars_past_the_size_bounds_are_refused_before_any_compile(client, extra, says):
+    body = {"model": client.model_name, "prompt": "hi", "max_tokens": 8, **extra}
+    started = time.monotonic()
+    err = error(client.post("/v1/completions", json=body, headers=AUTH), 400)
+    assert says in err["message"]
+    assert time.monotonic() - started < 5  # refused by counting, not by compiling

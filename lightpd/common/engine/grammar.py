@@ -22,6 +22,7 @@ xgrammar (and the tokenizer it needs) is loaded when the first grammar comes.
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_GRAMMARS = 512
+# A grammar that has not compiled this long fails its request (with this limit in
+# the reason); the compile may go on in the background, the serving loop does not
+# wait for it either way.
+COMPILE_BUDGET_S = 20.0
 
 
 class GrammarCache:
@@ -132,11 +137,26 @@ class RequestGrammar:
     ) -> None:
         self.request_id = request_id
         self._compiled = compiled
+        self._started = time.monotonic()
         self._cache = cache
         self.is_json = is_json
         self._matcher: Any = None  # xgrammar.GrammarMatcher, once compiled
         self._pending: list[int] = []  # accepted before the grammar was compiled
         self.error: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compile is over (done or failed): ``matcher`` will not wait."""
+        return self._compiled.done() or self.error is not None
+
+    def past_budget(self, now: float) -> bool:
+        """Fails the request if its grammar has compiled for longer than the budget."""
+        if not self.compiled and now - self._started > COMPILE_BUDGET_S:
+            self._fail(
+                f"the grammar did not compile within {COMPILE_BUDGET_S:g} s "
+                "(the compile time limit); simplify the schema, choices or grammar"
+            )
+        return self.error is not None
 
     def matcher(self) -> Any:
         """The matcher, past every token accepted so far; waits for the compile if it

@@ -229,7 +229,8 @@ class LLMEngine:
     @property
     def num_queued_tokens(self) -> int:
         """Prompt tokens not computed yet: queued requests and unfinished prefills."""
-        queued = sum(r.num_tokens for r in self.scheduler.waiting)
+        waiting = [*self.scheduler.waiting, *self.scheduler.compiling]
+        queued = sum(r.num_tokens for r in waiting)
         return queued + sum(
             r.num_tokens - r.num_computed_tokens for r in self.scheduler.running if r.is_prefilling
         )
@@ -240,7 +241,7 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.scheduler.compiling)
 
     def _new_request(
         self,

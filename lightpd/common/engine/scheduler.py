@@ -11,6 +11,7 @@ starts computing after its longest cached prefix, and what it computed stays
 cached when it ends or pauses.
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.estimator = OutputLengthEstimator()
         self.waiting: deque[Request] = deque()
+        # Requests whose grammar still compiles wait apart, in arrival order: the
+        # batch runs on, and no step ever waits for a compile.
+        self.compiling: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
         # Admitted requests that someone waits to hear of (reservations, and requests
@@ -74,20 +78,43 @@ class Scheduler:
         self.newly_admitted: list[Request] = []
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        if request.grammar is not None and not request.grammar.compiled:
+            self.compiling.append(request)
+        else:
+            self.waiting.append(request)
+
+    def take_compiled(self) -> None:
+        """Queue the requests whose grammar is ready, failed, or ran past its
+        compile budget (the engine then fails those two)."""
+        if not self.compiling:
+            return
+        now = time.monotonic()
+        still = []
+        for request in self.compiling:
+            if request.grammar.compiled or request.grammar.past_budget(now):
+                self.waiting.append(request)
+            else:
+                still.append(request)
+        self.compiling = still
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.compiling)
 
     @property
     def has_runnable(self) -> bool:
         """Whether a step would compute something (reservations only wait for KV)."""
+        self.take_compiled()
         return any(not r.awaits_kv for r in self.running) or any(
             not r.awaits_kv for r in self.waiting
         )
 
     def abort(self, request_id: str) -> Request | None:
+        for request in self.compiling:
+            if request.request_id == request_id:
+                self.compiling.remove(request)
+                request.status = RequestStatus.FINISHED
+                return request
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)
@@ -100,6 +127,7 @@ class Scheduler:
         return None
 
     def schedule(self) -> ScheduledBatch | None:
+        self.take_compiled()
         return self._schedule_prefill() or self._schedule_decode()
 
     # ---- admission and prefill ----
@@ -134,6 +162,7 @@ class Scheduler:
 
     def admit_waiting_reservations(self) -> None:
         """Admit reservations at the head of the queue (they need no compute)."""
+        self.take_compiled()
         while self.waiting and self.waiting[0].awaits_kv and self.can_admit(self.waiting[0]):
             self._admit(self.waiting.popleft())
 
@@ -248,7 +277,11 @@ class Scheduler:
         for request in expired:
             self.waiting.remove(request)
             request.status = RequestStatus.FINISHED
-        return expired
+        compiling = [r for r in self.compiling if r.queue_deadline <= now]
+        for request in compiling:
+            self.compiling.remove(request)
+            request.status = RequestStatus.FINISHED
+        return expired + compiling
 
     def fail(self, request: Request) -> None:
         """Drop ``request`` after its step raised, freeing what it holds. A failed
