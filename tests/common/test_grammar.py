@@ -236,3 +236,16 @@ def test_a_grammar_past_its_compile_budget_fails_only_its_request(
         assert reason == FinishReason.ERROR
         assert "did not compile within 0.2 s (the compile time limit)" in error
         assert engine.num_available_slots == engine.pool.num_slots
+
+
+def test_compiled_grammars_are_kept_within_a_byte_bound(model_dir, monkeypatch):
+    with LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=256)) as engine:
+        cache = engine.grammars
+        one = cache.compile(GrammarSpec("regex", "[a-z]{1,40}")).result()
+        monkeypatch.setattr(grammar_module, "MAX_CACHED_GRAMMAR_BYTES", 3 * one.memory_size_bytes)
+        for i in range(8):
+            cache.compile(GrammarSpec("regex", f"[a-z]{{1,{41 + i}}}")).result()
+            cache.compile(GrammarSpec("regex", "x")).result()  # settle the bound
+        # The bound holds once a compile is asked for; the newest one's bytes come on top.
+        assert cache.num_cached_bytes <= 4 * one.memory_size_bytes + 10_000
+        assert len(cache._compiled) < 9

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_GRAMMARS = 512
+# Compiled grammars kept, in bytes (their token mask caches dominate); the least
+# recently used go first. xgrammar's own compiler cache gets the same bound.
+MAX_CACHED_GRAMMAR_BYTES = 256 << 20
 # A grammar that has not compiled this long fails its request (with this limit in
 # the reason); the compile may go on in the background, the serving loop does not
 # wait for it either way.
@@ -89,9 +92,22 @@ class GrammarCache:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         future = self._executor.submit(self._compile, spec)
         self._compiled[spec] = future
+        self._trim()
+        return future
+
+    def _trim(self) -> None:
+        """Drop the least recently used grammars past the count and byte bounds (a
+        request holding one keeps it; a compile under way counts nothing yet)."""
         while len(self._compiled) > MAX_CACHED_GRAMMARS:
             self._compiled.popitem(last=False)
-        return future
+        num_bytes = sum(_size(f) for f in self._compiled.values())
+        while num_bytes > MAX_CACHED_GRAMMAR_BYTES and len(self._compiled) > 1:
+            _, dropped = self._compiled.popitem(last=False)
+            num_bytes -= _size(dropped)
+
+    @property
+    def num_cached_bytes(self) -> int:
+        return sum(_size(f) for f in self._compiled.values())
 
     def _compile(self, spec: GrammarSpec) -> Any:
         from lightpd.common.grammar_build import build_grammar
@@ -109,7 +125,9 @@ class GrammarCache:
             tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
         )
         self.printable_tokens = _printable_tokens(info.decoded_vocab, self.vocab_size, info)
-        return xgr.GrammarCompiler(info, max_threads=self.max_threads)
+        return xgr.GrammarCompiler(
+            info, max_threads=self.max_threads, cache_limit_bytes=MAX_CACHED_GRAMMAR_BYTES
+        )
 
     def failed(self, request_id: str, reason: str) -> None:
         with self._lock:
@@ -127,6 +145,13 @@ class GrammarCache:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _size(future: Future) -> int:
+    """Bytes of a compiled grammar; 0 while it compiles or if it failed."""
+    if not future.done() or future.exception() is not None:
+        return 0
+    return future.result().memory_size_bytes
 
 
 class RequestGrammar:
