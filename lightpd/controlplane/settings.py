@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # "fleet", every request's (cache_salt still narrows).
     prefix_cache_scope: Literal["tenant", "fleet"] = "tenant"
     tenant_header: str | None = None
+    # Nodes share themselves among tenants by weight (1 unless named here, as JSON:
+    # {"<API key id or tenant header value>": weight}).
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
     # At most this many output tokens in one request: n (or best_of) x prompts x
     # max_tokens (without max_tokens, the model's context bounds each sequence).
     max_request_tokens: int = Field(16 * 65536, ge=1)

@@ -33,6 +33,21 @@ def cache_namespace(settings: Settings, request: Request, cache_salt: str | None
     return int.from_bytes(digest, "little", signed=True) or 1
 
 
+def tenant_of(settings: Settings, request: Request) -> tuple[int, float]:
+    """The request's tenant, as nodes share themselves among tenants (a signed 64-bit
+    name; 0 for an open API's one tenant), and its weight (LIGHTPD_TENANT_WEIGHTS,
+    by API key id as /admin/api-keys lists it, or by the tenant header's value)."""
+    tenant = _tenant(settings, request)
+    if tenant is None:
+        return 0, 1.0
+    digest = hashlib.blake2b(tenant.encode(), digest_size=8).digest()
+    label = tenant.split("\0", 1)[1]
+    if tenant.startswith("key\0"):
+        label = label[:24]  # the key's id: the start of its digest
+    weight = settings.tenant_weights.get(label, 1.0)
+    return int.from_bytes(digest, "little", signed=True) or 1, weight
+
+
 def _tenant(settings: Settings, request: Request) -> str | None:
     if settings.tenant_header:
         named = request.headers.get(settings.tenant_header)

@@ -80,6 +80,12 @@ class Request:
         return self.num_prompt_tokens + self.num_output_tokens
 
     @property
+    def is_movable(self) -> bool:
+        """Whether pausing it (freeing its KV, recomputing later) is safe: a decoding
+        request, not one whose KV is on its way in or out."""
+        return not (self.is_prefilling or self.awaits_kv or self.kv_send is not None)
+
+    @property
     def suppressed_ids(self) -> frozenset[int]:
         """Tokens that may not be sampled yet: stops, until min_new_tokens are out."""
         if self.num_output_tokens < self.params.min_new_tokens:

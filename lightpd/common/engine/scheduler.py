@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from lightpd.common.engine.admission import OutputLengthEstimator, peak_tokens
+from lightpd.common.engine.fair_share import make_room_from, next_waiting
 from lightpd.common.engine.kv_manager import KVManager
 from lightpd.common.engine.kv_pool import TokenKVPool
 from lightpd.common.engine.prefix_cache import PrefixCache
@@ -161,10 +162,25 @@ class Scheduler:
             request.queue_deadline = float("inf")
 
     def admit_waiting_reservations(self) -> None:
-        """Admit reservations at the head of the queue (they need no compute)."""
+        """Admit the reservations that come next (they need no compute)."""
         self.take_compiled()
-        while self.waiting and self.waiting[0].awaits_kv and self.can_admit(self.waiting[0]):
-            self._admit(self.waiting.popleft())
+        while (request := self._next_admissible(reservations_only=True)) is not None:
+            self.waiting.remove(request)
+            self._admit(request)
+
+    def _next_admissible(self, reservations_only: bool = False) -> Request | None:
+        """The waiting request that comes next by fair share (fair_share.py) if it
+        can be admitted now, pausing requests of tenants over its share to make room
+        (requests of its own tenant are never paused for it); else None."""
+        request = next_waiting(self.waiting, self.running)
+        if request is None or (reservations_only and not request.awaits_kv):
+            return None
+        while not self.can_admit(request):
+            victim = make_room_from(request, self.running)
+            if victim is None:
+                return None
+            self._preempt(victim)
+        return request
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_prefill_tokens
@@ -172,8 +188,8 @@ class Scheduler:
         for request in self.running:
             if request.is_prefilling and budget > 0:
                 budget -= batch.add_chunk(request, budget)
-        while self.waiting and budget > 0 and self.can_admit(self.waiting[0]):
-            request = self.waiting.popleft()
+        while budget > 0 and (request := self._next_admissible()) is not None:
+            self.waiting.remove(request)
             self._admit(request)
             if request.is_prefilling:
                 budget -= batch.add_chunk(request, budget)

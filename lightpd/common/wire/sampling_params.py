@@ -60,6 +60,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: GrammarSpec | None = None
     cache_namespace: int = 0  # a signed 64-bit name, as msgpack carries it
+    # Whose request it is, and the tenant's weight: a node shares itself among
+    # tenants by weight (engine/fair_share.py). 0: the one tenant of an open API.
+    tenant: int = 0
+    tenant_weight: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +77,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
                 f"got {self.min_new_tokens}",
             ),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (
+                0 < self.tenant_weight <= 1e6,
+                f"tenant_weight must be in (0, 1e6], got {self.tenant_weight}",
+            ),
             (
                 self.top_k == -1 or self.top_k >= 0,
                 f"top_k must be -1, 0 or positive, got {self.top_k}",

@@ -31,7 +31,7 @@ from lightpd.controlplane.openai_schemas import (
 )
 from lightpd.controlplane.shutdown import EndedByShutdown, Shutdown
 from lightpd.controlplane.structured import check_tool_schemas, requested_grammar
-from lightpd.controlplane.tenancy import cache_namespace
+from lightpd.controlplane.tenancy import cache_namespace, tenant_of
 from lightpd.controlplane.tool_calls import ToolPlan, plan_tools, template_messages
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ async def _serve(
         raise OpenAIError(400, f"logit_bias: token id {bad} is not below {vocab}", "logit_bias")
     scored = logprobs if candidates == body.n or logprobs is not None else 0
     namespace = cache_namespace(state.settings, request, body.cache_salt)
+    tenant = tenant_of(state.settings, request)
     choices = []
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     for p_index, prompt in enumerate(prompts):
@@ -213,7 +214,9 @@ async def _serve(
             )
         for n_index in range(candidates):
             index = p_index * candidates + n_index
-            params = _sampling_params(body, max_tokens or room, scored, n_index, grammar, namespace)
+            params = _sampling_params(
+                body, max_tokens or room, scored, n_index, grammar, namespace, tenant
+            )
             choices.append(
                 Choice(index, f"{response_id}-{index}", prompt, params, body.stop_strings)
             )
@@ -301,6 +304,7 @@ def _sampling_params(
     n_index: int,
     grammar: GrammarSpec | None = None,
     namespace: int = 0,
+    tenant: tuple[int, float] = (0, 1.0),
 ) -> SamplingParams:
     # The nodes need a seed so decode continues prefill's random stream; choice i of
     # a seeded request uses seed + i, so n > 1 gives different yet repeatable texts.
@@ -323,6 +327,8 @@ def _sampling_params(
             logit_bias=body.logit_bias_pairs,
             grammar=grammar,
             cache_namespace=namespace,
+            tenant=tenant[0],
+            tenant_weight=tenant[1],
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from exc
