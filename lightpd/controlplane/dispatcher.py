@@ -60,6 +60,7 @@ from lightpd.controlplane.fleet import Fleet
 from lightpd.controlplane.fleet_schemas import NodePublic
 from lightpd.controlplane.metrics import Metrics, RequestTimes
 from lightpd.controlplane.node_client import NodeBusy, NodeClient, NodeRefused, NodeTimeout
+from lightpd.controlplane.queue_shares import QueueShares
 from lightpd.controlplane.settings import Settings
 from lightpd.controlplane.store import Store
 from lightpd.controlplane.timeseries import Timeseries
@@ -116,7 +117,8 @@ class Dispatcher:
         self.store = store
         self.metrics = metrics
         self.timeseries = timeseries
-        self.num_queued = 0  # requests of this control plane waiting for slots
+        # Requests of this control plane waiting for slots, shared by tenants.
+        self.queue = QueueShares(settings.max_queued)
 
     async def generate(
         self,
@@ -147,7 +149,7 @@ class Dispatcher:
         def admit() -> None:
             nonlocal queued, admitted_at
             if queued:
-                self.num_queued -= 1
+                self.queue.give_back(params.tenant)
                 queued = False
             if admitted_at is None:
                 admitted_at = time.monotonic()
@@ -157,12 +159,11 @@ class Dispatcher:
         try:
             # The place in the queue is taken before any await, so a burst cannot
             # slip past the bound.
-            if self.num_queued >= self.settings.max_queued:
+            if not self.queue.take(params.tenant, params.tenant_weight):
                 raise NoCapacityError(
                     f"too many requests are waiting ({self.settings.max_queued}); try again later",
                     retry_after_s=5,
                 )
-            self.num_queued += 1
             queued = True
             await self.store.record_request(
                 request_id, "queued", prompt_tokens=len(prompt), max_tokens=params.max_new_tokens
@@ -247,7 +248,7 @@ class Dispatcher:
             raise
         finally:
             if queued:
-                self.num_queued -= 1
+                self.queue.give_back(params.tenant)
             elapsed = time.monotonic() - started
             ttft = None if first_token_at is None else first_token_at - started
             tpot = (
