@@ -249,3 +249,26 @@ def test_compiled_grammars_are_kept_within_a_byte_bound(model_dir, monkeypatch):
         # The bound holds once a compile is asked for; the newest one's bytes come on top.
         assert cache.num_cached_bytes <= 4 * one.memory_size_bytes + 10_000
         assert len(cache._compiled) < 9
+
+
+def test_a_grammar_past_its_memory_budget_is_stopped_and_the_next_compiles(
+    model_dir, tokenizer, monkeypatch
+):
+    """The compile runs in a worker process, killed once it has grown past the memory
+    budget; the request fails naming the limit, and the next grammar gets a new
+    worker."""
+    monkeypatch.setattr(grammar_module, "COMPILE_MEMORY_BYTES", 1 << 20)
+    with LLMEngine(EngineConfig(model=model_dir, device=DEVICE, num_kv_slots=4096)) as engine:
+        prompt = tokenizer.encode("Hello")
+        big = GrammarSpec(
+            "json_schema",
+            json.dumps({"type": "string", "enum": [f"value-{i}" * 8 for i in range(50_000)]}),
+        )
+        results = run(engine, {"big": (prompt, params(big, 1))})
+        reason, error = results["big"][1:]
+        assert reason == FinishReason.ERROR
+        assert "needed more than 1 MiB to compile (the compile memory limit)" in error
+        monkeypatch.setattr(grammar_module, "COMPILE_MEMORY_BYTES", 2 << 30)
+        fine = run(engine, {"fine": (prompt, params(GrammarSpec("regex", FORK), 2))})
+        assert fine["fine"][1:] == [FinishReason.STOP, None]
+        assert engine.num_available_slots == engine.pool.num_slots

@@ -22,7 +22,6 @@ xgrammar (and the tokenizer it needs) is loaded when the first grammar comes.
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightpd.common.engine.grammar_worker import CompileWorker, GrammarLimitError
 from lightpd.common.wire.sampling_params import GrammarSpec
 
 if TYPE_CHECKING:
@@ -41,10 +41,10 @@ MAX_CACHED_GRAMMARS = 512
 # Compiled grammars kept, in bytes (their token mask caches dominate); the least
 # recently used go first. xgrammar's own compiler cache gets the same bound.
 MAX_CACHED_GRAMMAR_BYTES = 256 << 20
-# A grammar that has not compiled this long fails its request (with this limit in
-# the reason); the compile may go on in the background, the serving loop does not
-# wait for it either way.
+# A compile runs in a worker process (grammar_worker.py), stopped past these: the
+# request fails with the limit in its reason, the serving loop never waits for it.
 COMPILE_BUDGET_S = 20.0
+COMPILE_MEMORY_BYTES = 2 << 30
 
 
 class GrammarCache:
@@ -56,7 +56,8 @@ class GrammarCache:
         self.stop_token_ids = list(stop_token_ids)
         self.max_threads = max(1, min(max_threads, os.cpu_count() or 1))
         self._executor: ThreadPoolExecutor | None = None
-        self._compiler: Any = None  # xgrammar.GrammarCompiler, built on the compile thread
+        self._info: Any = None  # xgrammar.TokenizerInfo, built on the compile thread
+        self._worker = CompileWorker(model_dir, vocab_size, self.stop_token_ids)
         # The bitmask row of tokens without a control character (bytes below 0x20).
         self.printable_tokens: torch.Tensor | None = None
         self._compiled: OrderedDict[GrammarSpec, Future] = OrderedDict()
@@ -110,24 +111,16 @@ class GrammarCache:
         return sum(_size(f) for f in self._compiled.values())
 
     def _compile(self, spec: GrammarSpec) -> Any:
-        from lightpd.common.grammar_build import build_grammar
-
-        if self._compiler is None:
-            self._compiler = self._make_compiler()
-        return self._compiler.compile_grammar(build_grammar(spec))
-
-    def _make_compiler(self) -> Any:
+        """On the grammar thread: the worker compiles, this process deserializes."""
         import xgrammar as xgr
-        from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.model_dir)
-        info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
-        )
-        self.printable_tokens = _printable_tokens(info.decoded_vocab, self.vocab_size, info)
-        return xgr.GrammarCompiler(
-            info, max_threads=self.max_threads, cache_limit_bytes=MAX_CACHED_GRAMMAR_BYTES
-        )
+        if self._info is None:
+            self._info = tokenizer_info(self.model_dir, self.vocab_size, self.stop_token_ids)
+            self.printable_tokens = _printable_tokens(
+                self._info.decoded_vocab, self.vocab_size, self._info
+            )
+        compiled = self._worker.compile(spec, COMPILE_BUDGET_S, COMPILE_MEMORY_BYTES)
+        return xgr.CompiledGrammar.deserialize_json(compiled, self._info)
 
     def failed(self, request_id: str, reason: str) -> None:
         with self._lock:
@@ -145,6 +138,18 @@ class GrammarCache:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        self._worker.close()
+
+
+def tokenizer_info(model_dir: str, vocab_size: int, stop_token_ids: list[int]) -> Any:
+    """xgrammar's view of the model's vocabulary (the engine's and its worker's)."""
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    return xgr.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids or None
+    )
 
 
 def _size(future: Future) -> int:
@@ -162,7 +167,6 @@ class RequestGrammar:
     ) -> None:
         self.request_id = request_id
         self._compiled = compiled
-        self._started = time.monotonic()
         self._cache = cache
         self.is_json = is_json
         self._matcher: Any = None  # xgrammar.GrammarMatcher, once compiled
@@ -173,15 +177,6 @@ class RequestGrammar:
     def compiled(self) -> bool:
         """Whether the compile is over (done or failed): ``matcher`` will not wait."""
         return self._compiled.done() or self.error is not None
-
-    def past_budget(self, now: float) -> bool:
-        """Fails the request if its grammar has compiled for longer than the budget."""
-        if not self.compiled and now - self._started > COMPILE_BUDGET_S:
-            self._fail(
-                f"the grammar did not compile within {COMPILE_BUDGET_S:g} s "
-                "(the compile time limit); simplify the schema, choices or grammar"
-            )
-        return self.error is not None
 
     def matcher(self) -> Any:
         """The matcher, past every token accepted so far; waits for the compile if it
@@ -283,6 +278,8 @@ JSON_KINDS = ("json_schema", "json_object")
 def compile_error(exc: BaseException) -> str:
     from lightpd.common.grammar_build import describe_error
 
+    if isinstance(exc, GrammarLimitError):
+        return str(exc)  # it names the limit
     return f"the grammar does not compile: {describe_error(exc)}"
 
 

@@ -11,7 +11,6 @@ starts computing after its longest cached prefix, and what it computed stays
 cached when it ends or pauses.
 """
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -85,14 +84,13 @@ class Scheduler:
             self.waiting.append(request)
 
     def take_compiled(self) -> None:
-        """Queue the requests whose grammar is ready, failed, or ran past its
-        compile budget (the engine then fails those two)."""
+        """Queue the requests whose grammar is ready or failed (over a budget too:
+        the engine then fails them)."""
         if not self.compiling:
             return
-        now = time.monotonic()
         still = []
         for request in self.compiling:
-            if request.grammar.compiled or request.grammar.past_budget(now):
+            if request.grammar.compiled:
                 self.waiting.append(request)
             else:
                 still.append(request)
