@@ -4,7 +4,10 @@ node goes on from it, and every reply that ends validates."""
 
 import json
 import re
+import threading
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -250,3 +253,38 @@ def test_what_cannot_be_served_is_a_400_naming_it(client, options, message):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, **options)
     assert message in info.value.message
+
+
+def test_a_grammar_that_compiles_for_seconds_freezes_no_one(fleet):
+    """The probe's grammar bomb, within the control plane's bounds (80 choices of 790
+    characters, seconds to compile here): plain requests on the same nodes are
+    answered in under a second throughout, and the constrained one then runs."""
+    choices = [f"{i:04d}" + "q" * 786 for i in range(80)]
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 12, "guided_choice": choices}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    answer: dict = {}
+
+    def constrained() -> None:
+        reply = httpx.post(f"{fleet.url}/v1/completions", json=body, headers=headers, timeout=120)
+        answer["reply"] = reply
+
+    thread = threading.Thread(target=constrained)
+    thread.start()
+    took = []
+    while thread.is_alive():
+        started = time.monotonic()
+        reply = httpx.post(
+            f"{fleet.url}/v1/completions",
+            json={"model": MODEL, "prompt": "hello", "max_tokens": 4},
+            headers=headers,
+            timeout=30,
+        )
+        took.append(time.monotonic() - started)
+        assert reply.status_code == 200, reply.text
+        time.sleep(0.05)
+    thread.join()
+    assert len(took) >= 3 and max(took) < 1.0, took
+    reply = answer["reply"]
+    assert reply.status_code == 200, reply.text
+    text = reply.json()["choices"][0]["text"]
+    assert any(choice.startswith(text) for choice in choices), text
