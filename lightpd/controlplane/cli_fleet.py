@@ -113,6 +113,13 @@ def up(
     restart_window: Annotated[
         float, typer.Option(help="Seconds over which --max-restarts counts exits.")
     ] = 60.0,
+    restart_backoff: Annotated[
+        float,
+        typer.Option(
+            help="Seconds before the first start again; each next one waits twice as "
+            "long (at most 30)."
+        ),
+    ] = 0.5,
     prefix_cache_scope: Annotated[
         str,
         typer.Option(
@@ -134,7 +141,9 @@ def up(
     if max_model_len is not None and max_model_len < 1:
         raise fail("--max-model-len must be at least 1")
     try:
-        policy = RestartPolicy(max_restarts=max_restarts, window_s=restart_window)
+        policy = RestartPolicy(
+            max_restarts=max_restarts, window_s=restart_window, first_backoff_s=restart_backoff
+        )
     except ValueError as exc:
         raise fail(str(exc)) from None
     if prefix_cache_scope not in ("tenant", "fleet"):

@@ -35,6 +35,8 @@ class RestartPolicy:
             raise ValueError("--max-restarts must be 0 or more")
         if self.window_s <= 0:
             raise ValueError("--restart-window must be more than 0 seconds")
+        if not 0 < self.first_backoff_s <= self.max_backoff_s:
+            raise ValueError(f"--restart-backoff must be in (0, {self.max_backoff_s:g}] seconds")
 
     def backoff(self, recent_exits: int) -> float:
         """The wait before a start again, after the ``recent_exits``-th exit in the window."""
