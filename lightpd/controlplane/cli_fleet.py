@@ -148,7 +148,6 @@ def up(
         raise fail(str(exc)) from None
     if prefix_cache_scope not in ("tenant", "fleet"):
         raise fail(f"--prefix-cache-scope must be tenant or fleet, not {prefix_cache_scope!r}")
-    os.environ["LIGHTPD_PREFIX_CACHE_SCOPE"] = prefix_cache_scope  # the control plane's
     if model_dir and model and model_dir.resolve() != model.resolve():
         raise fail(f"two models given: {model_dir} and --model {model}; pass one")
     model = model_dir or model
@@ -165,7 +164,11 @@ def up(
         nodes = NodeOptions(
             prefill_nodes, decode_nodes, num_kv_slots, max_model_len, kv_transport, expert_parallel
         )
-        _run(fleet, signals, model, host, port, served_model_name, api_key, example, nodes, policy)
+        settings = {"LIGHTPD_PREFIX_CACHE_SCOPE": prefix_cache_scope}  # more, the control plane's
+        _run(
+            fleet, signals, model, host, port, served_model_name, api_key, example, nodes, policy,
+            settings,
+        )  # fmt: skip
     except Stopped as stop:  # before anything started
         say(f"\n{stop} received: stopped.")
     finally:
@@ -183,6 +186,7 @@ def _run(
     example: bool,
     nodes: NodeOptions,
     policy: RestartPolicy,
+    settings: dict[str, str],
 ) -> None:
     say("Starting a lightpd fleet:")
     default_model = model is None
@@ -227,6 +231,7 @@ def _run(
             "LIGHTPD_PORT": str(port),
             "LIGHTPD_SERVED_MODEL_NAME": served_name,
             "LIGHTPD_API_KEYS": ",".join(keys),
+            **settings,
         }
         started = _step(f"starting the control plane on {url}")
         log = fleet.logs / "controlplane.log"

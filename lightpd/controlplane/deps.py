@@ -44,7 +44,7 @@ def _same_token(given: str, expected: str) -> bool:
     return secrets.compare_digest(given.encode(), expected.encode())
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -57,7 +57,7 @@ async def require_api_key(request: Request, state: State) -> None:
     keys = state.settings.api_key_set
     if not keys and not await state.store.has_api_keys():
         return  # no key configured anywhere: the API is open
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is not None and (
         any(_same_token(token, k) for k in keys) or await state.store.api_key_known(token)
     ):
@@ -70,7 +70,7 @@ def _invalid_token() -> OpenAIError:
 
 
 async def require_cluster(request: Request, state: State) -> None:
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None or not _same_token(token, state.settings.cluster_token):
         raise _invalid_token()
 
@@ -78,7 +78,7 @@ async def require_cluster(request: Request, state: State) -> None:
 async def require_admin(request: Request, state: State) -> None:
     """The admin token as a bearer token, or the dashboard's session cookie."""
     admin_token = state.settings.admin_token
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is not None and _same_token(token, admin_token):
         return
     if token is None and session.is_valid(request.cookies.get(session.COOKIE), admin_token):

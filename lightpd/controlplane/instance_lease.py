@@ -68,14 +68,11 @@ class InstanceLease:
     async def reconcile(self) -> int:
         """Fail the running requests of instances without a lease (seen so twice,
         ``GRACE_S`` apart); returns how many."""
-        running = [m.decode() for m in await self.client.smembers("lightpd:requests:running")]
-        if not running:
+        running_owners = await self.store.running_owners()
+        if not running_owners:
             self._orphans.clear()
             return 0
-        async with self.client.pipeline(transaction=False) as pipe:
-            for request_id in running:
-                pipe.hget(f"lightpd:request:{request_id}", "instance")
-            owners = [o.decode() if o else None for o in await pipe.execute()]
+        running, owners = zip(*running_owners, strict=True)
         others = sorted({o for o in owners if o and o != self.instance_id})
         async with self.client.pipeline(transaction=False) as pipe:
             for instance in others:

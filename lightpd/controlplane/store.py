@@ -494,6 +494,15 @@ class Store:
             if record
         ]
 
+    async def running_owners(self) -> list[tuple[str, str | None]]:
+        """Each running request and the control plane instance that took it."""
+        running = [m.decode() for m in await self.redis.smembers(_RUNNING)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in running:
+                pipe.hget(_request_key(request_id), "instance")
+            owners = await pipe.execute()
+        return [(rid, o.decode() if o else None) for rid, o in zip(running, owners, strict=True)]
+
     async def num_running(self) -> int:
         return await self.redis.scard(_RUNNING)
 

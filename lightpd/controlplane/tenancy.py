@@ -14,6 +14,7 @@ import hashlib
 
 from starlette.requests import Request
 
+from lightpd.controlplane.deps import bearer_token
 from lightpd.controlplane.settings import Settings
 
 
@@ -53,8 +54,8 @@ def _tenant(settings: Settings, request: Request) -> str | None:
         named = request.headers.get(settings.tenant_header)
         if named:
             return f"named\0{named}"
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
+    token = bearer_token(request)
+    if token is not None:
         # The key itself never leaves: a digest of it names the tenant.
-        return "key\0" + hashlib.sha256(token.strip().encode()).hexdigest()
+        return "key\0" + hashlib.sha256(token.encode()).hexdigest()
     return None

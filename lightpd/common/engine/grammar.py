@@ -48,13 +48,10 @@ COMPILE_MEMORY_BYTES = 2 << 30
 
 
 class GrammarCache:
-    def __init__(
-        self, model_dir: str, vocab_size: int, stop_token_ids: Sequence[int], max_threads: int = 8
-    ) -> None:
+    def __init__(self, model_dir: str, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self.model_dir = model_dir
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
-        self.max_threads = max(1, min(max_threads, os.cpu_count() or 1))
         self._executor: ThreadPoolExecutor | None = None
         self._info: Any = None  # xgrammar.TokenizerInfo, built on the compile thread
         self._worker = CompileWorker(model_dir, vocab_size, self.stop_token_ids)

@@ -11,11 +11,10 @@ starts computing after its longest cached prefix, and what it computed stays
 cached when it ends or pauses.
 """
 
-from collections import deque
 from dataclasses import dataclass
 
 from lightpd.common.engine.admission import OutputLengthEstimator, peak_tokens
-from lightpd.common.engine.fair_share import make_room_from, next_waiting
+from lightpd.common.engine.fair_share import WaitingQueue, make_room_from, next_waiting
 from lightpd.common.engine.kv_manager import KVManager
 from lightpd.common.engine.kv_pool import TokenKVPool
 from lightpd.common.engine.prefix_cache import PrefixCache
@@ -67,7 +66,7 @@ class Scheduler:
         self.kv = KVManager(pool, table, prefix_cache)
         self.max_prefill_tokens = max_prefill_tokens
         self.estimator = OutputLengthEstimator()
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         # Requests whose grammar still compiles wait apart, in arrival order: the
         # batch runs on, and no step ever waits for a compile.
         self.compiling: list[Request] = []
