@@ -325,6 +325,8 @@ class Dispatcher:
         tokens = len(prompt) + len(resume)  # charged to each of them by _pick
         self.client.open_stream(attempt_id)
         finished = False
+        reserving_at = time.time()  # a heartbeat after this may count the slots
+        held_slots = 0  # the decode node's slots for this attempt, once it took them
         try:
             try:
                 reserved = await self._watch(
@@ -392,7 +394,10 @@ class Dispatcher:
                         watched.remove(prefill)  # the prefill node's part is done
                     for node in nodes:
                         self.fleet.inflight_tokens[node.node_id] -= tokens
+                    held_slots = tokens
+                    self.fleet.admitted(decode.node_id, held_slots, reserving_at)
                     tokens = 0
+                held_slots += len(event.token_ids)
                 if event.finish_reason == "error" and event.retry:
                     # The node failed, not the request (a failed hand-off, a broken
                     # expert-parallel group): other nodes may succeed; a request that
@@ -406,6 +411,8 @@ class Dispatcher:
         finally:
             for node in nodes:
                 self.fleet.inflight_tokens[node.node_id] -= tokens
+            if held_slots:
+                self.fleet.released(decode.node_id, held_slots)
             if not finished:
                 await asyncio.shield(self._abort(attempt_id, *reversed(nodes)))
             self.client.close_stream(attempt_id)

@@ -3,7 +3,12 @@
 The registry is read from Redis at most every ``refresh_s`` and shared by all
 requests of this process. Decode nodes are ranked by free KV slots, prefill
 nodes by queued prompt tokens, both net of the work this process has sent them
-since their last heartbeat counted it. Draining and dead nodes get nothing new.
+since their last heartbeat counted it. A decode node's slots are also net of
+what its last heartbeat cannot show yet (``unheard``): a request admitted, or
+one that ended and freed its slots, since then. Without that, a chat's next
+turn, sent as soon as the last reply ends, finds the node holding the chat
+still charged for that reply and goes elsewhere. Draining and dead nodes get
+nothing new.
 
 Cache-aware: a request's ``overlap`` with a node (the tokens of its prompt that
 node's prefix cache holds, from ``PrefixIndex``) counts as work the node need
@@ -23,7 +28,7 @@ here, so that its running requests are not taken for lost.
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 from lightpd.controlplane.fleet_schemas import NodePublic, NodeRole
@@ -37,6 +42,7 @@ class Fleet:
         model_fingerprint: str,
         refresh_s: float = 0.25,
         balance_tokens: int = 8192,
+        unheard_max_s: float = 3.0,
     ) -> None:
         self.store = store
         self.balance_tokens = balance_tokens
@@ -46,6 +52,9 @@ class Fleet:
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
         self.inflight_tokens: Counter[str] = Counter()
+        # By decode node: (when, slots) its last heartbeat may not count.
+        self._unheard: defaultdict[str, list[tuple[float, int]]] = defaultdict(list)
+        self.unheard_max_s = unheard_max_s
 
     async def nodes(self, max_age_s: float | None = None) -> list[NodePublic]:
         """The registry as read at most ``max_age_s`` (default ``refresh_s``) ago."""
@@ -61,6 +70,8 @@ class Fleet:
                 else:
                     self.store.outage.recovered()
                     self._nodes = self._after_outage(nodes)
+                    for gone in self._unheard.keys() - self._nodes.keys():
+                        del self._unheard[gone]
                 self._fetched_at = time.monotonic()
         return list(self._nodes.values())
 
@@ -132,6 +143,28 @@ class Fleet:
         self.inflight_tokens[node.node_id] += tokens
         return node
 
+    def admitted(self, node_id: str, slots: int, since: float) -> None:
+        """A decode node took ``slots`` at ``since`` (wall clock): until a heartbeat
+        after that, its stats may not show them."""
+        self._unheard[node_id].append((since, slots))
+
+    def released(self, node_id: str, slots: int) -> None:
+        """A decode node freed ``slots`` just now: until a heartbeat after this, its
+        stats may still count them. (Admitted and released between two heartbeats,
+        the two entries cancel out, as the stats never showed the slots.)"""
+        self._unheard[node_id].append((time.time(), -slots))
+
+    def unheard(self, node: NodePublic) -> int:
+        """Slots in use on a decode node that its last heartbeat does not show (less
+        those it still shows but are free); what is older than the heartbeat, or
+        than ``unheard_max_s``, is dropped."""
+        entries = self._unheard.get(node.node_id)
+        if not entries:
+            return 0
+        oldest = max(node.last_heartbeat, time.time() - self.unheard_max_s)
+        entries[:] = [(when, slots) for when, slots in entries if when >= oldest]
+        return sum(slots for _, slots in entries)
+
     async def _ready(self, wanted: Callable[[NodePublic], bool]) -> list[NodePublic]:
         """Ready nodes that are ``wanted``; when none, the registry is read afresh once,
         so a node that joined since the last read is not missed."""
@@ -156,7 +189,8 @@ class Fleet:
             free = node.num_slots
         else:
             free = node.stats.num_free_slots - node.stats.num_queued_tokens
-        return free - self.inflight_tokens[node.node_id] - (tokens - held)
+        free -= self.inflight_tokens[node.node_id] + self.unheard(node)
+        return free - (tokens - held)
 
     def _score_prefill(self, node: NodePublic, tokens: int, held: int) -> float:
         # Prompt tokens it would compute before this one's last, this one's included.
