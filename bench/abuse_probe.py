@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from lightpd.common.tiny import write_tiny_checkpoint
-from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis, free_port
 from tests.e2e.fleet import wait_healthy
 
 

@@ -102,8 +102,8 @@ async def added_ttft(token_counts: list[int], repeats: int) -> None:
     from lightpd.common.engine import EngineConfig, LLMEngine
     from lightpd.common.tiny import write_tiny_checkpoint
     from lightpd.common.wire.sampling_params import SamplingParams
+    from lightpd.controlplane.lightctl.node_process import start_node
     from lightpd.controlplane.node_client import NodeClient
-    from lightpd.controlplane.node_process import start_node
 
     overrides = dict(
         hidden_size=256,

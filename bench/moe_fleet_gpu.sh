@@ -9,7 +9,7 @@
 #   ep2: two decode nodes, on cuda:0 and cuda:1, forming one expert-parallel group,
 #        each prefilling its own requests: what `lightctl up MODEL --prefill-nodes 0
 #        --decode-nodes 2 --expert-parallel` starts.
-# Each gets `lightctl bench` (python3 -m lightpd.controlplane.cli_bench) at each of RATES with
+# Each gets `lightctl bench` (python3 -m lightpd.controlplane.lightctl.bench) at each of RATES with
 # COUNTS requests, through bench/serving_gpu.sh, whose knobs all apply (PARTS=fleet: no
 # in-process engine run). Results: OUT_DIR/serving.tar.gz and OUT_DIR/summary.md.
 # A CPU try (a small MoE, about two minutes):

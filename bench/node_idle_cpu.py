@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench.serving_fleet import cpu_seconds
 from lightpd.common.tiny import write_tiny_checkpoint
-from lightpd.controlplane.embedded_redis import free_port
-from lightpd.controlplane.node_process import start_node
+from lightpd.controlplane.lightctl.embedded_redis import free_port
+from lightpd.controlplane.lightctl.node_process import start_node
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import statistics
 import time
 
 from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.lightctl.node_process import start_node
 from lightpd.controlplane.node_client import NodeClient
-from lightpd.controlplane.node_process import start_node
 
 TOKEN = "pd-ttft-bench"
 START_TIMEOUT_S = 900.0  # a GPU node loads weights and captures graphs

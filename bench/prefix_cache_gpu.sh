@@ -38,12 +38,12 @@ export MODEL_DIR OUT="$out" SHARED_LEN INPUT_LEN OUTPUT_LEN NUM_SHARED RATE_SHAR
 inner='set -e
   common=(--base-url "$LIGHTPD_BENCH_URL" --tokenizer "$MODEL_DIR" --ignore-eos --seed 0)
   echo "== $(date +%T) cache $CACHE: shared prefix"
-  python3 -m lightpd.controlplane.cli_bench "${common[@]}" --endpoint completions \
+  python3 -m lightpd.controlplane.lightctl.bench "${common[@]}" --endpoint completions \
     --num-requests "$NUM_SHARED" --request-rate "$RATE_SHARED" --shared-prefix-len "$SHARED_LEN" \
     --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --warmup 4 \
     --label "shared-$CACHE" --out "$OUT/shared-$CACHE.json"
   echo "== $(date +%T) cache $CACHE: 4-turn chat replay"
-  python3 -m lightpd.controlplane.cli_bench "${common[@]}" --endpoint chat --turns 4 \
+  python3 -m lightpd.controlplane.lightctl.bench "${common[@]}" --endpoint chat --turns 4 \
     --num-requests $((4 * CONVERSATIONS)) --request-rate "$RATE_CHAT" \
     --shared-prefix-len "$SHARED_LEN" --input-len "$CHAT_INPUT_LEN" \
     --output-len "$CHAT_OUTPUT_LEN" --label "chat-$CACHE" --out "$OUT/chat-$CACHE.json"'
@@ -68,7 +68,7 @@ step "summary"
 for kind in shared chat; do
   for on in on on-local; do
     [[ -f $out/$kind-$on.json && -f $out/$kind-off.json ]] || continue
-    python3 -m lightpd.controlplane.cli_bench --compare "$out/$kind-$on.json" "$out/$kind-off.json" \
+    python3 -m lightpd.controlplane.lightctl.bench --compare "$out/$kind-$on.json" "$out/$kind-off.json" \
       | tee -a "$out/summary.md"
   done
 done

@@ -24,13 +24,13 @@ from lightpd.common.engine import EngineConfig, LLMEngine
 from lightpd.common.engine.request import RequestError, RequestOutput
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.sampling_params import SamplingParams
-from lightpd.controlplane.bench.client import ClientConfig
-from lightpd.controlplane.bench.metrics import parse_slo, summarize
-from lightpd.controlplane.bench.plots import write_plots
-from lightpd.controlplane.bench.record import RequestRecord
-from lightpd.controlplane.bench.report import result_json, write_result
-from lightpd.controlplane.bench.runner import LoadSpec, Runner
-from lightpd.controlplane.bench.workload import TokenPrompts, WorkloadSpec, build_workload
+from lightpd.controlplane.lightctl.bench.client import ClientConfig
+from lightpd.controlplane.lightctl.bench.metrics import parse_slo, summarize
+from lightpd.controlplane.lightctl.bench.plots import write_plots
+from lightpd.controlplane.lightctl.bench.record import RequestRecord
+from lightpd.controlplane.lightctl.bench.report import result_json, write_result
+from lightpd.controlplane.lightctl.bench.runner import LoadSpec, Runner
+from lightpd.controlplane.lightctl.bench.workload import TokenPrompts, WorkloadSpec, build_workload
 
 
 class EngineClient:

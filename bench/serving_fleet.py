@@ -44,8 +44,8 @@ from pathlib import Path
 
 import httpx
 
-from lightpd.controlplane.embedded_redis import free_port
-from lightpd.controlplane.node_process import NodeProcess, start_node
+from lightpd.controlplane.lightctl.embedded_redis import free_port
+from lightpd.controlplane.lightctl.node_process import NodeProcess, start_node
 from tests.e2e.fleet import ADMIN_TOKEN, API_KEY, CLUSTER_TOKEN, LocalFleet
 
 PHASES = (

@@ -75,7 +75,7 @@ if has fleet; then
     r=${rates[$i]}; n=${counts[$i]}
     echo "== $(date +%T) $LABEL: rate $r, $n requests"
     before=$(python3 -m bench.serving_fleet --cpu-of "$LIGHTPD_BENCH_PIDS")
-    python3 -m lightpd.controlplane.cli_bench --base-url "$LIGHTPD_BENCH_URL" --endpoint completions \
+    python3 -m lightpd.controlplane.lightctl.bench --base-url "$LIGHTPD_BENCH_URL" --endpoint completions \
       --tokenizer "$MODEL_DIR" --request-rate "$r" --num-requests "$n" "${workload[@]}" \
       --label "${LABEL}_rate$r" --out "$WORK/${LABEL}_rate$r.json" --plots "$WORK/plots" \
       || exit 1

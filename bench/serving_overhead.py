@@ -33,12 +33,12 @@ from bench.serving_fleet import CLUSTER_TOKEN, BenchFleet, cpu_seconds, pin
 from lightpd.common.tiny import write_tiny_checkpoint
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.sampling_params import SamplingParams
-from lightpd.controlplane.bench.client import ClientConfig, StreamClient
-from lightpd.controlplane.bench.metrics import percentile, summarize
-from lightpd.controlplane.bench.plots import pyplot, save
-from lightpd.controlplane.bench.record import RequestRecord
-from lightpd.controlplane.bench.runner import LoadSpec, Runner
-from lightpd.controlplane.bench.workload import TokenPrompts, WorkloadSpec, build_workload
+from lightpd.controlplane.lightctl.bench.client import ClientConfig, StreamClient
+from lightpd.controlplane.lightctl.bench.metrics import percentile, summarize
+from lightpd.controlplane.lightctl.bench.plots import pyplot, save
+from lightpd.controlplane.lightctl.bench.record import RequestRecord
+from lightpd.controlplane.lightctl.bench.runner import LoadSpec, Runner
+from lightpd.controlplane.lightctl.bench.workload import TokenPrompts, WorkloadSpec, build_workload
 from lightpd.controlplane.node_client import NodeClient, NodeError
 from tests.e2e.fleet import API_KEY
 

@@ -14,9 +14,9 @@ import json
 import math
 from pathlib import Path
 
-from lightpd.controlplane.bench.metrics import Summary
-from lightpd.controlplane.bench.plots import pyplot, save
-from lightpd.controlplane.bench.report import load_result
+from lightpd.controlplane.lightctl.bench.metrics import Summary
+from lightpd.controlplane.lightctl.bench.plots import pyplot, save
+from lightpd.controlplane.lightctl.bench.report import load_result
 
 COLUMNS = (
     ("TTFT p50", lambda s: s.ttft_ms.p50, "ms"),

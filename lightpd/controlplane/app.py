@@ -19,20 +19,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.identity import model_fingerprint
-from lightpd.controlplane.api import admin, dashboard, nodes, openai, system
+from lightpd.controlplane.api import admin, dashboard, nodes, system
 from lightpd.controlplane.api.dashboard import STATIC_DIR
-from lightpd.controlplane.api.errors import (
+from lightpd.controlplane.deps import AppState
+from lightpd.controlplane.dispatcher import Dispatcher
+from lightpd.controlplane.errors import (
     error_response,
     install_error_handlers,
     redis_unavailable,
     stopping_error,
 )
-from lightpd.controlplane.deps import AppState
-from lightpd.controlplane.dispatcher import Dispatcher
 from lightpd.controlplane.fleet import Fleet
 from lightpd.controlplane.instance_lease import InstanceLease
 from lightpd.controlplane.metrics import Metrics
 from lightpd.controlplane.node_client import NodeClient
+
+# The one place the core imports the OpenAI room: the app mounts its routes. Nothing
+# else at the top imports lightpd.controlplane.openai or lightpd.controlplane.lightctl.
+from lightpd.controlplane.openai import routes as openai_routes
 from lightpd.controlplane.settings import Settings
 from lightpd.controlplane.shutdown import Shutdown
 from lightpd.controlplane.store import PENDING_BATCH, REDIS_DOWN, Store
@@ -203,15 +207,14 @@ async def _cancelled(task: asyncio.Task | None) -> None:
 
 def _following_caches(store: Store, client: NodeClient) -> Callable[[], Awaitable[list]]:
     """``store.nodes``, which also subscribes to the prefix-cache events of every node
-    it lists (once; again after a gap). The time-series flusher reads the registry
-    each second with it, so this control plane follows every node from when it
-    appears, not from its first request there, and routes as the others do."""
+    it lists (once; again after a gap), and forgets those of nodes removed. The
+    time-series flusher reads the registry each second with it, so this control
+    plane follows every node from when it appears, not from its first request
+    there, and routes as the others do."""
 
     async def nodes() -> list:
         listed = await store.nodes()
-        for node in listed:
-            if node.status != "dead":
-                client.follow_cache(node.control_endpoint, node.node_id)
+        client.follow_fleet(listed)
         return listed
 
     return nodes
@@ -268,8 +271,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RefuseWhenStopping, shutdown=app.state.shutdown)  # outermost: runs first
     install_error_handlers(app)
     install_redis_error_handler(app)
-    for module in (openai, admin, nodes, system, dashboard):
+    for module in (openai_routes, admin, nodes, system, dashboard):
         app.include_router(module.router)
-    app.include_router(openai.tokens_router)
+    app.include_router(openai_routes.tokens_router)
     app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
     return app

@@ -8,8 +8,8 @@ from fastapi import Depends, Request
 
 from lightpd.common.tokenizer import Tokenizer
 from lightpd.controlplane import session
-from lightpd.controlplane.api.errors import OpenAIError
 from lightpd.controlplane.dispatcher import Dispatcher
+from lightpd.controlplane.errors import OpenAIError
 from lightpd.controlplane.fleet import Fleet
 from lightpd.controlplane.metrics import Metrics
 from lightpd.controlplane.node_client import NodeClient

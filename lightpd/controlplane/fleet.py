@@ -27,9 +27,10 @@ here, so that its running requests are not taken for lost.
 """
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from lightpd.controlplane.fleet_schemas import NodePublic, NodeRole
 from lightpd.controlplane.store import REDIS_DOWN, Store
@@ -120,16 +121,16 @@ class Fleet:
         self,
         role: NodeRole,
         exclude: set[str],
-        tokens: int = 0,
+        charge: "Charge | None" = None,
         overlap: Callable[[NodePublic], int] | None = None,
     ) -> NodePublic | None:
-        """The best ready node of ``role``, charged ``tokens`` in flight in the same
-        step (no await between choosing and charging), so concurrent picks see
-        each other; the caller gives the tokens back when the hand-off is over.
-        ``overlap``: how many of the ``tokens`` a node's prefix cache holds."""
+        """The best ready node of ``role``, added to ``charge`` in the same step (no
+        await between choosing and charging), so concurrent picks see each other.
+        ``overlap``: how many of the charge's tokens a node's prefix cache holds."""
         candidates = await self._ready(lambda n: n.role == role and n.node_id not in exclude)
         if not candidates:
             return None
+        tokens = 0 if charge is None else charge.tokens
         score = self._score_decode if role == "decode" else self._score_prefill
         held = {n.node_id: overlap(n) if overlap else 0 for n in candidates}
         scores = {n.node_id: score(n, tokens, held[n.node_id]) for n in candidates}
@@ -140,15 +141,27 @@ class Fleet:
             holder = max(holders, key=lambda n: scores[n.node_id])
             if not self._overloaded(holder, scores, tokens - most):
                 node = holder
-        self.inflight_tokens[node.node_id] += tokens
+        if charge is not None:
+            charge.add(node)
         return node
 
-    def admitted(self, node_id: str, slots: int, since: float) -> None:
+    @contextlib.contextmanager
+    def charge(self, tokens: int) -> Iterator["Charge"]:
+        """Charge the nodes ``pick`` chooses with ``tokens`` (a prompt) in flight,
+        until the attempt's first token (``Charge.settled``) or its end; see
+        ``Charge``."""
+        charge = Charge(self, tokens)
+        try:
+            yield charge
+        finally:
+            charge.close()
+
+    def _admitted(self, node_id: str, slots: int, since: float) -> None:
         """A decode node took ``slots`` at ``since`` (wall clock): until a heartbeat
         after that, its stats may not show them."""
         self._unheard[node_id].append((since, slots))
 
-    def released(self, node_id: str, slots: int) -> None:
+    def _released(self, node_id: str, slots: int) -> None:
         """A decode node freed ``slots`` just now: until a heartbeat after this, its
         stats may still count them. (Admitted and released between two heartbeats,
         the two entries cancel out, as the stats never showed the slots.)"""
@@ -196,3 +209,55 @@ class Fleet:
         # Prompt tokens it would compute before this one's last, this one's included.
         queued = node.stats.num_queued_tokens if node.stats else 0
         return -(queued + self.inflight_tokens[node.node_id] + tokens - held)
+
+
+class Charge:
+    """What one attempt of a request costs the nodes it was placed on, as routing
+    counts it until their heartbeats do (``Fleet.charge`` makes one).
+
+    From the pick to the first token, the prompt's tokens are in flight on each
+    node (``inflight_tokens``): a burst spreads before any heartbeat shows it.
+    From then on a decode node's heartbeats count the slots, but the last one
+    may predate them: ``settled`` notes them as unheard since the pick, and
+    ``close`` notes them (and the tokens generated, ``grew``) as freed, so a
+    chat's next turn, sent as soon as the reply ends, still finds its node
+    free. Closing is idempotent."""
+
+    def __init__(self, fleet: Fleet, tokens: int) -> None:
+        self.fleet = fleet
+        self.tokens = tokens
+        self.nodes: list[NodePublic] = []
+        self.since = time.time()  # a heartbeat after this may count the slots
+        self._in_flight = True
+        self._slots = 0  # a decode node's, once settled
+
+    def add(self, node: NodePublic) -> None:
+        self.nodes.append(node)
+        self.fleet.inflight_tokens[node.node_id] += self.tokens
+
+    def settled(self) -> None:
+        """The first token: the prompt is computed, its slots held on the decode node."""
+        if not self._in_flight:
+            return
+        self._in_flight = False
+        for node in self.nodes:
+            self.fleet.inflight_tokens[node.node_id] -= self.tokens
+            if node.role == "decode":
+                self._slots = self.tokens
+                self.fleet._admitted(node.node_id, self.tokens, self.since)
+
+    def grew(self, tokens: int) -> None:
+        """The decode node holds ``tokens`` more (generated)."""
+        if self._slots:
+            self._slots += tokens
+
+    def close(self) -> None:
+        """The attempt ended: nothing is in flight, and its slots are free."""
+        if self._in_flight:
+            self._in_flight = False
+            for node in self.nodes:
+                self.fleet.inflight_tokens[node.node_id] -= self.tokens
+        for node in self.nodes:
+            if node.role == "decode" and self._slots:
+                self.fleet._released(node.node_id, self._slots)
+        self._slots = 0

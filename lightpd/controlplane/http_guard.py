@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lightpd.controlplane.api.errors import error_body
+from lightpd.controlplane.errors import error_body
 
 DESCRIPTORS_KEPT = 256  # for Redis, the nodes' sockets, files and logs
 RETRY_AFTER_S = 2

@@ -15,12 +15,9 @@ import asyncio
 import itertools
 import logging
 import os
-import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -43,12 +40,12 @@ from lightpd.common.wire.messages import (
     Reserve,
     Reserved,
     TokenEvent,
-    TokenLogprobs,
     Tokens,
     decode,
     encode,
 )
 from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.fleet_schemas import NodePublic
 from lightpd.controlplane.prefix_index import PrefixIndex
 
 
@@ -66,14 +63,6 @@ class NodeBusy(NodeRefused):
 
 class NodeTimeout(NodeError):
     """The node did not answer in time (it may be down)."""
-
-
-@dataclass
-class Generation:
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
 
 
 logger = logging.getLogger(__name__)
@@ -198,9 +187,6 @@ class NodeClient:
         except TimeoutError:
             logger.warning("could not send an abort of %s to %s", request_id, endpoint)
 
-    def secret(self, request_id: str) -> str:
-        return self._stream(request_id).secret
-
     def _next_call(self) -> int:
         return next(self._call_ids)
 
@@ -247,9 +233,18 @@ class NodeClient:
         if last is None or time.monotonic() - last >= RESUBSCRIBE_S:
             self._subscribe(endpoint)
 
-    def forget_node(self, endpoint: str) -> None:
-        self.prefix_index.forget(endpoint)
-        self._subscribed_at.pop(endpoint, None)
+    def follow_fleet(self, nodes: list[NodePublic]) -> None:
+        """The registry as just read: follow the cache events of every node in it
+        that is not dead, and forget what the index holds of the nodes that left
+        it (removed), so their entries do not stay forever."""
+        listed = set()
+        for node in nodes:
+            listed.add(node.control_endpoint)
+            if node.status != "dead":
+                self.follow_cache(node.control_endpoint, node.node_id)
+        for endpoint in (self._subscribed_at.keys() | self.prefix_index.endpoints()) - listed:
+            self.prefix_index.forget(endpoint)
+            self._subscribed_at.pop(endpoint, None)
 
     def _subscribe(self, endpoint: str) -> None:
         self._subscribed_at[endpoint] = time.monotonic()
@@ -333,48 +328,3 @@ class NodeClient:
                 return await self._streams[request_id].queue.get()
         except TimeoutError:
             return None
-
-    async def events(self, request_id: str, timeout: float = 60.0) -> AsyncIterator[TokenEvent]:
-        """A request's events up to and including the one that finishes it."""
-        queue = self._streams[request_id].queue
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(timeout):
-                        event = await queue.get()
-                except TimeoutError as exc:
-                    raise NodeTimeout(f"request {request_id}: nothing for {timeout:g} s") from exc
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-
-    async def generate(
-        self,
-        prefill_endpoint: str,
-        decode_endpoint: str,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        timeout: float = 60.0,
-    ) -> Generation:
-        """Reserve on the decode node, prefill, and collect the whole output."""
-        if params.seed is None:
-            params = msgspec.structs.replace(params, seed=random.getrandbits(63))
-        self.open_stream(request_id)
-        try:
-            reserved = await self.reserve(decode_endpoint, request_id, prompt, params)
-            target = reserved.target()
-            await self.prefill(prefill_endpoint, request_id, prompt, params, target)
-        except NodeError:
-            await self.abort(decode_endpoint, request_id)
-            self._streams.pop(request_id, None)
-            raise
-        result = Generation()
-        async for event in self.events(request_id, timeout):
-            result.token_ids += event.token_ids
-            result.logprobs += event.logprobs or []
-            result.finish_reason = event.finish_reason
-            result.error = event.error
-        return result

@@ -72,6 +72,10 @@ class PrefixIndex:
             return False
         return True
 
+    def endpoints(self) -> set[str]:
+        """The nodes this index holds anything of."""
+        return set(self._nodes)
+
     def forget(self, endpoint: str) -> None:
         """The node left: what it held is gone with it."""
         self._nodes.pop(endpoint, None)

@@ -9,7 +9,9 @@ queue, and a newcomer still gets in. The queue may then pass the bound, by at mo
 the shares of the tenants under theirs (so never twice over).
 """
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 
 
 class QueueShares:
@@ -42,3 +44,30 @@ class QueueShares:
         if not self.waiting[tenant]:
             del self.waiting[tenant]
             self.weights.pop(tenant, None)
+
+    @contextlib.contextmanager
+    def place(self, tenant: int, weight: float) -> Iterator["Place | None"]:
+        """A place taken (``take``) for the block, given back at its end at the latest;
+        None when none could be taken."""
+        if not self.take(tenant, weight):
+            yield None
+            return
+        place = Place(self, tenant)
+        try:
+            yield place
+        finally:
+            place.leave()
+
+
+class Place:
+    """A request's place in the queue; ``leave`` gives it back (once)."""
+
+    def __init__(self, queue: QueueShares, tenant: int) -> None:
+        self.queue = queue
+        self.tenant = tenant
+        self.held = True
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.queue.give_back(self.tenant)

@@ -3,7 +3,7 @@
 import pytest
 import redis
 
-from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="module")

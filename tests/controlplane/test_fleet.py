@@ -2,7 +2,6 @@
 slots freed or taken since a node's last heartbeat count."""
 
 import asyncio
-import time
 
 import redis.asyncio as aioredis
 
@@ -62,32 +61,45 @@ def test_slots_freed_since_the_last_heartbeat_count_as_free(redis_url):
             return holds[node.node_id]
 
         async def pick() -> str:
-            node = await fleet.pick("decode", set(), 80, overlap)
-            fleet.inflight_tokens[node.node_id] -= 80
+            with fleet.charge(80) as charge:
+                node = await fleet.pick("decode", set(), charge, overlap)
+                assert fleet.inflight_tokens[node.node_id] == 80  # until the first token
+            assert fleet.inflight_tokens[node.node_id] == 0
             return node.node_id
+
+        async def chat_turn(settle: float = 0.0) -> None:
+            """A turn on d1 that reserved 68 slots ``settle`` s after d1's last heartbeat
+            and is over now."""
+            heard = (await fleet.nodes())[0].last_heartbeat
+            with fleet.charge(60) as charge:
+                charge.add(next(n for n in await fleet.nodes() if n.node_id == "d1"))
+                charge.since = heard + settle
+                charge.settled()  # the first token: the prompt's 60 slots are held
+                charge.grew(8)  # 8 tokens generated
 
         assert await pick() == "d2"  # d1's free slots, less the uncached part, are fewer
         # The reply was admitted before d1's last heartbeat, which counts it; it ended.
-        heard = (await fleet.nodes())[0].last_heartbeat
-        fleet.admitted("d1", 68, since=heard - 1.0)
-        fleet.released("d1", 68)
+        await chat_turn(settle=-1.0)
         assert await pick() == "d1"
         # A heartbeat after the release is the count from then on.
         await asyncio.sleep(0.01)
         await store.heartbeat("d1", stats(60))
         assert await pick() == "d2"
-        # An attempt admitted and ended between two heartbeats was never counted.
-        fleet.admitted("d1", 68, since=time.time())
-        fleet.released("d1", 68)
+        # A turn admitted and ended between two heartbeats was never counted.
+        await chat_turn(settle=0.001)
         assert await pick() == "d2"
         # Admitted since the last heartbeat: charged until one comes.
         await store.heartbeat("d1", stats(128))
         assert await pick() == "d1"
-        fleet.admitted("d1", 100, since=time.time())
-        assert await pick() == "d2"
-        await asyncio.sleep(0.01)
-        await store.heartbeat("d1", stats(128))
-        assert await pick() == "d1"
+        with fleet.charge(100) as charge:
+            charge.add(next(n for n in await fleet.nodes() if n.node_id == "d1"))
+            charge.settled()
+            assert await pick() == "d2"
+            await asyncio.sleep(0.01)
+            await store.heartbeat("d1", stats(28))  # it shows the 100 slots
+            assert await pick() == "d2"
+            await store.heartbeat("d1", stats(128))  # (as if another request ended)
+            assert await pick() == "d1"
         await client.aclose()
 
     asyncio.run(main())

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from lightpd.controlplane.api import openai
 from lightpd.controlplane.app import create_app
+from lightpd.controlplane.openai import routes
 from lightpd.controlplane.settings import Settings
 
 API_KEY = "sk-test-key"
@@ -169,14 +169,14 @@ def test_health_answers_while_a_large_chat_body_is_tokenized(client, monkeypatch
     and the hold would end by its timeout instead."""
     started, health_answered = threading.Event(), threading.Event()
     held_until_health: list[bool] = []
-    encode_chat = openai.encode_chat
+    encode_chat = routes.encode_chat
 
     def held_encode_chat(tokenizer, messages, *more):
         started.set()
         held_until_health.append(health_answered.wait(timeout=10))
         return encode_chat(tokenizer, messages, *more)
 
-    monkeypatch.setattr(openai, "encode_chat", held_encode_chat)
+    monkeypatch.setattr(routes, "encode_chat", held_encode_chat)
     content = "hello world " * (3 * 1024 * 1024 // 12)  # 3 MiB, under the limit
     body = {"model": client.model_name, "messages": [{"role": "user", "content": content}]}
     replies: list[httpx.Response] = []

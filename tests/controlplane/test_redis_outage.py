@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lightpd.controlplane.app import create_app, redis_client
-from lightpd.controlplane.embedded_redis import EmbeddedRedis
 from lightpd.controlplane.fleet import Fleet
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis
 from lightpd.controlplane.settings import Settings
 from lightpd.controlplane.store import PENDING_RETRY_S, Store
 from tests.controlplane.test_store import STATS, registration

@@ -4,7 +4,7 @@ import asyncio
 import time
 
 from lightpd.controlplane.app import redis_client
-from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis
 from lightpd.controlplane.settings import Settings
 
 

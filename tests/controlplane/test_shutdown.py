@@ -19,7 +19,7 @@ from lightpd.common.wire.messages import TokenEvent
 from lightpd.common.wire.sampling_params import SamplingParams
 from lightpd.controlplane import store as store_module
 from lightpd.controlplane.app import create_app
-from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis
 from lightpd.controlplane.settings import Settings
 
 API_KEY = "sk-test-key"

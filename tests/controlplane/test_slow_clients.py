@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from lightpd.controlplane.embedded_redis import free_port
+from lightpd.controlplane.lightctl.embedded_redis import free_port
 
 BODY_TIMEOUT_S = 3.0
 HEADER_TIMEOUT_S = 2.0

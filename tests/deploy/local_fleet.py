@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightpd.controlplane.embedded_redis import free_port
+from lightpd.controlplane.lightctl.embedded_redis import free_port
 from tests.deploy.compose_file import ROOT
 
 START_TIMEOUT_S = 60.0

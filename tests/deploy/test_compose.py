@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from lightpd.controlplane.embedded_redis import EmbeddedRedis
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis
 from lightpd.controlplane.settings import Settings
 from tests.deploy.compose_file import (
     COMPOSE_FILE,
@@ -210,7 +210,7 @@ def test_node_healthchecks_ask_their_own_node_in_its_role(compose):
         port = next(a for a in service["command"] if a.startswith("--port=")).split("=")[1]
         assert f"--host={name}" in service["command"]
         test = service["healthcheck"]["test"]
-        assert test[1:4] == ["python", "-m", "lightpd.controlplane.healthcheck"]
+        assert test[1:4] == ["python", "-m", "lightpd.controlplane.lightctl.healthcheck"]
         assert f"tcp://{name}:{port}" in test
         assert f"--role={module.removesuffix('_node')}" in test
         # Loading a model and capturing CUDA graphs must not count as failures.

@@ -1,13 +1,13 @@
-"""`python -m lightpd.controlplane.healthcheck`, the nodes' container health check, where no
-node answers (test_compose.py runs it against real nodes)."""
+"""`python -m lightpd.controlplane.lightctl.healthcheck`, the nodes' container health check,
+where no node answers (test_compose.py runs it against real nodes)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from lightpd.controlplane.embedded_redis import free_port
-from lightpd.controlplane.healthcheck import main, parse_args
+from lightpd.controlplane.lightctl.embedded_redis import free_port
+from lightpd.controlplane.lightctl.healthcheck import main, parse_args
 
 
 def test_without_the_cluster_token_it_fails_and_says_why(monkeypatch, capsys):
@@ -32,7 +32,7 @@ def test_an_unknown_role_is_refused():
 def test_it_loads_neither_torch_nor_transformers():
     # Run every few seconds in each node's container: it must start fast and stay small.
     code = (
-        "import sys, lightpd.controlplane.healthcheck; "
+        "import sys, lightpd.controlplane.lightctl.healthcheck; "
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightpd.controlplane.node_process import NodeProcess, start_node
+from lightpd.controlplane.lightctl.node_process import NodeProcess, start_node
 from tests.e2e.fleet import CLUSTER_TOKEN
 
 

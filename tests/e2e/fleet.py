@@ -12,8 +12,8 @@ import zmq
 
 from lightpd.common.wire.auth import FleetKeys
 from lightpd.common.wire.messages import Message, decode
-from lightpd.controlplane.embedded_redis import EmbeddedRedis, free_port
-from lightpd.controlplane.node_process import NodeProcess, start_node
+from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis, free_port
+from lightpd.controlplane.lightctl.node_process import NodeProcess, start_node
 
 ADMIN_TOKEN = "test-admin"
 CLUSTER_TOKEN = "test-cluster"

@@ -23,9 +23,9 @@ from lightpd.common.engine import EngineConfig, LLMEngine
 from lightpd.common.tiny import write_tiny_checkpoint
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.sampling_params import SamplingParams
-from lightpd.controlplane.embedded_redis import free_port
-from lightpd.controlplane.node_process import NodeProcess, start_node
-from tests.controlplane.test_cli_up import LIGHTCTL, Up, lightctl, processes_of
+from lightpd.controlplane.lightctl.embedded_redis import free_port
+from lightpd.controlplane.lightctl.node_process import NodeProcess, start_node
+from tests.controlplane.lightctl.test_cli_up import LIGHTCTL, Up, lightctl, processes_of
 from tests.e2e.fleet import ADMIN_TOKEN, API_KEY, CLUSTER_TOKEN, LocalFleet
 
 EP_TIMEOUT_S = 3.0

@@ -182,7 +182,7 @@ def test_many_member_connections_leave_the_node_open_files_bounded(fleet):
 
 
 def test_a_destination_that_never_reads_cannot_freeze_a_node(fleet, tmp_path):
-    from lightpd.controlplane.node_process import start_node
+    from lightpd.controlplane.lightctl.node_process import start_node
 
     node = start_node(
         "decode", fleet.model, "--num-kv-slots", str(SLOTS), cluster_token=CLUSTER_TOKEN
@@ -310,7 +310,7 @@ _PROCESSES: dict[str, subprocess.Popen] = {}
 def _second_control_plane(fleet: LocalFleet, settings: dict[str, str]) -> str:
     import sys
 
-    from lightpd.controlplane.embedded_redis import free_port
+    from lightpd.controlplane.lightctl.embedded_redis import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

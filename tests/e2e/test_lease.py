@@ -15,8 +15,8 @@ from lightpd.common.tiny import write_tiny_checkpoint
 from lightpd.common.wire.auth import FleetKeys
 from lightpd.common.wire.messages import Health, HealthCheck, NodeStatus, TokenEvent, encode
 from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.lightctl.node_process import NodeProcess, start_node
 from lightpd.controlplane.node_client import NodeClient
-from lightpd.controlplane.node_process import NodeProcess, start_node
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call
 
 KEYS = FleetKeys.from_token(CLUSTER_TOKEN)

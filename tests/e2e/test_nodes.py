@@ -19,8 +19,9 @@ from lightpd.common.wire.messages import (
     encode,
 )
 from lightpd.common.wire.sampling_params import SamplingParams
+from lightpd.controlplane.lightctl.node_process import start_node
 from lightpd.controlplane.node_client import NodeClient, NodeError
-from lightpd.controlplane.node_process import start_node
+from tests.e2e import node_calls
 from tests.e2e.fleet import CLUSTER_TOKEN, raw_call
 
 SLOTS = 4096
@@ -106,7 +107,7 @@ def test_concurrent_requests_match_the_in_process_engine(model, pair):
         async with NodeClient(CLUSTER_TOKEN) as client:
             results = await asyncio.gather(
                 *(
-                    client.generate(prefill.control, decode_.control, f"c{i}", p, sp)
+                    node_calls.generate(client, prefill.control, decode_.control, f"c{i}", p, sp)
                     for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
                 )
             )
@@ -143,7 +144,7 @@ def test_abort_mid_stream_frees_both_pools(model, pair):
                 reserved.target(),
             )
             received, last = 0, None
-            async for event in client.events("long"):
+            async for event in node_calls.events(client, "long"):
                 received += len(event.token_ids)
                 last = event
                 if received >= 5 and received < 100:
@@ -167,7 +168,7 @@ def test_expired_reservation_is_released_with_an_error(model, pair):
             await client.reserve(
                 decode_.control, "orphan", [5, 6, 7], SamplingParams(seed=1), kv_timeout_s=0.5
             )
-            events = [e async for e in client.events("orphan", timeout=10)]
+            events = [e async for e in node_calls.events(client, "orphan", timeout=10)]
             await wait_for_idle(client, decode_.control)
             return events
 
@@ -188,7 +189,7 @@ def test_prefill_whose_decode_target_is_gone_frees_its_kv(model, pair):
             await client.prefill(
                 prefill.control, "lost", list(range(3, 50)), params, dead, ack_timeout_s=0.5
             )
-            events = [e async for e in client.events("lost", timeout=10)]
+            events = [e async for e in node_calls.events(client, "lost", timeout=10)]
             await wait_for_idle(client, prefill.control)
             return events
 
@@ -255,14 +256,14 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
             )
             header = KVLayer(
                 request_id="mm2",
-                secret=client.secret("mm2"),
+                secret=node_calls.secret(client, "mm2"),
                 layout=other,
                 layer=0,
                 start=0,
                 num_tokens=3,
             )
             ack = raw_call(reserved.kv_endpoint, [encode(header), b"\0" * 8, b"\0" * 8], MEMBER)
-            events = [e async for e in client.events("mm2", timeout=10)]
+            events = [e async for e in node_calls.events(client, "mm2", timeout=10)]
             done = PrefillDone(
                 request_id="nobody",
                 secret="0" * 32,
@@ -272,7 +273,8 @@ def test_bad_messages_get_clear_errors_and_nodes_keep_serving(model, pair):
             )
             late = raw_call(reserved.kv_endpoint, [encode(done)], MEMBER)
             await wait_for_idle(client, prefill.control, decode_.control)
-            result = await client.generate(
+            result = await node_calls.generate(
+                client,
                 prefill.control,
                 decode_.control,
                 "after",
@@ -300,7 +302,9 @@ def test_two_prefill_nodes_feed_one_decode_node(model, nodes, node_args):
         async with NodeClient(CLUSTER_TOKEN) as client:
             results = await asyncio.gather(
                 *(
-                    client.generate(prefills[i % 2].control, decode_.control, f"t{i}", p, sp)
+                    node_calls.generate(
+                        client, prefills[i % 2].control, decode_.control, f"t{i}", p, sp
+                    )
                     for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
                 )
             )
@@ -320,7 +324,9 @@ def test_one_prefill_node_feeds_two_decode_nodes(model, nodes, node_args):
         async with NodeClient(CLUSTER_TOKEN) as client:
             results = await asyncio.gather(
                 *(
-                    client.generate(prefill.control, decodes[i % 2].control, f"u{i}", p, sp)
+                    node_calls.generate(
+                        client, prefill.control, decodes[i % 2].control, f"u{i}", p, sp
+                    )
                     for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
                 )
             )
@@ -358,7 +364,7 @@ def test_killing_the_prefill_node_mid_transfer_ends_requests_with_an_error(
             prefill.kill()
             finals = []
             for request_id in ids:
-                events = [e async for e in client.events(request_id, timeout=20)]
+                events = [e async for e in node_calls.events(client, request_id, timeout=20)]
                 finals.append(events[-1])
             await wait_for_idle(client, decode_.control)
             return finals

@@ -12,7 +12,7 @@ import pytest
 from lightpd.common.engine import EngineConfig, LLMEngine
 from lightpd.common.tokenizer import encode_chat, load_tokenizer
 from lightpd.common.wire.sampling_params import SamplingParams
-from lightpd.controlplane.embedded_redis import free_port
+from lightpd.controlplane.lightctl.embedded_redis import free_port
 from tests.e2e.fleet import API_KEY, LocalFleet
 
 MODEL_NAME = "tiny"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightpd.controlplane.embedded_redis import free_port
+from lightpd.controlplane.lightctl.embedded_redis import free_port
 
 LIGHTCTL = os.path.join(os.path.dirname(sys.executable), "lightctl")
 STREAMS = 16

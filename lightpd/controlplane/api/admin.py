@@ -4,8 +4,8 @@ import secrets
 
 from fastapi import APIRouter, Query
 
-from lightpd.controlplane.api.errors import OpenAIError
 from lightpd.controlplane.deps import AdminToken, State
+from lightpd.controlplane.errors import OpenAIError
 from lightpd.controlplane.fleet_schemas import NodePublic, RequestPublic
 from lightpd.controlplane.timeseries import KEEP_S
 

@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from lightpd.controlplane import session
-from lightpd.controlplane.api.errors import OpenAIError
 from lightpd.controlplane.deps import State
+from lightpd.controlplane.errors import OpenAIError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "dashboard" / "static"
 WRONG_TOKEN_DELAY_S = 0.5  # slows guessing down

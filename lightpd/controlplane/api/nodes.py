@@ -4,8 +4,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header
 
-from lightpd.controlplane.api.errors import OpenAIError
 from lightpd.controlplane.deps import ClusterToken, State
+from lightpd.controlplane.errors import OpenAIError
 from lightpd.controlplane.fleet_schemas import HeartbeatReply, NodeJoin, NodeRegistration, NodeStats
 
 router = APIRouter(prefix="/internal/nodes", dependencies=[ClusterToken])

@@ -6,8 +6,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from lightpd.controlplane.api.errors import NO_NODE_RETRY_AFTER_S, error_response
 from lightpd.controlplane.deps import State
+from lightpd.controlplane.errors import NO_NODE_RETRY_AFTER_S, error_response
 
 router = APIRouter()
 HEALTH_REDIS_WAIT_S = 1.0
