@@ -6,7 +6,7 @@ another, with the nodes' own gather/scatter code and frames, and reports GB/s.
 Part 2 runs real prefill and decode node processes on a small random model and
 compares their time to first token with the in-process engine's.
 
-    .venv/bin/python bench/kv_transfer.py [--tokens 1024 8192] [--repeats 5]
+    .venv/bin/python -m bench.kv_transfer [--tokens 1024 8192] [--repeats 5]
 """
 
 import argparse
@@ -104,6 +104,7 @@ async def added_ttft(token_counts: list[int], repeats: int) -> None:
     from lightpd.common.wire.sampling_params import SamplingParams
     from lightpd.controlplane.lightctl.node_process import start_node
     from lightpd.controlplane.node_client import NodeClient
+    from tests.e2e import node_calls
 
     overrides = dict(
         hidden_size=256,
@@ -137,8 +138,13 @@ async def added_ttft(token_counts: list[int], repeats: int) -> None:
                     engine.generate([prompt], params)
                     local.append(time.perf_counter() - start)
                     start = time.perf_counter()
-                    await client.generate(
-                        prefill.control, decode.control, f"b{num_tokens}-{r}", prompt, params
+                    await node_calls.generate(
+                        client,
+                        prefill.control,
+                        decode.control,
+                        f"b{num_tokens}-{r}",
+                        prompt,
+                        params,
                     )
                     remote.append(time.perf_counter() - start)
                 a, b = statistics.median(local[1:]), statistics.median(remote[1:])

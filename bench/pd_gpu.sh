@@ -23,5 +23,5 @@ LIGHTPD_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/common/t
   > "$out/conformance.log" 2>&1; tail -3 "$out/conformance.log"
 python3 -m bench.serving_model --out /tmp/lightpd-8b --device cuda:0 2>&1 \
   | grep -v "Writing model shards" | tail -3
-python3 bench/pd_ttft.py --model /tmp/lightpd-8b --vocab 128000 --repeats ${REPEATS:-5} \
+python3 -m bench.pd_ttft --model /tmp/lightpd-8b --vocab 128000 --repeats ${REPEATS:-5} \
   ${TOKENS:+--tokens $TOKENS} 2>&1 | grep -v " INFO \| WARNING " | tee "$out/pd_ttft.md"

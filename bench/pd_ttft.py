@@ -1,6 +1,6 @@
 """What the KV hand-off adds to a lone request's time to first token, per transport.
 
-    python3 bench/pd_ttft.py --model DIR [--tokens 1024 8192] [--repeats 5]
+    python3 -m bench.pd_ttft --model DIR [--tokens 1024 8192] [--repeats 5]
         [--prefill-device cuda:0] [--decode-device cuda:1]
 
 Starts a prefill node and a decode node (each on its own device), and sends them
@@ -24,6 +24,7 @@ import time
 from lightpd.common.wire.sampling_params import SamplingParams
 from lightpd.controlplane.lightctl.node_process import start_node
 from lightpd.controlplane.node_client import NodeClient
+from tests.e2e import node_calls
 
 TOKEN = "pd-ttft-bench"
 START_TIMEOUT_S = 900.0  # a GPU node loads weights and captures graphs
@@ -35,12 +36,12 @@ async def lone_ttft(client: NodeClient, prefill, decode, prompt, local: bool, re
     if local:
         client.open_stream(request_id)
         await client.reserve(decode, request_id, prompt, params, prefill_here=True)
-        async for event in client.events(request_id):
+        async for event in node_calls.events(client, request_id):
             if event.token_ids or event.finish_reason:
                 break
         error, tokens = event.error, event.token_ids
     else:
-        result = await client.generate(prefill, decode, request_id, prompt, params)
+        result = await node_calls.generate(client, prefill, decode, request_id, prompt, params)
         error, tokens = result.error, result.token_ids
     elapsed = time.perf_counter() - start
     if error:

@@ -56,65 +56,84 @@ def _busy_response() -> bytes:
     return head.encode() + body
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
-    """uvicorn's HTTP/1.1 protocol under ``limits`` (a class, as uvicorn's ``http=``
-    takes it; the counts are shared by every connection of the server)."""
-    total = limits.total()
-    per_client: Counter[str] = Counter()
-    num_open = 0
+class ConnectionCounts:
+    """Open connections of one server, in all and by client address."""
 
-    class GuardedH11Protocol(H11Protocol):
-        _counted: str | None = None
-        _header_deadline: asyncio.TimerHandle | None = None
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.total = limits.total()
+        self.per_client: Counter[str] = Counter()
+        self.num_open = 0
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            nonlocal num_open
-            super().connection_made(transport)
-            address = self.client[0] if self.client else ""
-            if num_open >= total or per_client[address] >= limits.max_per_client:
-                transport.write(_busy_response())
-                transport.close()
-                return
-            num_open += 1
-            per_client[address] += 1
-            self._counted = address
-            self._await_headers()
+    def admit(self, address: str) -> bool:
+        """Count a new connection from ``address``; False (not counted) over a bound."""
+        if self.num_open >= self.total or self.per_client[address] >= self.limits.max_per_client:
+            return False
+        self.num_open += 1
+        self.per_client[address] += 1
+        return True
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            nonlocal num_open
-            self._stop_header_timer()
-            if self._counted is not None:
-                num_open -= 1
-                per_client[self._counted] -= 1
-                if not per_client[self._counted]:
-                    del per_client[self._counted]
-                self._counted = None
-            super().connection_lost(exc)
+    def release(self, address: str) -> None:
+        self.num_open -= 1
+        self.per_client[address] -= 1
+        if not self.per_client[address]:
+            del self.per_client[address]
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._stop_header_timer()  # a request's headers are in: its body is the app's
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_headers()  # the next request's, on this keep-alive connection
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol under ``counts``' limits (see the module's note);
+    ``guarded_protocol`` makes a subclass with a server's own counts."""
 
-        def _await_headers(self) -> None:
-            self._stop_header_timer()
-            self._header_deadline = self.loop.call_later(
-                limits.header_timeout_s, self._headers_too_late
-            )
+    counts: ConnectionCounts
+    _counted: str | None = None
+    _header_deadline: asyncio.TimerHandle | None = None
 
-        def _stop_header_timer(self) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-                self._header_deadline = None
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        address = self.client[0] if self.client else ""
+        if not self.counts.admit(address):
+            transport.write(_busy_response())
+            transport.close()
+            return
+        self._counted = address
+        self._await_headers()
 
-        def _headers_too_late(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        if self._counted is not None:
+            self.counts.release(self._counted)
+            self._counted = None
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._stop_header_timer()  # a request's headers are in: its body is the app's
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_headers()  # the next request's, on this keep-alive connection
+
+    def _await_headers(self) -> None:
+        self._stop_header_timer()
+        self._header_deadline = self.loop.call_later(
+            self.counts.limits.header_timeout_s, self._headers_too_late
+        )
+
+    def _stop_header_timer(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
             self._header_deadline = None
-            if self.cycle is None or self.cycle.response_complete:
-                self.transport.close()
 
-    return GuardedH11Protocol
+    def _headers_too_late(self) -> None:
+        self._header_deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
+    """``GuardedH11Protocol`` under ``limits`` (a class, as uvicorn's ``http=`` takes
+    it; the counts are shared by every connection of the server)."""
+    counts = ConnectionCounts(limits)
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"counts": counts})

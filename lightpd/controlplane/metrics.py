@@ -22,64 +22,74 @@ class Metrics:
     def __init__(self, nodes: Callable[[], list[NodePublic]], model_name: str = "") -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        label = ["model_name"]
+        self._request_metrics()
+        self._token_metrics()
+        self.registry.register(_NodeCollector(nodes))
+        self.registry.register(_FleetCollector(nodes, model_name))
 
-        def histogram(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Histogram:
-            return Histogram(name, doc, label, buckets=buckets, registry=self.registry)
+    def _histogram(self, name: str, doc: str, buckets=None) -> Histogram:
+        buckets = _LATENCY_BUCKETS if buckets is None else buckets
+        return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry)
 
-        def counter(name: str, doc: str, labels: list[str] = label) -> Counter:
-            return Counter(name, doc, labels, registry=self.registry)
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, ["model_name", *labels], registry=self.registry)
 
-        self.requests = counter("lightpd_requests", "Requests by final status", [*label, "status"])
-        self.success = counter(
+    def _request_metrics(self) -> None:
+        """Requests: how they ended, and their latencies and sizes."""
+        self.requests = self._counter("lightpd_requests", "Requests by final status", ("status",))
+        self.success = self._counter(
             "lightpd_request_success",
             "Requests that ended, by finish reason (stop, length, abort, error)",
-            [*label, "finished_reason"],
+            ("finished_reason",),
         )
-        self.ttft = histogram("lightpd_time_to_first_token_seconds", "Time to first token")
-        self.tpot = histogram(
+        self.ttft = self._histogram("lightpd_time_to_first_token_seconds", "Time to first token")
+        self.tpot = self._histogram(
             "lightpd_time_per_output_token_seconds", "Time per output token after the first"
         )
-        self.e2e = histogram("lightpd_e2e_request_latency_seconds", "End-to-end request latency")
-        self.queue_time = histogram(
+        self.e2e = self._histogram(
+            "lightpd_e2e_request_latency_seconds", "End-to-end request latency"
+        )
+        self.queue_time = self._histogram(
             "lightpd_request_queue_time_seconds", "From arrival until a decode node took it"
         )
-        self.prefill_time = histogram(
+        self.prefill_time = self._histogram(
             "lightpd_request_prefill_time_seconds",
             "From admission to the first token (prefill and KV hand-off)",
         )
-        self.decode_time = histogram(
+        self.decode_time = self._histogram(
             "lightpd_request_decode_time_seconds", "From the first token to the last"
         )
-        self.inference_time = histogram(
+        self.inference_time = self._histogram(
             "lightpd_request_inference_time_seconds", "From admission to the last token"
         )
-        self.request_prompt_tokens = histogram(
+        self.request_prompt_tokens = self._histogram(
             "lightpd_request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS
         )
-        self.request_generation_tokens = histogram(
+        self.request_generation_tokens = self._histogram(
             "lightpd_request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS
         )
-        self.prompt_tokens = counter("lightpd_prompt_tokens", "Prompt tokens")
-        self.generation_tokens = counter("lightpd_generation_tokens", "Generated tokens")
-        self.migrations = counter(
+
+    def _token_metrics(self) -> None:
+        """Tokens: prompt and generated, from the prefix caches, sent prefill -> decode."""
+        model_name = self.model_name
+        self.prompt_tokens = self._counter("lightpd_prompt_tokens", "Prompt tokens")
+        self.generation_tokens = self._counter("lightpd_generation_tokens", "Generated tokens")
+        self.migrations = self._counter(
             "lightpd_request_migrations",
             "Requests moved to another decode node mid-stream (node died or drained)",
         ).labels(model_name)
-        self.cached_prompt_tokens = counter(
+        self.cached_prompt_tokens = self._counter(
             "lightpd_prompt_tokens_cached",
             "Prompt tokens taken from a node's prefix cache instead of computed",
         ).labels(model_name)
-        self.kv_transfer_tokens = counter(
+        self.kv_transfer_tokens = self._counter(
             "lightpd_kv_transfer_tokens",
             "Prompt tokens whose KV went from a prefill node to a decode node",
         ).labels(model_name)
-        self.kv_transfer_bytes = counter(
+        self.kv_transfer_bytes = self._counter(
             "lightpd_kv_transfer_bytes",
             "Bytes of KV sent from prefill nodes to decode nodes",
         ).labels(model_name)
-        self.registry.register(_NodeCollector(nodes))
-        self.registry.register(_FleetCollector(nodes, model_name))
 
     def finish(
         self,

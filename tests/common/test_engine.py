@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine, RequestError, llm_engine
 from lightpd.common.wire.sampling_params import SamplingParams
+from tests.common.reservations import admit_reservations, reserved_slots
 from tests.conftest import DEVICE, open_engine
 
 NEW_TOKENS = 32
@@ -376,24 +377,25 @@ def test_bad_reservation_calls_are_refused_per_request(tiny_model):
     prompt = random_prompts([10], 400, seed=7)[0]
     params = SamplingParams(temperature=0, max_new_tokens=4)
     engine.reserve("x", prompt, params)
-    engine.admit_reservations()
+    admit_reservations(engine)
     assert engine.pop_admitted() == ["x"]
+    handoff = engine.kv_handoff
     with pytest.raises(RequestError, match="'nope' holds no reservation"):
-        engine.reserved_slots("nope")
+        reserved_slots(engine, "nope")
     with pytest.raises(RequestError, match="'nope' holds no reservation"):
-        engine.complete_reservation("nope", 5)
+        handoff.complete_reservation("nope", 5)
     for bad in (400, -1):
         with pytest.raises(RequestError, match=f"first token {bad} is outside the vocabulary"):
-            engine.complete_reservation("x", bad)
-    assert len(engine.reserved_slots("x")) == 10  # the refusals changed nothing
-    first = engine.complete_reservation("x", 5)
+            handoff.complete_reservation("x", bad)
+    assert len(reserved_slots(engine, "x")) == 10  # the refusals changed nothing
+    first = handoff.complete_reservation("x", 5)
     assert first.new_token_ids == [5] and not first.finished
     with pytest.raises(RequestError, match="'x' holds no reservation"):
-        engine.complete_reservation("x", 5)
+        handoff.complete_reservation("x", 5)
     while engine.has_unfinished():
         engine.step()
     with pytest.raises(RequestError, match="'x' holds no reservation"):
-        engine.complete_reservation("x", 5)
+        handoff.complete_reservation("x", 5)
     assert engine.num_available_slots == initial_free
 
 
@@ -456,7 +458,7 @@ def test_a_local_request_past_its_queue_timeout_is_expired_holding_nothing(tiny_
     clock.now = 6.0
     assert engine.expire_waiting() == ["late"]
     assert engine.num_available_slots == free  # it held nothing, and gave nothing back
-    assert engine.num_waiting == 0 and engine.abort("late") is None
+    assert engine.stats().num_queued == 0 and engine.abort("late") is None
     outputs = []
     while engine.has_unfinished():
         outputs += engine.step()

@@ -11,6 +11,7 @@ from lightpd.common.engine import EngineConfig, FinishReason, LLMEngine
 from lightpd.common.engine import grammar as grammar_module
 from lightpd.common.tokenizer import load_tokenizer
 from lightpd.common.wire.sampling_params import GrammarSpec, SamplingParams
+from tests.common.reservations import admit_reservations
 from tests.conftest import DEVICE, open_engine
 from tests.json_schema_check import ALL_SCHEMAS, check
 
@@ -113,10 +114,10 @@ def test_a_reservation_continues_from_the_first_token_it_is_given(engine, tokeni
         request_id = f"handoff-{seed}"
         p = params(GrammarSpec("regex", FORK), seed)
         engine.reserve(request_id, tokenizer.encode("Hello world"), p)
-        engine.admit_reservations()
+        admit_reservations(engine)
         assert engine.pop_admitted() == [request_id]
         [token] = tokenizer.encode(first)
-        tokens = engine.complete_reservation(request_id, token).new_token_ids
+        tokens = engine.kv_handoff.complete_reservation(request_id, token).new_token_ids
         while engine.has_unfinished():
             for out in engine.step():
                 tokens += out.new_token_ids
@@ -129,9 +130,9 @@ def test_a_reservation_continues_from_the_first_token_it_is_given(engine, tokeni
 def test_a_first_token_outside_the_grammar_fails_the_request_only(engine, tokenizer):
     p = params(GrammarSpec("regex", FORK), 0)
     engine.reserve("bad-first", tokenizer.encode("Hello"), p)
-    engine.admit_reservations()
+    admit_reservations(engine)
     engine.pop_admitted()
-    engine.complete_reservation("bad-first", tokenizer.encode("{")[0])
+    engine.kv_handoff.complete_reservation("bad-first", tokenizer.encode("{")[0])
     outputs = engine.step()
     [failed] = [o for o in outputs if o.request_id == "bad-first"]
     assert failed.finish_reason == FinishReason.ERROR and failed.new_token_ids == []

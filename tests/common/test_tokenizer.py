@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lightpd.common.tokenizer import encode_chat, load_tokenizer
-from lightpd.controlplane.text_stream import TextStream
+from lightpd.controlplane.openai.text_stream import TextStream
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 TEXTS = [

@@ -23,6 +23,7 @@ from lightpd.common.wire.messages import (
 )
 from lightpd.common.wire.sampling_params import SamplingParams
 from lightpd.controlplane.node_client import NodeClient
+from tests.e2e import node_calls
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call, wait_healthy
 
 # A pool of 1,200 slots: 20 requests of 20 prompt + 40 output tokens at a time.
@@ -126,8 +127,8 @@ def test_a_member_without_the_secret_cannot_inject_into_or_abort_a_request(fleet
 
     async def main():
         async with NodeClient(CLUSTER_TOKEN) as victim, NodeClient(CLUSTER_TOKEN) as intruder:
-            expected = await victim.generate(
-                prefill.control, decode_node.control, "v0", prompt, params
+            expected = await node_calls.generate(
+                victim, prefill.control, decode_node.control, "v0", prompt, params
             )
             victim.open_stream("v1")
             reserved = await victim.reserve(decode_node.control, "v1", prompt, params)
@@ -149,7 +150,7 @@ def test_a_member_without_the_secret_cannot_inject_into_or_abort_a_request(fleet
             for node in (decode_node, prefill):
                 await intruder.abort(node.control, "v1")
             await victim.prefill(prefill.control, "v1", prompt, params, reserved.target())
-            events = [e async for e in victim.events("v1", timeout=30)]
+            events = [e async for e in node_calls.events(victim, "v1", timeout=30)]
             return expected, ack, ack_done, events
 
     expected, ack, ack_done, events = asyncio.run(main())
@@ -215,7 +216,9 @@ def test_a_destination_that_never_reads_cannot_freeze_a_node(fleet, tmp_path):
                 ok = SamplingParams(temperature=0, max_new_tokens=8, seed=2)
                 results = await asyncio.gather(
                     *(
-                        client.generate(prefill.control, node.control, f"ok{i}", [4, 5, 6], ok)
+                        node_calls.generate(
+                            client, prefill.control, node.control, f"ok{i}", [4, 5, 6], ok
+                        )
                         for i in range(8)
                     )
                 )

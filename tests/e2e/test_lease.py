@@ -17,6 +17,7 @@ from lightpd.common.wire.messages import Health, HealthCheck, NodeStatus, TokenE
 from lightpd.common.wire.sampling_params import SamplingParams
 from lightpd.controlplane.lightctl.node_process import NodeProcess, start_node
 from lightpd.controlplane.node_client import NodeClient
+from tests.e2e import node_calls
 from tests.e2e.fleet import API_KEY, CLUSTER_TOKEN, LocalFleet, raw_call
 
 KEYS = FleetKeys.from_token(CLUSTER_TOKEN)
@@ -88,7 +89,7 @@ def test_renewals_keep_a_busy_control_planes_requests_and_silence_frees_them(
             events: list[TokenEvent] = []
 
             async def collect() -> None:
-                async for event in client.events("decoding", timeout=60):
+                async for event in node_calls.events(client, "decoding", timeout=60):
                     events.append(event)
 
             collecting = asyncio.create_task(collect())

@@ -31,7 +31,8 @@ the step, eager or replayed, is polled to a deadline before its host sync). A
 member that dies closes its sockets and the others see it at once; one that
 hangs is found at the timeout. Either way the group is aborted on every member
 that notices, never waited on, which makes the rest fail too, and
-``ExpertParallelError`` tells each engine to end its requests.
+``ExpertParallelError`` tells each engine to end its requests (``Lockstep``, the
+engine's side of the group's steps).
 
 Who may join: the rendezvous store's keys live under a prefix derived from the
 cluster token, so a process without it can neither join nor learn where the
@@ -42,7 +43,6 @@ import datetime
 import hashlib
 import hmac
 import logging
-import os
 import re
 import threading
 import time
@@ -59,6 +59,7 @@ from torch import nn
 from lightpd.common.engine.config import ExpertParallelConfig
 from lightpd.common.engine.model_config import ModelConfig
 from lightpd.common.engine.models.moe import MoEExperts, SparseMoeBlock
+from lightpd.common.engine.nccl_env import let_failed_communicators_abort
 
 logger = logging.getLogger(__name__)
 
@@ -390,9 +391,7 @@ def _gloo_group(store: dist.Store, config: ExpertParallelConfig, timeout: dateti
 
 def _nccl_group(store: dist.Store, config: ExpertParallelConfig, device: torch.device):
     torch.cuda.set_device(device)
-    # A communicator that fails (a member died) is aborted and the process lives
-    # on: NCCL's default handling would end it.
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    let_failed_communicators_abort()  # a member died: this process lives on
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = datetime.timedelta(seconds=config.join_timeout_s)
     return dist.ProcessGroupNCCL(store, config.rank, config.size, options)

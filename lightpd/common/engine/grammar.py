@@ -15,6 +15,8 @@ the token bitmask of a step.
   request, while the device computes the logits; one asynchronous copy takes it
   to the device, where the sampler applies it. A step without a constrained
   request does none of this.
+- ``without_broken_grammars`` ends the requests whose grammar broke, wherever
+  they are.
 
 xgrammar (and the tokenizer it needs) is loaded when the first grammar comes.
 """
@@ -23,13 +25,14 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightpd.common.engine.grammar_worker import CompileWorker, GrammarLimitError
+from lightpd.common.engine.request import FinishReason, RequestOutput
 from lightpd.common.wire.sampling_params import GrammarSpec
 
 if TYPE_CHECKING:
@@ -136,6 +139,25 @@ class GrammarCache:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._worker.close()
+
+
+def without_broken_grammars(
+    outputs: list[RequestOutput],
+    failed: dict[str, str],
+    requests: dict[str, "Request"],
+    drop: Callable[[str], object],
+) -> list[RequestOutput]:
+    """Fail the requests whose grammar broke (``GrammarCache.take_failed``): each of
+    ``requests`` among them is taken out wherever it is (``drop``), forgotten, and
+    ends with the reason; a token it took in ``outputs`` is not reported."""
+    outputs = [o for o in outputs if o.request_id not in failed]
+    for request_id, reason in failed.items():
+        request = requests.get(request_id)
+        if request is not None:
+            drop(request_id)  # wherever it is; one that ended this step holds nothing
+            requests.pop(request_id, None)
+            outputs.append(RequestOutput.ending(request, FinishReason.ERROR, reason))
+    return outputs
 
 
 def tokenizer_info(model_dir: str, vocab_size: int, stop_token_ids: list[int]) -> Any:

@@ -32,6 +32,11 @@ class KVManager:
         return self.pool.num_free_slots + evictable
 
     @property
+    def num_cached_slots(self) -> int:
+        """Slots the prefix cache holds, used or not."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_cached_slots
+
+    @property
     def num_locked_slots(self) -> int:
         """Cached slots some request uses (counted once, however many share them)."""
         return 0 if self.prefix_cache is None else self.prefix_cache.num_locked_slots
@@ -83,10 +88,10 @@ class KVManager:
         request.num_slots = num_tokens
         request.num_cached_slots = num_cached
         request.num_computed_tokens = num_cached
-        if request.num_prompt_cached is None:  # first admission (not a resume)
-            request.num_prompt_cached = min(num_cached, request.num_prompt_tokens)
+        if request.num_cached_tokens is None:  # first admission (not a resume)
+            request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
             self.num_prompt_tokens += request.num_prompt_tokens
-            self.num_cached_prompt_tokens += request.num_prompt_cached
+            self.num_cached_prompt_tokens += request.num_cached_tokens
 
     def _take(self, num_slots: int) -> torch.Tensor:
         shortfall = num_slots - self.pool.num_free_slots

@@ -49,11 +49,13 @@ class Request:
     num_slots: int = 0  # slots held, mapped at positions [0, num_slots)
     # Prefix cache: positions [0, num_cached_slots) map to slots the cache owns, on
     # the path that ends at prefix_node (referenced while held); None: no cache used.
+    # It changes as the request runs: it grows once what it computed is cached
+    # (``KVManager.cache_computed``) and is 0 while it holds no slots.
     num_cached_slots: int = 0
     prefix_node: "PrefixNode | None" = None
-    # Prompt tokens found in the prefix cache when it was first admitted (reported
-    # as the request's cached tokens; None until then).
-    num_prompt_cached: int | None = None
+    # Prompt tokens found in the prefix cache at its first admission, fixed from
+    # then on (what ``RequestOutput.num_cached_tokens`` reports; None until then).
+    num_cached_tokens: int | None = None
     is_prefilling: bool = False
     # A reservation: its prompt's KV is computed elsewhere and written into its slots
     # (under kv_recv), once admitted; it may wait in the queue until queue_deadline.
@@ -123,6 +125,23 @@ class RequestOutput:
     # Prompt tokens this engine took from its prefix cache (set on the output that
     # brings the first token, or a prefill's hand-off; 0 otherwise).
     num_cached_tokens: int = 0
+
+    @classmethod
+    def ending(
+        cls, request: Request, reason: FinishReason, error: str | None = None, retry: bool = False
+    ) -> "RequestOutput":
+        """The last output of ``request``, which ends without a new token."""
+        return cls(
+            request.request_id,
+            [],
+            None,
+            reason,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+            error=error,
+            retry=retry,
+            num_cached_tokens=request.num_cached_tokens or 0,
+        )
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,7 @@ starts computing after its longest cached prefix, and what it computed stays
 cached when it ends or pauses.
 """
 
+import logging
 from dataclasses import dataclass
 
 from lightpd.common.engine.admission import OutputLengthEstimator, peak_tokens
@@ -26,6 +27,8 @@ from lightpd.common.engine.request import (
     RequestStatus,
     TokenLogprob,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,8 +76,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         # Admitted requests that someone waits to hear of (reservations, and requests
-        # queued under a deadline); the engine takes them (``pop_admitted``).
-        self.newly_admitted: list[Request] = []
+        # queued under a deadline), until taken (``take_admitted``).
+        self._newly_admitted: list[Request] = []
 
     def add(self, request: Request) -> None:
         if request.grammar is not None and not request.grammar.compiled:
@@ -98,6 +101,19 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.compiling)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not admitted yet (their grammar compiling, or queued)."""
+        return len(self.waiting) + len(self.compiling)
+
+    @property
+    def num_queued_tokens(self) -> int:
+        """Prompt tokens not computed yet: queued requests and unfinished prefills."""
+        queued = sum(r.num_tokens for r in [*self.waiting, *self.compiling])
+        return queued + sum(
+            r.num_tokens - r.num_computed_tokens for r in self.running if r.is_prefilling
+        )
 
     @property
     def has_runnable(self) -> bool:
@@ -153,10 +169,16 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         if request.awaits_kv or request.queue_deadline != float("inf"):
-            self.newly_admitted.append(request)
+            self._newly_admitted.append(request)
             # The queue timeout bounds the first wait only: a request paused later
             # waits again without a deadline, and is not announced twice.
             request.queue_deadline = float("inf")
+
+    def take_admitted(self) -> list[Request]:
+        """Reservations, and requests queued under a deadline, admitted since the last
+        call (each once), whatever became of them since."""
+        admitted, self._newly_admitted = self._newly_admitted, []
+        return admitted
 
     def admit_waiting_reservations(self) -> None:
         """Admit the reservations that come next (they need no compute)."""
@@ -263,7 +285,7 @@ class Scheduler:
             reason,
             request.num_prompt_tokens,
             request.num_output_tokens,
-            num_cached_tokens=request.num_prompt_cached or 0,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -296,12 +318,31 @@ class Scheduler:
             request.status = RequestStatus.FINISHED
         return expired + compiling
 
-    def fail(self, request: Request) -> None:
-        """Drop ``request`` after its step raised, freeing what it holds. A failed
-        ``postprocess`` may have finished it already."""
-        if request.status is RequestStatus.RUNNING:
-            self._release(request)
-        request.status = RequestStatus.FINISHED
+    def fail_batch(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
+        """Running ``batch`` raised ``exc``: drop all of its requests, freeing what they
+        hold (a failed ``postprocess`` may have finished some already); their last
+        outputs. The culprit is not isolated: rerunning the requests one by one would
+        cost a step per request on a path that should never be taken."""
+        ids = ", ".join(r.request_id for r in batch.requests)
+        logger.error("a batch failed; failing all of its requests: %s", ids, exc_info=exc)
+        error = f"internal error while running this request: {type(exc).__name__}: {exc}"
+        outputs = []
+        for request in batch.requests:
+            if request.status is RequestStatus.RUNNING:
+                self._release(request)
+            request.status = RequestStatus.FINISHED
+            outputs.append(
+                RequestOutput(
+                    request.request_id,
+                    [],
+                    None,
+                    FinishReason.ERROR,
+                    request.num_prompt_tokens,
+                    request.num_output_tokens,
+                    error=error,
+                )
+            )
+        return outputs
 
     def _finish(self, request: Request) -> None:
         self.estimator.observe(request.num_output_tokens)

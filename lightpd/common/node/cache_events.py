@@ -27,10 +27,6 @@ class CacheEventPublisher:
         self._next_seq: dict[bytes, int] = {}  # per subscriber
         self.engine.take_cache_events()  # from now on the cache notes its changes
 
-    @property
-    def num_subscribers(self) -> int:
-        return len(self._next_seq)
-
     def subscribe(self, origin: bytes) -> None:
         """Send ``origin`` everything the cache holds (again, if it asks again)."""
         blocks = self.engine.cached_block_names()

@@ -17,15 +17,15 @@ or has sent nothing for ``lease_s``, is gone: its requests are aborted.
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import zmq
 
 from lightpd.common.engine import EngineConfig, LLMEngine, RequestOutput
-from lightpd.common.engine.connector.collective import CollectiveConnector
-from lightpd.common.engine.connector.zeromq import LANES, ZmqConnector
+from lightpd.common.engine.connector import LANES, make_connector
 from lightpd.common.engine.kv_transfer import kv_layout
+from lightpd.common.kv_transports import check_transport
 from lightpd.common.node.cache_events import CacheEventPublisher
 from lightpd.common.node.runtime import Leases, LoopClock, Publisher, RateMeter, drain, error_event
 from lightpd.common.wire.auth import FleetKeys, same_secret, start_authenticator
@@ -64,9 +64,9 @@ class NodeConfig:
     control_port: int = 0  # 0: any free port
     kv_port: int = 0  # where a decode node receives KV; 0: any free port
     max_queued: int = 4096  # reservations waiting for slots; more are refused "busy"
-    # How KV tensors travel: "zmq" (frames beside the headers), "nccl" (a
-    # torch.distributed group per node pair: NCCL on GPUs, Gloo on CPU), or "auto"
-    # (nccl when this node's device is a GPU, else zmq).
+    # How KV tensors travel (lightpd/common/kv_transports.py): "zmq" (frames beside
+    # the headers), "nccl" (a torch.distributed group per node pair: NCCL on GPUs,
+    # Gloo on CPU), or "auto" (nccl when this node's device is a GPU, else zmq).
     kv_transport: str = "auto"
     # A control plane renews its lease every LEASE_RENEW_S; one that has sent this
     # node nothing for lease_s is taken for gone and its requests here are aborted.
@@ -74,8 +74,7 @@ class NodeConfig:
     restarts: int = 0  # times a supervisor started this node again (it reports them)
 
     def __post_init__(self) -> None:
-        if self.kv_transport not in ("auto", "zmq", "nccl"):
-            raise ValueError(f"--kv-transport must be auto, zmq or nccl, not {self.kv_transport!r}")
+        check_transport(self.kv_transport)
         if not 2 * LEASE_RENEW_S <= self.lease_s <= MAX_LEASE_S:
             raise ValueError(
                 f"--lease-s must be between {2 * LEASE_RENEW_S:g} (twice the control plane's "
@@ -107,7 +106,8 @@ class NodeServer(ABC):
         self.auth = start_authenticator(self.ctx, keys)
         self.control = serving_socket(self.ctx, keys)
         self.control_endpoint = bind(self.control, config.host, config.control_port)
-        self.connector = self._connector_class()(
+        self.connector = make_connector(
+            config.kv_transport,
             self.layout,
             self.engine.pool,
             keys,
@@ -130,12 +130,6 @@ class NodeServer(ABC):
         self.current = self.status()
         self._stopped = False
         self.exit_code = 0
-
-    def _connector_class(self) -> type[ZmqConnector]:
-        transport = self.config.kv_transport
-        if transport == "auto":
-            transport = "nccl" if self.engine.runner.device.type == "cuda" else "zmq"
-        return CollectiveConnector if transport == "nccl" else ZmqConnector
 
     @property
     def kv_endpoint(self) -> str | None:
@@ -311,19 +305,10 @@ class NodeServer(ABC):
 
     def status(self) -> NodeStatus:
         engine = self.engine
-        kv = engine.scheduler.kv
         stats = NodeStats(
-            num_free_slots=engine.num_available_slots,
-            num_reserved_slots=engine.num_reserved_slots,
-            num_running=engine.num_running,
-            num_queued=engine.num_waiting,
-            num_queued_tokens=engine.num_queued_tokens,
+            **asdict(engine.stats()),
             tokens_per_s=self.tokens_per_s.rate(),
             loop_age_s=self.clock.age_s,
-            num_preemptions=engine.scheduler.num_preemptions,
-            num_cached_slots=0 if kv.prefix_cache is None else kv.prefix_cache.num_cached_slots,
-            num_prompt_tokens=kv.num_prompt_tokens,
-            num_cached_prompt_tokens=kv.num_cached_prompt_tokens,
         )
         group = self.config.engine.expert_parallel
         return NodeStatus(

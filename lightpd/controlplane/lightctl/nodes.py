@@ -8,6 +8,7 @@ from typing import Annotated
 import httpx
 import typer
 
+from lightpd.common.kv_transports import TRANSPORT_HELP, check_transport
 from lightpd.controlplane.lightctl.common import (
     admin_request,
     control_plane_url,
@@ -30,9 +31,7 @@ def node_add(
     cluster_token: Annotated[str | None, typer.Option(help="Cluster token.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind and advertise.")] = "127.0.0.1",
     num_kv_slots: Annotated[int | None, typer.Option(help="KV pool size in tokens.")] = None,
-    kv_transport: Annotated[
-        str, typer.Option(help="auto, zmq or nccl (Gloo on CPU): how KV tensors travel.")
-    ] = "auto",
+    kv_transport: Annotated[str, typer.Option(help=TRANSPORT_HELP)] = "auto",
     expert_parallel: Annotated[
         int,
         typer.Option(
@@ -75,8 +74,10 @@ def node_add(
     ]
     if num_kv_slots:
         args += ["--num-kv-slots", str(num_kv_slots)]
-    if kv_transport not in ("auto", "zmq", "nccl"):
-        raise fail(f"--kv-transport must be auto, zmq or nccl, not {kv_transport!r}")
+    try:
+        check_transport(kv_transport)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
     args += ["--kv-transport", kv_transport]
     os.environ["LIGHTPD_CLUSTER_TOKEN"] = cluster
     if expert_parallel > 1:

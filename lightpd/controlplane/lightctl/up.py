@@ -22,6 +22,7 @@ from typing import Annotated
 import httpx
 import typer
 
+from lightpd.common.kv_transports import TRANSPORT_HELP, check_transport
 from lightpd.controlplane.lightctl.children import Children, Stopped, StopSignals
 from lightpd.controlplane.lightctl.common import FleetHome, ensure_default_model, fail, say
 from lightpd.controlplane.lightctl.launch import (
@@ -83,9 +84,7 @@ def up(
         int, typer.Option(help="Prefill nodes; 0: decode nodes prefill too (colocated).")
     ] = 1,
     decode_nodes: Annotated[int, typer.Option(help="Decode nodes, at least 1.")] = 1,
-    kv_transport: Annotated[
-        str, typer.Option(help="auto, zmq or nccl (Gloo on CPU): how KV tensors travel.")
-    ] = "auto",
+    kv_transport: Annotated[str, typer.Option(help=TRANSPORT_HELP)] = "auto",
     expert_parallel: Annotated[
         bool,
         typer.Option(
@@ -123,8 +122,10 @@ def up(
     """Start the whole fleet here and serve until Ctrl-C (or SIGTERM)."""
     if decode_nodes < 1:
         raise fail("--decode-nodes must be at least 1: every request ends on a decode node")
-    if kv_transport not in ("auto", "zmq", "nccl"):
-        raise fail(f"--kv-transport must be auto, zmq or nccl, not {kv_transport!r}")
+    try:
+        check_transport(kv_transport)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
     if prefill_nodes < 0:
         raise fail("--prefill-nodes must be 0 or more (0: the decode nodes prefill)")
     if expert_parallel and decode_nodes < 2:

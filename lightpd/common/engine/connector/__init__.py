@@ -7,8 +7,11 @@ from lightpd.common.engine.connector.base import (
     KVSendSpec,
     LayerChunk,
 )
+from lightpd.common.engine.connector.channel import LANES
+from lightpd.common.engine.connector.registry import make_connector
 
 __all__ = [
+    "LANES",
     "KVConnector",
     "KVDone",
     "KVEvent",
@@ -16,4 +19,5 @@ __all__ = [
     "KVRecvSpec",
     "KVSendSpec",
     "LayerChunk",
+    "make_connector",
 ]

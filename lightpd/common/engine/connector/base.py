@@ -10,8 +10,10 @@ complete (with the first token) or failed. Every transfer has a deadline, so
 ``poll`` always reports an end. ``cancel`` drops a transfer on either side at
 once, whatever it was doing.
 
-A transport (ZeroMQ, NCCL, ...) is one subclass in one file; the engine and the
-node servers use only this interface.
+Every connector is the same channel (channel.py) with one transport moving the
+tensors (ZeroMQ frames, NCCL, ...: one class in one file, transport.py), made by
+the transport's name (``make_connector``); the engine and the node servers use
+only this interface.
 """
 
 from abc import ABC, abstractmethod

@@ -1,8 +1,8 @@
-"""The KV connector over torch.distributed: NCCL between GPUs, Gloo on CPU.
+"""K/V over torch.distributed: NCCL between GPUs, Gloo on CPU.
 
-Headers, secrets, acknowledgements and deadlines travel as in the ZeroMQ
-transport (whose code this reuses); the K/V tensors themselves go over a
-two-rank group per (sender, receiver) pair, point to point.
+The channel carries the headers, secrets, acknowledgements and deadlines; the
+K/V tensors go over a two-rank group per (sender, receiver) pair, point to
+point, each under the tag its header carries.
 
 A pair is made on first use: the sender sends ``KVGroupHello`` with a random
 pair id over the CURVE channel; the receiver answers ``KVGroupReady`` with the
@@ -20,7 +20,6 @@ request builds a new pair.
 
 import datetime
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -28,19 +27,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 import torch.distributed as dist
 import zmq
 
-from lightpd.common.engine.connector.base import KVFailed, LayerChunk
-from lightpd.common.engine.connector.zeromq import ZmqConnector, _Send
+from lightpd.common.engine.connector.base import KVFailed
+from lightpd.common.engine.connector.transport import Channel, Transport
+from lightpd.common.engine.nccl_env import let_failed_communicators_abort
 from lightpd.common.wire.messages import (
     KVGroupHello,
     KVGroupReady,
     KVLayer,
-    KVLayout,
+    Message,
     ProtocolError,
-    encode,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, device: t
     prefixed = dist.PrefixStore(f"lightpd/{pair_id}/", store)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this thread's sends and receives run there
-        # A communicator that fails (a peer died) is aborted, and the node lives on:
-        # NCCL's default handling would end the whole process.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        let_failed_communicators_abort()
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = GROUP_TIMEOUT
         return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
@@ -148,20 +146,11 @@ class _Pair:
                 logger.debug("aborting KV group %s", self.pair_id[:8], exc_info=True)
 
 
-class CollectiveConnector(ZmqConnector):
-    def __init__(
-        self,
-        layout: KVLayout,
-        pool,
-        keys,
-        ctx: zmq.Context,
-        bind_host: str | None = None,
-        bind_port: int = 0,
-        max_tokens: int = 1 << 20,
-    ) -> None:
-        super().__init__(layout, pool, keys, ctx, bind_host, bind_port, max_tokens)
-        self.device = pool.device
-        self.backend = self.transport = _backend(self.device)
+class CollectiveTransport(Transport):
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(channel)
+        self.device = channel.pool.device
+        self.name = _backend(self.device)
         self._lock = threading.Lock()
         self._failed_pairs: list[_Pair] = []
         # Sender side: one pair per receiver endpoint.
@@ -172,40 +161,38 @@ class CollectiveConnector(ZmqConnector):
         self._senders: dict[bytes, _Pair] = {}  # the connection a pair's hello came on
         self._landed: dict[str, list] = {}  # request id -> chunks received, not yet scattered
         self._in_flight: dict[str, int] = {}  # request id -> chunks still on the wire
-        if bind_host is not None:
-            self._host = bind_host
+        if channel.host is not None:
             self._store = dist.TCPStore(
-                bind_host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT
+                channel.host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT
             )
+
+    def _pairs(self) -> list[_Pair]:
+        return [*self._out.values(), *self._in.values()]
 
     # ---- sending ----
 
-    def _send_layer(self, chunk: LayerChunk, send: _Send, header: KVLayer) -> None:
-        if send.spec.transport != self.backend:  # the receiver takes frames only
-            return super()._send_layer(chunk, send, header)
-        pair = self._out.get(send.spec.endpoint)
+    def send_layer(self, endpoint: str, header: KVLayer, slots: torch.Tensor) -> None:
+        pair = self._out.get(endpoint)
         if pair is None or pair.failure is not None:
-            pair = self._open_pair(send.spec.endpoint)
-        index = chunk.slots.long()
-        layer = header.layer
+            pair = self._open_pair(endpoint)
+        pool, index, layer = self.channel.pool, slots.long(), header.layer
         # (2, n, Hk, D) gathered on the compute stream; the pair's thread sends it.
-        kv = torch.stack((self.pool.k_cache(layer)[index], self.pool.v_cache(layer)[index]))
+        kv = torch.stack((pool.k_cache(layer)[index], pool.v_cache(layer)[index]))
         tag = pair.next_tag
         pair.next_tag += 1
-        pair.request_ids.add(chunk.request_id)
-        header = KVLayer(**{**_fields(header), "group_tag": tag})
-        self._send(chunk.request_id, send, [encode(header)])
+        pair.request_ids.add(header.request_id)
+        # On lane 0, like the hello: the receiver knows the pair by that connection,
+        # and takes the tensors in the order of their headers.
+        self.channel.send(msgspec.structs.replace(header, group_tag=tag))
         pair.submit(lambda group: group.send([kv], 1, tag), None)
-        return None
 
     def _open_pair(self, endpoint: str) -> _Pair:
         pair = _Pair(secrets.token_hex(16))
         self._out[endpoint] = pair
-        hello = KVGroupHello(pair_id=pair.pair_id, backend=self.backend)
-        self._target(endpoint).send(encode(hello), flags=zmq.NOBLOCK)
+        self.channel.send_to(endpoint, KVGroupHello(pair_id=pair.pair_id, backend=self.name))
         return pair
 
-    def _on_sender_message(self, endpoint: str, message) -> bool:
+    def on_receiver_message(self, endpoint: str, message: Message) -> bool:
         if not isinstance(message, KVGroupReady):
             return False
         pair = self._out.get(endpoint)
@@ -222,63 +209,63 @@ class CollectiveConnector(ZmqConnector):
 
     # ---- receiving ----
 
-    def _on_receiver_extra(self, identity: bytes, message) -> bool:
+    def on_sender_message(self, peer: bytes, message: Message) -> bool:
         if not isinstance(message, KVGroupHello):
             return False
-        if message.backend != self.backend:
-            reason = f"KV group backend {message.backend} offered, this node uses {self.backend}"
+        if message.backend != self.name:
+            reason = f"KV group backend {message.backend} offered, this node uses {self.name}"
             logger.warning(reason)
             return True
         pair = _Pair(message.pair_id)
         self._in[message.pair_id] = pair
-        self._senders[identity] = pair
+        self._senders[peer] = pair
+        host = self.channel.host
         pair.start(
-            lambda: _make_group(self._store, pair.pair_id, 1, self._host, self.device),
+            lambda: _make_group(self._store, pair.pair_id, 1, host, self.device),
             self._pair_failed,
         )
-        ready = KVGroupReady(pair_id=message.pair_id, store_port=self._store.port)
-        self._reply(identity, ready)
+        self.channel.reply(peer, KVGroupReady(pair_id=message.pair_id, store_port=self._store.port))
         return True
 
-    def _dropped_layer(self, identity: bytes, message: KVLayer) -> None:
-        pair = self._pair_of(identity)
-        if message.group_tag is not None and pair is not None:
-            # Refused or unknown, but its tensor is on the pair's wire all the same:
-            # take it and drop it, so the pair's later transfers stay in step.
-            self._post_receive(pair, message, None)
-
-    def _receive_layer(self, identity: bytes, message: KVLayer, slots, frames) -> None:
-        if message.group_tag is None:
-            return super()._receive_layer(identity, message, slots, frames)
-        pair = self._pair_of(identity)
+    def receive_layer(
+        self, peer: bytes, header: KVLayer, frames: list[zmq.Frame], slots: torch.Tensor
+    ) -> None:
+        if frames:
+            raise ProtocolError(f"a KV layer needs 0 data frames, got {len(frames)}")
+        # A sender's layers come over the connection its hello came on.
+        pair = self._senders.get(peer)
         if pair is None:
             raise ProtocolError("KV over a group that was never set up with this sender")
-        pair.request_ids.add(message.request_id)
+        pair.request_ids.add(header.request_id)
         with self._lock:
-            self._in_flight[message.request_id] = self._in_flight.get(message.request_id, 0) + 1
-        self._post_receive(pair, message, slots)
-        return None
+            self._in_flight[header.request_id] = self._in_flight.get(header.request_id, 0) + 1
+        self._post_receive(pair, header, slots)
 
-    def _post_receive(self, pair: _Pair, message: KVLayer, slots) -> None:
-        request_id, layer, tag = message.request_id, message.layer, message.group_tag
-        shape = (2, message.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
-        buffer = torch.empty(shape, dtype=self.pool.k_cache(0).dtype, device=self.device)
+    def drop_layer(self, peer: bytes, header: KVLayer) -> None:
+        pair = self._senders.get(peer)
+        if pair is not None:
+            # Refused or unknown, but its tensor is on the pair's wire all the same:
+            # take it and drop it, so the pair's later transfers stay in step.
+            self._post_receive(pair, header, None)
+
+    def _post_receive(self, pair: _Pair, header: KVLayer, slots: torch.Tensor | None) -> None:
+        request_id, layer, tag = header.request_id, header.layer, header.group_tag
+        layout = self.channel.layout
+        shape = (2, header.num_tokens, layout.num_kv_heads, layout.head_dim)
+        dtype = self.channel.pool.k_cache(0).dtype
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
 
         def landed() -> None:
             if slots is None:
                 return
             with self._lock:
-                if request_id in self._in_flight:  # not cancelled meanwhile
+                if request_id in self._in_flight:  # not ended meanwhile
                     self._in_flight[request_id] -= 1
                     self._landed.setdefault(request_id, []).append((layer, slots, buffer))
 
         pair.submit(lambda group: group.recv([buffer], 0, tag), landed)
 
-    def _pair_of(self, identity: bytes) -> _Pair | None:
-        # A sender's layers come over the connection its hello came on.
-        return self._senders.get(identity)
-
-    def _layers_landed(self, request_id: str) -> bool:
+    def landed(self, request_id: str) -> bool:
         # Checked before scattering: a chunk counted as landed is already queued.
         with self._lock:
             landed = self._in_flight.get(request_id, 0) == 0
@@ -286,54 +273,50 @@ class CollectiveConnector(ZmqConnector):
         return landed
 
     def _scatter_landed(self) -> None:
+        # Only live transfers' chunks are here: ``end`` drops the others.
         with self._lock:
             landed, self._landed = self._landed, {}
-        for request_id, chunks in landed.items():
-            if request_id not in self._recvs:
-                continue  # cancelled or failed meanwhile
+        pool = self.channel.pool
+        for chunks in landed.values():
             for layer, slots, kv in chunks:
                 index = slots.long()
-                self.pool.k_cache(layer)[index] = kv[0]
-                self.pool.v_cache(layer)[index] = kv[1]
+                pool.k_cache(layer)[index] = kv[0]
+                pool.v_cache(layer)[index] = kv[1]
 
-    # ---- both ----
+    # ---- upkeep ----
 
-    def busy(self) -> bool:
-        pairs = [*self._out.values(), *self._in.values()]
-        return super().busy() or any(pair.inflight for pair in pairs) or bool(self._in_flight)
-
-    def poll(self):
-        for pair in [*self._out.values(), *self._in.values()]:
+    def poll(self) -> list[KVFailed]:
+        for pair in self._pairs():
             pair.reap()
         self._scatter_landed()
         with self._lock:
             failed, self._failed_pairs = self._failed_pairs, []
+        failures = []
         for pair in failed:
-            for request_id in pair.request_ids:
-                if request_id in self._sends or request_id in self._recvs:
-                    self.cancel(request_id)
-                    self._events.append(KVFailed(request_id, pair.failure or "KV group failed"))
+            reason = pair.failure or "KV group failed"
+            failures += [KVFailed(request_id, reason) for request_id in pair.request_ids]
             self._forget(pair)
-        return super().poll()
+        return failures
 
-    def cancel(self, request_id: str) -> None:
-        super().cancel(request_id)
+    def busy(self) -> bool:
+        return any(pair.inflight for pair in self._pairs()) or bool(self._in_flight)
+
+    def end(self, request_id: str, stuck: bool = False) -> None:
         with self._lock:
             self._landed.pop(request_id, None)
             self._in_flight.pop(request_id, None)
-
-    def _expire(self) -> None:
-        # A transfer past its deadline may be stuck on its pair: tear the pair down
-        # (its other transfers fail with it; the next request builds a new pair).
-        before = set(self._sends) | set(self._recvs)
-        super()._expire()
-        live = set(self._sends) | set(self._recvs)
-        expired = before - live
-        for pair in [*self._out.values(), *self._in.values()]:
-            if pair.request_ids & expired and pair.failure is None:
+        for pair in self._pairs():
+            if request_id not in pair.request_ids:
+                continue
+            pair.request_ids.discard(request_id)
+            if stuck and pair.failure is None:
+                # Its other transfers fail with it; the next request builds a new pair.
                 pair.failure = "a transfer on this KV group ran past its deadline"
                 self._pair_failed(pair)
-            pair.request_ids &= live
+
+    def close(self) -> None:
+        for pair in self._pairs():
+            pair.stop()
 
     def _pair_failed(self, pair: _Pair) -> None:
         logger.warning("tearing down KV group %s: %s", pair.pair_id[:8], pair.failure)
@@ -349,12 +332,3 @@ class CollectiveConnector(ZmqConnector):
         for key, value in list(self._senders.items()):
             if value is pair:
                 del self._senders[key]
-
-    def close(self) -> None:
-        for pair in [*self._out.values(), *self._in.values()]:
-            pair.stop()
-        super().close()
-
-
-def _fields(struct) -> dict:
-    return {name: getattr(struct, name) for name in struct.__struct_fields__}

@@ -1,12 +1,13 @@
-"""The import rules of docs/design.md ("Layers"), checked over every module's
-``import`` statements (also those inside functions), so that CI fails when one
-is broken."""
+"""The rules of docs/design.md ("Layers"), so that CI fails when one is broken:
+the import rules, over every module's ``import`` statements (also those inside
+functions), and the size of the control plane's functions."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+MAX_FUNCTION_LINES = 60  # in the control plane, from a function's first statement
 ROOMS = ("openai", "lightctl", "api", "dashboard")  # of the control plane
 # (importer prefix, imported prefix, unless the importer is under one of these): forbidden.
 RULES = [
@@ -85,3 +86,28 @@ def test_a_planted_violation_fails(tmp_path):
         "lightpd.controlplane.store imports lightpd.controlplane.openai.routes",
         "lightpd.kernels.attention imports lightpd.common.engine",
     ]
+
+
+def long_functions(root: Path, package: str = "lightpd/controlplane") -> list[str]:
+    """Functions over MAX_FUNCTION_LINES, counted from the first statement of the
+    body (a typer command's options are its signature, not its length)."""
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.body[0].lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {lines}")
+    return found
+
+
+def test_no_function_of_the_control_plane_is_over_60_lines():
+    assert long_functions(ROOT) == []
+
+
+def test_a_planted_long_function_fails(tmp_path):
+    core = tmp_path / "lightpd" / "controlplane"
+    core.mkdir(parents=True)
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    (core / "store.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions(tmp_path) == ["lightpd/controlplane/store.py:5 long: 61"]
