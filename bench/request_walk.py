@@ -8,9 +8,15 @@ the control plane and both nodes, the files of every Python function called
 while one more chat completion runs, and prints ours (under lightpd/), less the
 kernels and the model definitions: the request's walk that docs/design.md lists.
 
+What runs beside the request (heartbeats, lease renewals, the time-series
+flusher, the nodes' idle polls) is not its walk: the functions an idle fleet
+runs in ``--idle-s`` seconds just before are left out, and a file counts when
+the request ran a function of it that the idle fleet did not. ``--all`` prints
+every file run in the request's window instead.
+
 Each process records through a ``sitecustomize`` module put first on its
-PYTHONPATH: a profile hook in every thread that notes a function's file while
-recording is on (SIGUSR1 starts it, SIGUSR2 writes the files and stops).
+PYTHONPATH: a profile hook in every thread that notes each function called
+while recording is on (SIGUSR1 starts it, SIGUSR2 writes them and stops).
 """
 
 import argparse
@@ -27,24 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = """
 import os, signal, sys, threading
 
-_files, _on = set(), [False]
+_called, _on, _dumps = set(), [False], [0]
 
 
 def _profile(frame, event, arg):
     if _on[0] and event == "call":
-        _files.add(frame.f_code.co_filename)
+        code = frame.f_code
+        _called.add(f"{code.co_filename}\\t{code.co_firstlineno}")
 
 
 def _start(signum, frame):
-    _files.clear()
+    _called.clear()
     _on[0] = True
 
 
 def _dump(signum, frame):
     _on[0] = False
-    path = os.path.join(os.environ["LIGHTPD_WALK_DIR"], f"{os.getpid()}.txt")
-    with open(path, "w") as out:
-        out.write("\\n".join(sorted(_files)))
+    _dumps[0] += 1
+    name = f"{os.getpid()}.{_dumps[0]}.txt"
+    with open(os.path.join(os.environ["LIGHTPD_WALK_DIR"], name), "w") as out:
+        out.write("\\n".join(sorted(_called)))
 
 
 if os.environ.get("LIGHTPD_WALK_DIR"):
@@ -69,6 +77,8 @@ def chat(url: str, headers: dict[str, str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a checkpoint (default: a tiny qwen2)")
+    parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--all", action="store_true", help="every file the window ran")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         hook_dir, walk_dir = Path(scratch, "hook"), Path(scratch, "walk")
@@ -78,15 +88,19 @@ def main() -> None:
         os.environ["LIGHTPD_WALK_DIR"] = str(walk_dir)
         path = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook_dir), str(ROOT), path]))
-        files = walk(args.model or tiny_model(Path(scratch)), walk_dir)
-    ours = sorted(
-        name
-        for file in files
-        if "/lightpd/" in file
-        and not any(part in (name := file[file.index("/lightpd/") + 1 :]) for part in EXCLUDED)
-    )
+        idle, request = walk(args.model or tiny_model(Path(scratch)), walk_dir, args.idle_s)
+    called = request if args.all else request - idle
+    ours = sorted({ours for function in called if (ours := _ours(function.split("\t")[0]))})
     print("\n".join(ours))
     print(f"{len(ours)} files of ours (kernels and model definitions aside)", file=sys.stderr)
+
+
+def _ours(file: str) -> str | None:
+    """The file's path from lightpd/, or None if it is not ours or is excluded."""
+    if "/lightpd/" not in file:
+        return None
+    name = file[file.rindex("/lightpd/") + 1 :]
+    return None if any(name.startswith(part) for part in EXCLUDED) else name
 
 
 def tiny_model(scratch: Path) -> str:
@@ -95,7 +109,9 @@ def tiny_model(scratch: Path) -> str:
     return str(write_tiny_checkpoint(scratch / "tiny", "qwen2"))
 
 
-def walk(model: str, walk_dir: Path) -> set[str]:
+def walk(model: str, walk_dir: Path, idle_s: float) -> tuple[set[str], set[str]]:
+    """The functions called in every process while the fleet idles ``idle_s``, and
+    while the request runs."""
     from tests.e2e.fleet import API_KEY, LocalFleet
 
     fleet = LocalFleet(model).start(prefill=1, decode=1)
@@ -103,18 +119,29 @@ def walk(model: str, walk_dir: Path) -> set[str]:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         chat(fleet.url, headers)  # warm: first-call imports and compiles are not the walk
         pids = [fleet.control_plane.pid, *(node.process.pid for node in fleet.nodes)]
-        for pid in pids:
-            os.kill(pid, signal.SIGUSR1)
-        time.sleep(0.2)
-        chat(fleet.url, headers)
-        for pid in pids:
-            os.kill(pid, signal.SIGUSR2)
-        deadline = time.monotonic() + 10
-        while len(list(walk_dir.iterdir())) < len(pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        windows = []
+        for window in (lambda: time.sleep(idle_s), lambda: chat(fleet.url, headers)):
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.2)
+            window()
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR2)
+            number = len(windows) + 1
+            deadline = time.monotonic() + 10
+            while len(list(walk_dir.glob(f"*.{number}.txt"))) < len(pids):
+                assert time.monotonic() < deadline, "a process did not write what it recorded"
+                time.sleep(0.1)
+            windows.append(
+                {
+                    line
+                    for f in walk_dir.glob(f"*.{number}.txt")
+                    for line in f.read_text().split("\n")
+                }
+            )
     finally:
         fleet.stop()
-    return {line for file in walk_dir.iterdir() for line in file.read_text().splitlines()}
+    return windows[0], windows[1]
 
 
 if __name__ == "__main__":
