@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_S = 2.0  # an unreachable host fails a call in this, not minutes
 REDIS_REPLY_TIMEOUT_S = 10.0
 LAST_WRITES_S = 2.0  # at exit, for request states that wait for Redis
+EXIT_S = 8.0  # the lifespan's whole end, LAST_WRITES_S included
 API_PREFIX = "/v1"
 
 
@@ -220,6 +222,44 @@ def _following_caches(store: Store, client: NodeClient) -> Callable[[], Awaitabl
     return nodes
 
 
+async def _exit(
+    flusher: asyncio.Task | None,
+    lease: asyncio.Task | None,
+    store: Store,
+    node_client: NodeClient,
+    client: redis.Redis,
+) -> None:
+    """The lifespan's end: the last time-series flush, the request states Redis
+    missed, then the instance lease (once its requests' ends are written, so that
+    nobody fails them), the nodes' sockets and Redis."""
+    await _cancelled(flusher)
+    await _last_request_writes(store, LAST_WRITES_S)
+    await _cancelled(lease)
+    await node_client.close()
+    await client.aclose()
+
+
+async def _exit_within(timeout_s: float, exit: Awaitable[None]) -> None:
+    """Run the lifespan's end for at most ``timeout_s``: a step that waits longer is
+    cancelled, after the tasks still running are logged with where they wait, so
+    that a stop never hangs and says why it was slow."""
+    task = asyncio.ensure_future(exit)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        return task.result()
+    stacks = io.StringIO()
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            other.print_stack(limit=12, file=stacks)
+    logger.error(
+        "the control plane's exit took over %g s; cancelled. Tasks:\n%s",
+        timeout_s,
+        stacks.getvalue(),
+    )
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -231,7 +271,9 @@ def create_app(settings: Settings) -> FastAPI:
         fingerprint = model_fingerprint(settings.model)
         fleet = Fleet(store, fingerprint, balance_tokens=settings.cache_balance_tokens)
         metrics = Metrics(fleet.cached_nodes, settings.model_name)
-        async with NodeClient(settings.cluster_token) as node_client:
+        node_client = NodeClient(settings.cluster_token)
+        flusher = lease = None
+        try:
             # The flusher reads the registry itself (routing's cache keeps its own
             # timing), and so keeps this control plane subscribed to every node.
             nodes = store.nodes
@@ -251,15 +293,9 @@ def create_app(settings: Settings) -> FastAPI:
             )
             flusher = asyncio.create_task(timeseries.run())
             lease = asyncio.create_task(InstanceLease(client, store).run())
-            try:
-                yield
-            finally:
-                flusher.cancel()
-                await asyncio.gather(flusher, return_exceptions=True)
-                await _last_request_writes(store, LAST_WRITES_S)
-                lease.cancel()  # once its requests' ends are written: nobody fails them
-                await asyncio.gather(lease, return_exceptions=True)
-        await client.aclose()
+            yield
+        finally:
+            await _exit_within(EXIT_S, _exit(flusher, lease, store, node_client, client))
 
     docs = {} if settings.api_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="lightpd", lifespan=lifespan, **docs)

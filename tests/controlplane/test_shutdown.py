@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from lightpd.common.wire.messages import TokenEvent
 from lightpd.common.wire.sampling_params import SamplingParams
 from lightpd.controlplane import store as store_module
-from lightpd.controlplane.app import create_app
+from lightpd.controlplane.app import _exit_within, create_app
 from lightpd.controlplane.lightctl.embedded_redis import EmbeddedRedis
 from lightpd.controlplane.settings import Settings
 
@@ -251,3 +251,26 @@ def test_the_app_writes_what_waits_for_redis_once_more_as_it_stops(tiny_model, m
         assert store.num_pending_requests == 0
         assert store._request_writes._retry.done()
         assert redis.Redis.from_url(server.url).hget("lightpd:request:r1", "state") == b"queued"
+
+
+def test_an_exit_step_that_never_ends_is_cut_and_says_where_it_waited(caplog):
+    """A stop never hangs: a step of the lifespan's end that waits past the bound is
+    cancelled, and the log shows where every task still waited."""
+    finished = []
+
+    async def stuck_in_a_step() -> None:
+        try:
+            await asyncio.Event().wait()  # nothing ever sets it
+        finally:
+            finished.append("cancelled")
+
+    async def main() -> float:
+        started = time.monotonic()
+        await _exit_within(0.3, stuck_in_a_step())
+        return time.monotonic() - started
+
+    with caplog.at_level(logging.ERROR, logger="lightpd.controlplane.app"):
+        elapsed = asyncio.run(main())
+    assert 0.3 <= elapsed < 5 and finished == ["cancelled"]
+    assert "the control plane's exit took over 0.3 s; cancelled" in caplog.text
+    assert "stuck_in_a_step" in caplog.text

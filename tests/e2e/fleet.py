@@ -158,8 +158,15 @@ class LocalFleet:
             control_plane.stop()
         for node in self.nodes:
             node.stop()
-        if self.control_plane is not None:
-            self.control_plane.terminate()
-            self.control_plane.wait(timeout=15)
-        if self.redis is not None:
-            self.redis.stop()
+        try:
+            if self.control_plane is not None:
+                self.control_plane.terminate()
+                try:
+                    self.control_plane.wait(timeout=15)
+                except subprocess.TimeoutExpired:  # a failure, but nothing is left running
+                    self.control_plane.kill()
+                    self.control_plane.wait(timeout=10)
+                    raise
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
