@@ -18,18 +18,9 @@ from tests.common.kv_pair import (
     KEYS,
     SECRET,
     decode_as_in_process,
-    make_engines,
     pair_of,
     prompt,
 )
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    engines = make_engines(tiny_model("llama"), cache=False)
-    yield engines
-    for engine in engines:
-        engine.close()
 
 
 def test_the_choices_users_may_pass():

@@ -22,7 +22,6 @@ from tests.common.kv_pair import (
     SLOTS,
     connector,
     decode_as_in_process,
-    make_engines,
     on_device,
     pair_of,
     prompt,
@@ -35,23 +34,6 @@ LOOPBACK = "tests.common.loopback_transport:LoopbackTransport"
 @pytest.fixture
 def loopback_registered(monkeypatch):
     monkeypatch.setitem(TRANSPORTS, "loopback", LOOPBACK)
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    # The transport's own behaviour: no prefix cache, so every prompt moves whole.
-    engines = make_engines(tiny_model("llama"), cache=False)
-    yield engines
-    for engine in engines:
-        engine.close()
-
-
-@pytest.fixture(scope="module")
-def cached_engines(tiny_model):
-    engines = make_engines(tiny_model("llama"), cache=True)
-    yield engines
-    for engine in engines:
-        engine.close()
 
 
 # "nccl": NCCL between GPUs, Gloo on CPU.
